@@ -1,0 +1,1 @@
+"""Search stages: evolution, multi-fidelity, surrogate, Bayesian refinement, journal."""

@@ -1,0 +1,1 @@
+"""Checkpoint, adapter, ONNX and package writers (installed as ``edgeqra.exporters``)."""
