@@ -1,0 +1,200 @@
+"""The ``edgeqra`` command: thin argument parsing over the library, rich output, ``--json``.
+
+Exit codes: 0 success, 1 internal error, 2 bad input (an :class:`EdgeQRAError`, one red
+line), 3 nothing fits the memory budget.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from edgeqra.errors import BudgetError, EdgeQRAError
+
+__all__ = ["main"]
+
+GiB = 1 << 30
+EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
+
+
+def _gib(n: int) -> str:
+    """Bytes as GiB with two decimals."""
+    return f"{n / GiB:.2f}"
+
+
+def _quiet_libraries() -> None:
+    """Keep third-party import chatter out of user output (errors still show)."""
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for name in ("torchao", "transformers", "gptqmodel", "torch.utils._pytree"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def _cmd_profiles(args: argparse.Namespace, out: Console) -> int:
+    """List profiles, or show one."""
+    from edgeqra.profiles import list_profiles, load_profile
+
+    extra = args.profiles_dir or ()
+    if args.name:
+        profile = load_profile(args.name, extra_dirs=extra)
+        data = _profile_json(profile)
+        if args.json:
+            print(json.dumps(data, indent=2))
+            return EXIT_OK
+        table = Table(title=profile.display_name, show_header=False)
+        for key, value in data.items():
+            table.add_row(key, str(value))
+        out.print(table)
+        return EXIT_OK
+    profiles = list_profiles(extra_dirs=extra)
+    if args.json:
+        print(json.dumps([_profile_json(p) for p in profiles], indent=2))
+        return EXIT_OK
+    table = Table(title="Device profiles")
+    for column in ("name", "device", "memory GiB", "budget GiB", "reserve MiB", "cc", "bits", "mode"):
+        table.add_column(column, justify="right" if "GiB" in column or "MiB" in column else "left")
+    for p in profiles:
+        table.add_row(
+            p.name, p.display_name, f"{p.memory_gib:g}", _gib(p.budget_bytes),
+            f"{p.runtime_reserve_mib:g}", p.compute_capability,
+            ",".join(map(str, p.bits)), p.mode.value,
+        )
+    out.print(table)
+    return EXIT_OK
+
+
+def _profile_json(profile: object) -> dict[str, object]:
+    """A profile as a flat JSON-ready dict."""
+    p = profile
+    return {
+        "name": p.name,
+        "display_name": p.display_name,
+        "memory_gib": p.memory_gib,
+        "unified_memory": p.unified_memory,
+        "os_reserved_gib": p.os_reserved_gib,
+        "runtime_reserve_mib": p.runtime_reserve_mib,
+        "budget_bytes": p.budget_bytes,
+        "compute_capability": p.compute_capability,
+        "kernels": list(p.kernels),
+        "bits": list(p.bits),
+        "mode": p.mode.value,
+        "inference": {"batch": p.inference.batch, "context": p.inference.context},
+        "finetune": {
+            "micro_batch": p.finetune.micro_batch,
+            "seq_len": p.finetune.seq_len,
+            "gradient_checkpointing": p.finetune.gradient_checkpointing,
+        },
+        "source": p.source,
+        "path": str(p.path) if p.path else None,
+    }
+
+
+def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
+    """Memory breakdown of the baselines on a profile and the most bits that fit."""
+    from edgeqra.memory import ModelSpec
+    from edgeqra.models import resolve_model
+    from edgeqra.plan import make_plan
+    from edgeqra.profiles import BudgetMode, load_profile
+
+    profile = load_profile(args.profile, extra_dirs=args.profiles_dir or ())
+    from transformers import AutoConfig
+
+    with out.status(f"reading model `{args.model}`…"):
+        path = resolve_model(args.model)
+        spec = ModelSpec.from_config(
+            AutoConfig.from_pretrained(path, local_files_only=True,
+                                       trust_remote_code=args.trust_remote_code)
+        )
+    mode = BudgetMode(args.mode) if args.mode else None
+    plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
+    if args.json:
+        print(json.dumps({"model": args.model, **plan.to_json()}, indent=2))
+        return EXIT_OK
+    title = (
+        f"{args.model} on {profile.display_name} — {plan.mode.value} budget "
+        f"{_gib(profile.budget_bytes)} GiB (batch/context or micro-batch/seq from the profile)"
+    )
+    rows = list(plan.rows) + ([plan.best] if plan.best else [])
+    components = list(rows[0].breakdown.components)
+    table = Table(title=title)
+    table.add_column("config")
+    table.add_column("avg bits", justify="right")
+    for c in components:
+        table.add_column(c.replace("_", " "), justify="right")
+    table.add_column("total GiB", justify="right")
+    table.add_column("fits")
+    for row in rows:
+        table.add_row(
+            row.label, f"{row.average_bits:.2f}",
+            *[_gib(row.breakdown.components[c]) for c in components],
+            _gib(row.breakdown.total),
+            "[green]yes[/]" if row.fits else "[red]no[/]",
+        )
+    out.print(table)
+    if plan.best is None:
+        out.print(f"[yellow]No config with rank {args.rank} fits; even without adapters the "
+                  f"minimum is {_gib(plan.minimum.breakdown.total)} GiB.[/]")
+    else:
+        out.print(f"Largest average bit-width that fits at rank {args.rank}: "
+                  f"[bold]{plan.best.average_bits:.2f}[/] bits ({plan.best.config})")
+    return EXIT_OK
+
+
+def _parser() -> argparse.ArgumentParser:
+    """The argument parser (help text lives here once)."""
+    parser = argparse.ArgumentParser(
+        prog="edgeqra",
+        description="Joint per-layer GPTQ bit-width / LoRA rank search under a device memory budget.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--json", action="store_true", help="print JSON for machines")
+    common.add_argument("--profiles-dir", action="append", metavar="DIR",
+                        help="extra folder of profile TOML files (repeatable)")
+
+    p = sub.add_parser("profiles", parents=[common], help="list device profiles, or show one")
+    p.add_argument("show", nargs="?", choices=["show"], help=argparse.SUPPRESS)
+    p.add_argument("name", nargs="?", help="profile name or .toml path to show")
+    p.set_defaults(func=_cmd_profiles)
+
+    p = sub.add_parser("plan", parents=[common], help="memory of the baselines on a profile")
+    p.add_argument("--profile", required=True, help="profile name or .toml path")
+    p.add_argument("--model", default="smollm2",
+                   help="`smollm2` (embedded default), a HF folder (config.json is enough) or a .gguf")
+    p.add_argument("--rank", type=int, default=8, help="uniform LoRA rank of the baselines")
+    p.add_argument("--group-size", type=int, default=64, help="GPTQ group size")
+    p.add_argument("--mode", choices=["inference", "finetune", "both"],
+                   help="which workload the budget is checked for (default: the profile's)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    p.set_defaults(func=_cmd_plan)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the ``edgeqra`` console script."""
+    _quiet_libraries()
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.WARNING)
+    _quiet_libraries()
+    out = Console()
+    err = Console(stderr=True)
+    try:
+        return args.func(args, out)
+    except BudgetError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_BUDGET
+    except EdgeQRAError as exc:
+        err.print(f"[red]error:[/] {exc}", highlight=False)
+        return EXIT_INPUT
+
+
+if __name__ == "__main__":
+    sys.exit(main())
