@@ -41,8 +41,11 @@ def _cmd_profiles(args: argparse.Namespace, out: Console) -> int:
     from edgeqra.profiles import list_profiles, load_profile
 
     extra = args.profiles_dir or ()
-    if args.name:
-        profile = load_profile(args.name, extra_dirs=extra)
+    names = [n for n in args.name if n != "show"] if args.name[:1] == ["show"] else args.name
+    if len(names) > 1:
+        raise EdgeQRAError(f"`profiles show` takes one profile name, got {names}; pass just one")
+    if names:
+        profile = load_profile(names[0], extra_dirs=extra)
         data = _profile_json(profile)
         if args.json:
             print(json.dumps(data, indent=2))
@@ -121,28 +124,24 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
         f"{_gib(profile.budget_bytes)} GiB (batch/context or micro-batch/seq from the profile)"
     )
     rows = list(plan.rows) + ([plan.best] if plan.best else [])
-    components = list(rows[0].breakdown.components)
+    # Components down, configs across: fits an 80-column terminal.
     table = Table(title=title)
-    table.add_column("config")
-    table.add_column("avg bits", justify="right")
-    for c in components:
-        table.add_column(c.replace("_", " "), justify="right")
-    table.add_column("total GiB", justify="right")
-    table.add_column("fits")
+    table.add_column("GiB")
     for row in rows:
-        table.add_row(
-            row.label, f"{row.average_bits:.2f}",
-            *[_gib(row.breakdown.components[c]) for c in components],
-            _gib(row.breakdown.total),
-            "[green]yes[/]" if row.fits else "[red]no[/]",
-        )
+        table.add_column(row.label.replace("GPTQ ", "").replace("largest fitting", "best fit"),
+                         justify="right")
+    table.add_row("avg bits", *[f"{row.average_bits:.2f}" for row in rows])
+    for c in rows[0].breakdown.components:
+        table.add_row(c.replace("_", " "), *[_gib(row.breakdown.components[c]) for row in rows])
+    table.add_row("[bold]total[/]", *[f"[bold]{_gib(row.breakdown.total)}[/]" for row in rows])
+    table.add_row("fits", *["[green]yes[/]" if row.fits else "[red]no[/]" for row in rows])
     out.print(table)
     if plan.best is None:
         out.print(f"[yellow]No config with rank {args.rank} fits; even without adapters the "
                   f"minimum is {_gib(plan.minimum.breakdown.total)} GiB.[/]")
     else:
         out.print(f"Largest average bit-width that fits at rank {args.rank}: "
-                  f"[bold]{plan.best.average_bits:.2f}[/] bits ({plan.best.config})")
+                  f"[bold]{plan.best.average_bits:.2f}[/] bits ({plan.best.config.short()})")
     return EXIT_OK
 
 
@@ -161,8 +160,8 @@ def _parser() -> argparse.ArgumentParser:
                         help="extra folder of profile TOML files (repeatable)")
 
     p = sub.add_parser("profiles", parents=[common], help="list device profiles, or show one")
-    p.add_argument("show", nargs="?", choices=["show"], help=argparse.SUPPRESS)
-    p.add_argument("name", nargs="?", help="profile name or .toml path to show")
+    p.add_argument("name", nargs="*", metavar="[show] NAME",
+                   help="profile name or .toml path to show (`edgeqra profiles show NAME`)")
     p.set_defaults(func=_cmd_profiles)
 
     p = sub.add_parser("plan", parents=[common], help="memory of the baselines on a profile")

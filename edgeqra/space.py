@@ -63,6 +63,16 @@ class Config:
     def __str__(self) -> str:
         return ",".join(str(c) for c in self.choices)
 
+    def short(self) -> str:
+        """Run-length form for display, e.g. ``"4/8x12,8/16x18"``."""
+        runs: list[list[object]] = []
+        for choice in self.choices:
+            if runs and runs[-1][0] == choice:
+                runs[-1][1] += 1  # type: ignore[operator]
+            else:
+                runs.append([choice, 1])
+        return ",".join(f"{c}x{n}" if n > 1 else str(c) for c, n in runs)
+
     @property
     def bits(self) -> tuple[int, ...]:
         """Bit-width per unit."""
