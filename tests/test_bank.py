@@ -1,0 +1,134 @@
+"""The GPTQ bank on a tiny random Llama: cache hit/miss, resume, assemble, vs GPTQModel."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_model
+
+import edgeqra.gptq
+from edgeqra.bank import Bank, BankSpec, build_bank
+from edgeqra.errors import ConfigError
+from edgeqra.models import find_units
+from edgeqra.space import Config
+
+SPEC = BankSpec(bits=(2, 3, 4, 8), group_size=32)
+
+
+def _calibration() -> torch.Tensor:
+    """(24, 64) token ids from a skewed unigram: correlated activations, as real text gives."""
+    g = torch.Generator().manual_seed(1)
+    probs = torch.linspace(1.0, 0.01, 256) ** 3
+    return torch.multinomial(probs, 24 * 64, replacement=True, generator=g).view(24, 64)
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """A tiny Llama saved to disk and its bank, built once (with GPTQModel checkpoints kept)."""
+    root = tmp_path_factory.mktemp("bank")
+    model = tiny_model("llama")
+    model.save_pretrained(root / "model")
+    units = find_units(model)
+    calls = []
+    bank = build_bank(root / "model", units, _calibration(), SPEC, cache_root=root / "cache",
+                      keep_checkpoints=True, progress=False,
+                      on_bits_done=lambda bits, s: calls.append(bits))
+    return root, model, units, bank, calls
+
+
+def _count_quantize_calls(monkeypatch):
+    calls = []
+    real = edgeqra.gptq.quantize_to_checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs["bits"])
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edgeqra.gptq, "quantize_to_checkpoint", counting)
+    return calls
+
+
+def test_first_build_runs_every_bit_width(built):
+    _, _, _, bank, calls = built
+    assert calls == [2, 3, 4, 8]
+    assert bank.complete
+
+
+def test_second_build_is_a_cache_hit(built, monkeypatch):
+    root, _, units, bank, _ = built
+    calls = _count_quantize_calls(monkeypatch)
+    again = build_bank(root / "model", units, _calibration(), SPEC, cache_root=root / "cache",
+                       progress=False)
+    assert calls == [] and again.root == bank.root
+
+
+def test_other_calibration_or_group_size_is_a_miss(built):
+    from edgeqra.bank import bank_key
+
+    root, _, _, bank, _ = built
+    assert bank_key(root / "model", _calibration(), SPEC) == bank.root.name
+    assert bank_key(root / "model", _calibration()[:-1], SPEC) != bank.root.name
+    assert bank_key(root / "model", _calibration(), BankSpec(bits=SPEC.bits, group_size=64)) != bank.root.name
+
+
+def test_interrupted_build_resumes_only_the_missing_width(built, monkeypatch):
+    root, _, units, bank, _ = built
+    (bank.root / "b4" / "DONE").unlink()  # as if killed while writing the 4-bit entries
+    calls = _count_quantize_calls(monkeypatch)
+    resumed = build_bank(root / "model", units, _calibration(), SPEC, cache_root=root / "cache",
+                         keep_checkpoints=True, progress=False)
+    assert calls == [4] and resumed.complete
+
+
+def test_assemble_copies_the_bank_entries_unit_by_unit(built):
+    _, model, units, bank, _ = built
+    work = tiny_model("llama")
+    bank.remember_originals(work)
+    original = {n: p.detach().clone() for n, p in work.named_parameters()}
+    config = Config.from_pairs([(2, 8), (16, 4), (8, 0)])
+    bank.assemble(work, config)
+    for unit, choice in zip(units, config, strict=True):
+        for lin in unit.linears:
+            got = work.get_submodule(lin.name).weight
+            want = original[f"{lin.name}.weight"] if choice.bits == 16 else bank.entry(unit.index, choice.bits)[lin.name]
+            assert torch.equal(got, want), lin.name
+    # Quantized units really changed; everything outside the units is untouched.
+    assert not torch.equal(work.model.layers[0].self_attn.q_proj.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    assert torch.equal(work.model.embed_tokens.weight, original["model.embed_tokens.weight"])
+    # Re-assembling another config overwrites every unit (no leftovers).
+    bank.assemble(work, Config.uniform(3, 16, 0))
+    for name, value in original.items():
+        assert torch.equal(dict(work.named_parameters())[name], value), name
+
+
+def test_more_bits_means_smaller_weight_error(built):
+    _, model, units, bank, _ = built
+    name = units[1].linears[0].name
+    w = model.get_submodule(name).weight
+    errors = [torch.linalg.norm(bank.entry(1, b)[name] - w).item() for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_uniform_assemble_matches_gptqmodel_loaded_model(built, bits):
+    """Assembled uniform b-bit == the checkpoint GPTQModel loads with its torch kernel."""
+    _, _, _, bank, _ = built
+    reference = edgeqra.gptq.load_quantized(bank.root / f"checkpoint-b{bits}")
+    work = tiny_model("llama")
+    bank.assemble(work, Config.uniform(3, bits, 0))
+    ids = _calibration()[:4, :32]
+    with torch.no_grad():
+        delta = (work(ids).logits - reference(ids).logits).abs().max().item()
+    assert delta < 1e-4, delta
+    prompt = ids[:1, :8]
+    kwargs = dict(max_new_tokens=8, do_sample=False, pad_token_id=0)
+    assert torch.equal(work.generate(prompt, **kwargs), reference.generate(prompt, **kwargs))
+
+
+def test_bits_outside_the_bank_are_refused(built):
+    _, _, units, bank, _ = built
+    small = Bank(bank.root, units, BankSpec(bits=(4,), group_size=32))
+    with pytest.raises(ConfigError, match="not in this bank"):
+        small.assemble(tiny_model("llama"), Config.uniform(3, 2, 0))
+    with pytest.raises(ConfigError, match="remember_originals"):
+        Bank(bank.root, units, SPEC).assemble(tiny_model("llama"), Config.uniform(3, 16, 0))
