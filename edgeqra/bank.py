@@ -71,13 +71,18 @@ def _weights_digest(model_dir: Path) -> str:
 
 
 def bank_key(model_dir: Path, calibration: torch.Tensor, spec: BankSpec) -> str:
-    """Cache key: hash of model files, calibration token ids, bit set, group size, GPTQ options."""
+    """Cache key: hash of model files, calibration token ids, group size and GPTQ options.
+
+    The bit set is not in the key: each bit-width is its own sub-folder, so a bank built for
+    {4} is reused and extended by a later build for {2, 3, 4, 8}.
+    """
     import gptqmodel
 
     digest = hashlib.sha256()
     digest.update(_weights_digest(model_dir).encode())
     digest.update(calibration.to(torch.int64).contiguous().numpy().tobytes())
-    digest.update(json.dumps(asdict(spec), sort_keys=True).encode())
+    options = {k: v for k, v in asdict(spec).items() if k != "bits"}
+    digest.update(json.dumps(options, sort_keys=True).encode())
     digest.update(getattr(gptqmodel, "__version__", "?").encode())
     return digest.hexdigest()[:20]
 

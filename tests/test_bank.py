@@ -69,6 +69,8 @@ def test_other_calibration_or_group_size_is_a_miss(built):
     assert bank_key(root / "model", _calibration(), SPEC) == bank.root.name
     assert bank_key(root / "model", _calibration()[:-1], SPEC) != bank.root.name
     assert bank_key(root / "model", _calibration(), BankSpec(bits=SPEC.bits, group_size=64)) != bank.root.name
+    # The bit set is not part of the key: a {4}-bit bank is a subset of the full one.
+    assert bank_key(root / "model", _calibration(), BankSpec(bits=(4,), group_size=32)) == bank.root.name
 
 
 def test_interrupted_build_resumes_only_the_missing_width(built, monkeypatch):
