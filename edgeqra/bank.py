@@ -202,9 +202,15 @@ def build_bank(
         "model_dir": str(model_dir), "spec": asdict(spec),
         "calibration_shape": list(calibration.shape), "units": len(units),
     }, indent=2))
-    from rich.progress import Progress
+    import sys
 
-    with Progress(disable=not progress, transient=True) as bar:
+    from rich.console import Console
+    from rich.progress import Progress, TimeElapsedColumn
+
+    # The console holds stderr itself: GPTQModel's own output is redirected meanwhile.
+    console = Console(file=sys.stderr)
+    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console,
+                  disable=not progress, transient=True) as bar:
         task = bar.add_task("GPTQ bank", total=len(spec.bits), completed=len(spec.bits) - len(todo))
         for bits in todo:
             bar.update(task, description=f"GPTQ {bits}-bit ({len(units)} units)")

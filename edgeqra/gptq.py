@@ -19,13 +19,14 @@ Private helper of the bank and the memory model. Facts about GPTQModel 7.6.0 (me
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import struct
 import tempfile
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import torch
@@ -157,6 +158,24 @@ def _staged(model_dir: Path, tmp: Path) -> Path:
     return stage
 
 
+@contextlib.contextmanager
+def _quiet(log_path: Path | None = None) -> Iterator[None]:
+    """Send GPTQModel's banner, config dumps and progress bars to a log file, not the terminal.
+
+    Python-level only (sys.stdout / sys.stderr); rich consoles created beforehand with an
+    explicit file keep drawing.
+    """
+    if os.environ.get("EDGEQRA_GPTQ_VERBOSE"):
+        yield
+        return
+    target = open(log_path, "a") if log_path else open(os.devnull, "w")  # noqa: SIM115
+    try:
+        with contextlib.redirect_stdout(target), contextlib.redirect_stderr(target):
+            yield
+    finally:
+        target.close()
+
+
 def quantize_to_checkpoint(
     model_dir: Path,
     out_dir: Path,
@@ -167,6 +186,7 @@ def quantize_to_checkpoint(
     desc_act: bool = False,
     sym: bool = True,
     seed: int = 0,
+    batch_size: int = 16,
 ) -> Path:
     """Run GPTQModel on a saved HF folder and write its GPTQ checkpoint to ``out_dir`` atomically.
 
@@ -181,6 +201,7 @@ def quantize_to_checkpoint(
         desc_act: act-order (GPTQModel stores the permutation in ``g_idx``).
         sym: symmetric quantization (zero point fixed at 2**(bits-1)).
         seed: torch seed set before quantizing.
+        batch_size: calibration rows per forward pass (GPTQModel's default of 1 is ~Nx slower on CPU).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
     if out_dir.exists():
@@ -219,10 +240,11 @@ def quantize_to_checkpoint(
         tmp_path = Path(tmp)
         source = _staged(model_dir, tmp_path)
         torch.manual_seed(seed)
-        qmodel = GPTQModel.load(str(source), qcfg, dtype=torch.float32, device="cpu")
-        qmodel.quantize(rows, calibration_data_min_length=1)
         written = tmp_path / "out"
-        qmodel.save(str(written))
+        with _quiet(out_dir.parent / "gptqmodel.log"):
+            qmodel = GPTQModel.load(str(source), qcfg, dtype=torch.float32, device="cpu")
+            qmodel.quantize(rows, calibration_data_min_length=1, batch_size=batch_size)
+            qmodel.save(str(written))
         if source is not model_dir:  # the stub tokenizer stays out of the checkpoint
             for name in _STUB_TOKENIZER_FILES:
                 (written / name).unlink(missing_ok=True)
