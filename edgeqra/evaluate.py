@@ -1,4 +1,4 @@
-"""Score a model on a held-out split: MC accuracy the lm-eval way, or document perplexity.
+"""Score candidates: held-out MC accuracy (lm-eval way) or perplexity, and evaluate(config, fidelity).
 
 Step 3 of "Evaluation of one candidate" (METHOD.md). The scoring functions are pure: they
 take a model and a tokenizer, run it in eval mode without gradients and give the previous
@@ -20,10 +20,12 @@ train/eval flags back.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import inspect
 import logging
 import math
-from collections.abc import Iterator, Sequence
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -31,10 +33,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from edgeqra.data import MCItem, TaskData, _prefix_token, encode_pair
-from edgeqra.errors import DataError
+from edgeqra.bank import Bank
+from edgeqra.data import MCItem, TaskData, _prefix_token, encode_pair, tokenize_examples
+from edgeqra.errors import ConfigError, DataError
+from edgeqra.models import LoadedModel
+from edgeqra.space import Config
+from edgeqra.tune import TrainBatches, TuneSettings, detach_lora, tune
 
-__all__ = ["Scores", "mc_logliks", "mc_scores", "score_task", "text_scores"]
+__all__ = [
+    "METRICS",
+    "EvalSettings",
+    "Evaluator",
+    "Result",
+    "Scores",
+    "mc_logliks",
+    "mc_scores",
+    "score_task",
+    "text_scores",
+]
 
 log = logging.getLogger(__name__)
 
@@ -394,3 +410,142 @@ def score_task(model: nn.Module, tokenizer: Any, task: TaskData, **kwargs: Any) 
     if task.kind == "text":
         return text_scores(model, tokenizer, task.eval_text, **kwargs)
     raise DataError(f"task `{task.name}` has kind `{task.kind}`; expected `mc` or `text`")
+
+
+# ---------------------------------------------------------------- one candidate, end to end
+
+
+_AUTO_METRIC = {  # lm-eval's headline metric per task; text sources use the held-out loss
+    "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
+    "piqa": "acc_norm", "openbookqa": "acc_norm", "boolq": "acc", "winogrande": "acc",
+}
+METRICS = ("auto", "acc", "acc_norm", "loss")
+
+
+@dataclass(frozen=True)
+class EvalSettings:
+    """What a candidate is scored on; with TuneSettings it fixes evaluate() completely."""
+
+    n_train: int | None = 512  # train examples (a seeded prefix), None = all
+    n_eval: int | None = 200  # held-out items / documents, None = all
+    seq_len: int = 256  # training rows and text-scoring windows
+    metric: str = "auto"  # acc | acc_norm | loss | auto (lm-eval's headline metric of the task)
+    eval_batch_size: int = 16
+
+    def __post_init__(self) -> None:
+        if self.metric not in METRICS:
+            raise ConfigError(f"`metric` {self.metric!r} is not one of {list(METRICS)}")
+        if self.seq_len < 8:
+            raise ConfigError(f"`seq_len` {self.seq_len} is too short; use 128 or more")
+        if self.eval_batch_size < 1:
+            raise ConfigError(f"`eval_batch_size` must be >= 1, got {self.eval_batch_size}")
+
+    def metric_for(self, task: TaskData) -> str:
+        """The metric actually used for a task (resolves ``auto``)."""
+        if task.kind == "text":
+            return "loss"
+        return _AUTO_METRIC.get(task.name, "acc") if self.metric == "auto" else self.metric
+
+
+@dataclass(frozen=True)
+class Result:
+    """One evaluation of one config at one fidelity: what the journal records."""
+
+    config: str
+    fidelity: int
+    score: float  # higher is better: accuracy, or -loss for the loss metric
+    metric: str
+    loss: float
+    perplexity: float
+    accuracy: float | None
+    accuracy_norm: float | None
+    train_loss: float | None  # mean of the last quarter of the training losses
+    memory_bytes: int | None  # predicted by the memory model (None when not asked)
+    fits: bool | None  # within the profile's budget (None without a profile)
+    seconds: float
+    seed: int
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready dict."""
+        return dict(self.__dict__)
+
+
+def _score_value(scores: Scores, metric: str) -> float:
+    """Higher-is-better score of a metric."""
+    if metric == "loss":
+        return -scores.loss
+    value = scores.accuracy if metric == "acc" else scores.accuracy_norm
+    if value is None:
+        raise ConfigError(f"metric `{metric}` needs a multiple-choice task; use `loss`")
+    return value
+
+
+class Evaluator:
+    """evaluate(config, fidelity): assemble from the bank, attach LoRA, tune, score.
+
+    One model object is reused: ``Bank.assemble`` overwrites every unit's weights and
+    ``detach_lora`` removes the adapters, so each call starts from the same state and the
+    same call gives the same numbers (seeded LoRA init, fixed data order).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        task: TaskData,
+        bank: Bank | None,
+        tune_settings: TuneSettings,
+        eval_settings: EvalSettings = EvalSettings(),
+        *,
+        memory: Callable[[Config], tuple[int, bool | None]] | None = None,
+        progress: bool = False,
+    ) -> None:
+        self.loaded = loaded
+        self.task = task
+        self.bank = bank
+        self.tune_settings = tune_settings
+        self.eval_settings = eval_settings
+        self.memory = memory
+        self.progress = progress
+        self.metric = eval_settings.metric_for(task)
+        if bank is not None:
+            bank.remember_originals(loaded.model)
+        self.batches = TrainBatches(
+            *tokenize_examples(loaded.tokenizer, task.train, eval_settings.seq_len)
+        )
+
+    def evaluate(self, config: Config, fidelity: int) -> Result:
+        """Score ``config`` after ``fidelity`` tuning steps (a pure function of its inputs)."""
+        start = time.perf_counter()
+        model = self.loaded.model
+        if any(c.bits < 16 for c in config) and self.bank is None:
+            raise ConfigError(f"config {config.short()} quantizes units but no bank was built")
+        if self.bank is not None:
+            self.bank.assemble(model, config)
+        settings = dataclasses.replace(self.tune_settings, steps=fidelity)
+        tuned, log_ = tune(model, self.loaded.units, config, self.batches, settings,
+                           progress=self.progress)
+        try:
+            scores = score_task(
+                tuned, self.loaded.tokenizer, self.task,
+                batch_size=self.eval_settings.eval_batch_size,
+                **({"seq_len": self.eval_settings.seq_len} if self.task.kind == "text" else {}),
+            )
+        finally:
+            detach_lora(tuned)
+        memory_bytes, fits = self.memory(config) if self.memory else (None, None)
+        tail = log_.losses[-max(1, len(log_.losses) // 4):]
+        return Result(
+            config=str(config),
+            fidelity=fidelity,
+            score=_score_value(scores, self.metric),
+            metric=self.metric,
+            loss=scores.loss,
+            perplexity=scores.perplexity,
+            accuracy=scores.accuracy,
+            accuracy_norm=scores.accuracy_norm,
+            train_loss=sum(tail) / len(tail) if tail else None,
+            memory_bytes=memory_bytes,
+            fits=fits,
+            seconds=time.perf_counter() - start,
+            seed=self.tune_settings.seed,
+        )

@@ -36,6 +36,33 @@ def tiny_model(arch: str = "llama", seed: int = 0, **overrides):
     return cls(config).eval()
 
 
+def tiny_tokenizer():
+    """A tiny byte-level BPE built offline (no hub), GPT-2 style spaces and an EOS token."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    corpus = ["Question: what is the answer?\nAnswer: yes no the a of to in"] * 20
+    tok.train_from_iterator(corpus, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
+
+
+@pytest.fixture(scope="session")
+def tokenizer():
+    """The tiny BPE tokenizer, built once per test session."""
+    return tiny_tokenizer()
+
+
 @pytest.fixture(params=["llama", "qwen2", "gemma3"])
 def any_tiny_model(request):
     """Each supported architecture in turn."""

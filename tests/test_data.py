@@ -7,8 +7,6 @@ from importlib import metadata
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerFast
 
 from edgeqra import data
 from edgeqra.data import (
@@ -35,25 +33,6 @@ MC_SIZES = {
     "openbookqa": (500, 4957),
 }
 MAX_DROPPED = 0.05  # at most 5 % of train dropped as overlap (PIQA loses 3.4 %)
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny byte-level BPE built offline (no hub), GPT-2 style spaces and an EOS token."""
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = ["Question: what is the answer?\nAnswer: yes no the a of to in"] * 20
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
 
 
 def _clear_caches() -> None:

@@ -7,9 +7,7 @@ import math
 import pytest
 import torch
 from conftest import tiny_model
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from torch import nn
-from transformers import PreTrainedTokenizerFast
 
 from edgeqra import evaluate
 from edgeqra.data import MCItem, TaskData, encode_pair, load_task
@@ -17,28 +15,6 @@ from edgeqra.errors import DataError
 from edgeqra.evaluate import Scores, mc_logliks, mc_scores, score_task, text_scores
 
 ATOL = 1e-4  # batched/padded vs one-sequence reference, float32 log-likelihoods in nats
-
-
-@pytest.fixture(scope="module")
-def tokenizer() -> PreTrainedTokenizerFast:
-    """A tiny byte-level BPE built offline (no hub), GPT-2 style spaces and an EOS token.
-
-    Same as tests/test_data.py's fixture.
-    """
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    corpus = ["Question: what is the answer?\nAnswer: yes no the a of to in"] * 20
-    tok.train_from_iterator(corpus, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
-    )
 
 
 def _model(tokenizer, arch: str = "llama", seed: int = 0) -> nn.Module:
