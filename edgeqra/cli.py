@@ -12,11 +12,15 @@ import logging
 import os
 import sys
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from rich.console import Console
 from rich.table import Table
 
 from edgeqra.errors import BudgetError, EdgeQRAError
+
+if TYPE_CHECKING:
+    from edgeqra.space import Config
 
 __all__ = ["main"]
 
@@ -145,6 +149,80 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _int_list(text: str) -> tuple[int, ...]:
+    """``"2,3,4,8"`` -> (2, 3, 4, 8) for argparse."""
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+
+
+def _requested_config(args: argparse.Namespace, n_units: int) -> Config:
+    """The config named by --config / --uniform / --fp16."""
+    from edgeqra.space import FP16_BITS, Config
+
+    if args.config is not None:
+        return Config.parse(args.config)
+    if args.fp16:
+        return Config.uniform(n_units, FP16_BITS, args.rank)
+    return Config.uniform(n_units, args.uniform, args.rank)
+
+
+def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
+    """Tune one config for --steps and score it on the task's held-out split."""
+    from transformers import AutoConfig
+
+    from edgeqra.evaluate import EvalSettings
+    from edgeqra.memory import ModelSpec
+    from edgeqra.models import resolve_model
+    from edgeqra.pipeline import EvalJob, prepare
+    from edgeqra.profiles import load_profile
+    from edgeqra.space import FP16_BITS, SearchSpace
+    from edgeqra.tune import TuneSettings
+
+    if args.profile:
+        load_profile(args.profile)  # fail fast on a bad profile name
+    # Check the config against the model's shape before any loading or GPTQ.
+    with out.status(f"reading model `{args.model}`…"):
+        path = resolve_model(args.model)
+        shape = ModelSpec.from_config(AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=args.trust_remote_code))
+    config = _requested_config(args, shape.n_units)
+    SearchSpace(shape.n_units, args.bits, args.ranks).validate(config)
+    job = EvalJob(
+        model=args.model, task=args.task, bits=args.bits, ranks=args.ranks,
+        group_size=args.group_size, calib_samples=args.calib_samples,
+        tune=TuneSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
+                          seed=args.seed, gradient_checkpointing=args.gradient_checkpointing),
+        eval=EvalSettings(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len,
+                          metric=args.metric),
+        device=args.device, profile=args.profile, trust_remote_code=args.trust_remote_code,
+    )
+    needed = tuple(sorted({c.bits for c in config if c.bits < FP16_BITS}))
+    prepared = prepare(job, needed_bits=needed, progress=not args.json)
+    result = prepared.evaluator.evaluate(config, args.steps)
+    data = {"model": args.model, "task": args.task, "device": prepared.device,
+            "profile": args.profile, "average_bits": config.average_bits(prepared.spec.unit_params),
+            **result.to_json()}
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    table = Table(title=f"{args.task}: {config.short()} after {args.steps} steps", show_header=False)
+    table.add_row("score", f"{result.score:.4f} ({result.metric})")
+    if result.accuracy is not None:
+        table.add_row("accuracy", f"{result.accuracy:.4f}")
+        table.add_row("accuracy (length-normalised)", f"{result.accuracy_norm:.4f}")
+    table.add_row("held-out loss / perplexity", f"{result.loss:.4f} / {result.perplexity:.2f}")
+    table.add_row("average bits", f"{data['average_bits']:.2f}")
+    memory = f"{_gib(result.memory_bytes)} GiB"
+    if result.fits is not None:
+        memory += f" on {args.profile}: " + ("[green]fits[/]" if result.fits else "[red]does not fit[/]")
+    table.add_row("predicted memory", memory)
+    table.add_row("time", f"{result.seconds:.1f} s on {prepared.device}")
+    out.print(table)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     """The argument parser (help text lives here once)."""
     parser = argparse.ArgumentParser(
@@ -174,6 +252,36 @@ def _parser() -> argparse.ArgumentParser:
                    help="which workload the budget is checked for (default: the profile's)")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser("evaluate", parents=[common],
+                       help="tune one (bits, rank) config for N steps and score it")
+    p.add_argument("--model", default="smollm2", help="`smollm2`, a HF folder or a .gguf file")
+    p.add_argument("--task", default="arc_easy",
+                   help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, "
+                        "c4, wiki, … or a .txt/.jsonl file")
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--config", metavar="SPEC",
+                       help="one bits/rank per unit, e.g. `4/8,4/8,8/16,…`, or a JSON file")
+    which.add_argument("--uniform", type=int, metavar="BITS", help="uniform GPTQ bit-width")
+    which.add_argument("--fp16", action="store_true", help="no quantization (FP16 LoRA baseline)")
+    p.add_argument("--rank", type=int, default=8, help="LoRA rank for --uniform / --fp16")
+    p.add_argument("--steps", type=int, required=True, help="tuning steps (the fidelity)")
+    p.add_argument("--profile", help="check the predicted memory against this profile")
+    p.add_argument("--bits", type=_int_list, default=(2, 3, 4, 8), help="allowed bit-widths Q")
+    p.add_argument("--ranks", type=_int_list, default=(0, 4, 8, 16, 32), help="allowed ranks R")
+    p.add_argument("--n-train", type=int, default=512, help="train examples")
+    p.add_argument("--n-eval", type=int, default=200, help="held-out items / documents")
+    p.add_argument("--seq-len", type=int, default=256, help="tokens per training row")
+    p.add_argument("--batch-size", type=int, default=4, help="training micro-batch")
+    p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
+    p.add_argument("--metric", default="auto", choices=["auto", "acc", "acc_norm", "loss"])
+    p.add_argument("--group-size", type=int, default=64, help="GPTQ group size")
+    p.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration rows of 256 tokens")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    p.set_defaults(func=_cmd_evaluate)
     return parser
 
 

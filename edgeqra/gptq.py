@@ -187,6 +187,7 @@ def quantize_to_checkpoint(
     sym: bool = True,
     seed: int = 0,
     batch_size: int = 16,
+    device: str = "cpu",
 ) -> Path:
     """Run GPTQModel on a saved HF folder and write its GPTQ checkpoint to ``out_dir`` atomically.
 
@@ -201,6 +202,7 @@ def quantize_to_checkpoint(
         desc_act: act-order (GPTQModel stores the permutation in ``g_idx``).
         sym: symmetric quantization (zero point fixed at 2**(bits-1)).
         seed: torch seed set before quantizing.
+        device: where GPTQModel runs ("cpu" or "cuda"); weights stay float32 either way.
         batch_size: calibration rows per forward pass (GPTQModel's default of 1 is ~Nx slower on CPU).
     """
     model_dir, out_dir = Path(model_dir), Path(out_dir)
@@ -242,7 +244,7 @@ def quantize_to_checkpoint(
         torch.manual_seed(seed)
         written = tmp_path / "out"
         with _quiet(out_dir.parent / "gptqmodel.log"):
-            qmodel = GPTQModel.load(str(source), qcfg, dtype=torch.float32, device="cpu")
+            qmodel = GPTQModel.load(str(source), qcfg, dtype=torch.float32, device=device)
             qmodel.quantize(rows, calibration_data_min_length=1, batch_size=batch_size)
             qmodel.save(str(written))
         if source is not model_dir:  # the stub tokenizer stays out of the checkpoint
