@@ -7,6 +7,7 @@ line), 3 nothing fits the memory budget.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -15,6 +16,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from edgeqra.errors import BudgetError, EdgeQRAError
@@ -199,8 +201,10 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
         device=args.device, profile=args.profile, trust_remote_code=args.trust_remote_code,
     )
     needed = tuple(sorted({c.bits for c in config if c.bits < FP16_BITS}))
-    prepared = prepare(job, needed_bits=needed, progress=not args.json)
-    result = prepared.evaluator.evaluate(config, args.steps)
+    # Third-party banners (GPTQModel prints one on import) go to stderr: stdout stays clean JSON.
+    with contextlib.redirect_stdout(sys.stderr):
+        prepared = prepare(job, needed_bits=needed, progress=not args.json)
+        result = prepared.evaluator.evaluate(config, args.steps)
     data = {"model": args.model, "task": args.task, "device": prepared.device,
             "profile": args.profile, "average_bits": config.average_bits(prepared.spec.unit_params),
             **result.to_json()}
@@ -296,10 +300,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args, out)
     except BudgetError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_BUDGET
     except EdgeQRAError as exc:
-        err.print(f"[red]error:[/] {exc}", highlight=False)
+        err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_INPUT
 
 

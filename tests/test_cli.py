@@ -96,3 +96,55 @@ def test_greedy_best_fit_is_between_the_uniform_rows(capsys, tmp_path):
     best = make_plan(spec, squeezed).best
     assert best is not None and best.fits
     assert 4 < best.average_bits < 8
+
+
+@pytest.fixture(scope="module")
+def tiny_folder(tmp_path_factory, tokenizer):
+    """A tiny Llama + tokenizer saved as a HF folder: a full `evaluate` runs on it in seconds."""
+    folder = tmp_path_factory.mktemp("tinymodel")
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("4/8,4/8,banana", "not `BITS/RANK`"),
+        ("4/8,4/8", "has 2 units but the model has 3"),
+        ("4/8,5/8,4/8", "bit-width 5, not in the allowed set"),
+        ("4/8,4/7,4/8", "rank 7, not in the allowed set"),
+        ("[[4, 8], [4]]", "use [bits, rank]"),
+    ],
+)
+def test_evaluate_rejects_bad_specs_before_any_work(capsys, config_only_folder, spec, needle):
+    code = main(["evaluate", "--model", str(config_only_folder), "--config", spec, "--steps", "1"])
+    assert code == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert needle in err and err.count("\n") == 1  # one line, not a traceback
+
+
+def test_evaluate_config_file_that_does_not_exist(capsys, config_only_folder, tmp_path):
+    code = main(["evaluate", "--model", str(config_only_folder), "--config",
+                 str(tmp_path / "c.json"), "--steps", "1"])
+    assert code == EXIT_INPUT and "does not exist" in capsys.readouterr().err
+
+
+def test_evaluate_end_to_end_json(capsys, tiny_folder, tmp_path, monkeypatch):
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "cache"))
+    spec = tmp_path / "config.json"
+    spec.write_text(json.dumps([[4, 8], [16, 4], [4, 0]]))
+    argv = ["evaluate", "--model", str(tiny_folder), "--task", "arc_easy", "--config", str(spec),
+            "--steps", "3", "--n-train", "16", "--n-eval", "6", "--seq-len", "96",
+            "--calib-samples", "8", "--group-size", "32", "--profile", "t4-16gb", "--device", "cpu", "--json"]
+    assert main(argv) == EXIT_OK
+    result = json.loads(capsys.readouterr().out)
+    assert result["config"] == "4/8,16/4,4/0" and result["fidelity"] == 3
+    assert 0 <= result["accuracy"] <= 1 and result["fits"] is True and result["memory_bytes"] > 0
+    banks = list((tmp_path / "cache" / "banks").iterdir())
+    assert len(banks) == 1 and (banks[0] / "b4" / "DONE").is_file()
+    assert not (banks[0] / "b2").exists()  # only the bit-widths the config uses are built
+    # Same call again: a bank cache hit and the same numbers.
+    assert main(argv) == EXIT_OK
+    again = json.loads(capsys.readouterr().out)
+    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
