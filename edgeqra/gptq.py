@@ -230,16 +230,18 @@ def quantize_to_checkpoint(
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # else "requests 2 workers" on 1-2 cores
     from gptqmodel import GPTQModel, QuantizeConfig
 
-    qcfg = QuantizeConfig(
-        bits=default_bits,
-        group_size=group_size,
-        desc_act=desc_act,
-        sym=sym,
-        dynamic=dynamic or None,
-    )
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=out_dir.parent, prefix=f".{out_dir.name}.") as tmp:
         tmp_path = Path(tmp)
+        qcfg = QuantizeConfig(
+            bits=default_bits,
+            group_size=group_size,
+            desc_act=desc_act,
+            sym=sym,
+            dynamic=dynamic or None,
+            # GPTQModel's default offload dir is a /tmp folder it leaves behind; keep it in ours.
+            offload_to_disk_path=str(tmp_path / "offload"),
+        )
         source = _staged(model_dir, tmp_path)
         torch.manual_seed(seed)
         written = tmp_path / "out"
