@@ -47,30 +47,47 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=256)
     parser.add_argument("--n-eval", type=int, default=200)
     parser.add_argument("--out", type=Path)
-    parser.add_argument("--cache-root", type=Path, default=None,
-                        help="bank cache to build into (must not hold this bank yet); default: a temp dir")
+    parser.add_argument(
+        "--cache-root",
+        type=Path,
+        default=None,
+        help="bank cache to build into (must not hold this bank yet); default: a temp dir",
+    )
     args = parser.parse_args()
 
-    figures: dict[str, object] = {"args": vars(args) | {"out": str(args.out)},
-                                  "machine": platform.node(), "torch": torch.__version__}
+    figures: dict[str, object] = {
+        "args": vars(args) | {"out": str(args.out)},
+        "machine": platform.node(),
+        "torch": torch.__version__,
+    }
     if args.device.startswith("cuda"):
         figures["gpu"] = torch.cuda.get_device_name()
     dtype = torch.bfloat16 if args.device.startswith("cuda") else torch.float32
     start = time.perf_counter()
     loaded = load_model(args.model, dtype=dtype, device=args.device)
     figures["load_s"] = time.perf_counter() - start
-    calibration = calibration_batches(loaded.tokenizer, "c4", n_samples=args.calib_samples, seq_len=256)
+    calibration = calibration_batches(
+        loaded.tokenizer, "c4", n_samples=args.calib_samples, seq_len=256
+    )
 
     per_bits: dict[int, float] = {}
     with tempfile.TemporaryDirectory() as cache:  # a cold build, not a cache hit
-        bank = build_bank(loaded.path, loaded.units, calibration, BankSpec(bits=tuple(args.bits)),
-                          cache_root=args.cache_root or Path(cache), device=args.device,
-                          on_bits_done=lambda b, s: per_bits.__setitem__(b, s))
+        bank = build_bank(
+            loaded.path,
+            loaded.units,
+            calibration,
+            BankSpec(bits=tuple(args.bits)),
+            cache_root=args.cache_root or Path(cache),
+            device=args.device,
+            on_bits_done=lambda b, s: per_bits.__setitem__(b, s),
+        )
         figures["bank_build_s"] = per_bits
         bank.remember_originals(loaded.model)
         rng = random.Random(0)
         n = len(loaded.units)
-        configs = [Config(tuple(Choice(rng.choice(args.bits), 8) for _ in range(n))) for _ in range(21)]
+        configs = [
+            Config(tuple(Choice(rng.choice(args.bits), 8) for _ in range(n))) for _ in range(21)
+        ]
         bank.assemble(loaded.model, configs[0])  # warm: reads entries from disk once
         times = []
         for config in configs[1:]:
@@ -82,10 +99,16 @@ def main() -> None:
         figures["assemble_s_median"] = statistics.median(times)
 
         task = load_task(args.task, n_train=512, n_eval=args.n_eval)
-        evaluator = Evaluator(loaded, task, bank,
-                              TuneSettings(steps=0, batch_size=args.batch_size),
-                              EvalSettings(seq_len=args.seq_len, n_eval=args.n_eval))
-        mixed = Config(tuple(Choice(rng.choice(args.bits), rng.choice([4, 8, 16])) for _ in range(n)))
+        evaluator = Evaluator(
+            loaded,
+            task,
+            bank,
+            TuneSettings(steps=0, batch_size=args.batch_size),
+            EvalSettings(seq_len=args.seq_len, n_eval=args.n_eval),
+        )
+        mixed = Config(
+            tuple(Choice(rng.choice(args.bits), rng.choice([4, 8, 16])) for _ in range(n))
+        )
         figures["mixed_config"] = str(mixed)
         zero = evaluator.evaluate(mixed, 0)  # assemble + score only: the fixed cost
         figures["evaluate_s"] = {0: zero.seconds}
@@ -97,12 +120,23 @@ def main() -> None:
         figures["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
     rows = [("model load (cached dense copy)", f"{figures['load_s']:.1f} s")]
-    rows += [(f"bank build, {b}-bit ({args.calib_samples}x256 calibration tokens)", f"{s:.1f} s")
-             for b, s in per_bits.items()]
-    rows.append(("assemble (median of 20 random configs)", f"{figures['assemble_s_median'] * 1000:.1f} ms"))
-    rows.append((f"tuning step (batch {args.batch_size} x {args.seq_len})", f"{figures['step_s'] * 1000:.0f} ms"))
-    rows += [(f"evaluate at fidelity {f} ({args.n_eval} {args.task} items scored)", f"{s:.1f} s")
-             for f, s in figures["evaluate_s"].items()]
+    rows += [
+        (f"bank build, {b}-bit ({args.calib_samples}x256 calibration tokens)", f"{s:.1f} s")
+        for b, s in per_bits.items()
+    ]
+    rows.append(
+        ("assemble (median of 20 random configs)", f"{figures['assemble_s_median'] * 1000:.1f} ms")
+    )
+    rows.append(
+        (
+            f"tuning step (batch {args.batch_size} x {args.seq_len})",
+            f"{figures['step_s'] * 1000:.0f} ms",
+        )
+    )
+    rows += [
+        (f"evaluate at fidelity {f} ({args.n_eval} {args.task} items scored)", f"{s:.1f} s")
+        for f, s in figures["evaluate_s"].items()
+    ]
     print(f"\n| {args.device} ({figures.get('gpu', platform.processor() or 'cpu')}) | |\n|---|---|")
     for name, value in rows:
         print(f"| {name} | {value} |")

@@ -200,10 +200,17 @@ def build_bank(
         log.info("bank cache hit: %s", root)
         return bank
     root.mkdir(parents=True, exist_ok=True)
-    (root / "bank.json").write_text(json.dumps({
-        "model_dir": str(model_dir), "spec": asdict(spec),
-        "calibration_shape": list(calibration.shape), "units": len(units),
-    }, indent=2))
+    (root / "bank.json").write_text(
+        json.dumps(
+            {
+                "model_dir": str(model_dir),
+                "spec": asdict(spec),
+                "calibration_shape": list(calibration.shape),
+                "units": len(units),
+            },
+            indent=2,
+        )
+    )
     import sys
 
     from rich.console import Console
@@ -211,8 +218,13 @@ def build_bank(
 
     # The console holds stderr itself: GPTQModel's own output is redirected meanwhile.
     console = Console(file=sys.stderr)
-    with Progress(*Progress.get_default_columns(), TimeElapsedColumn(), console=console,
-                  disable=not progress, transient=True) as bar:
+    with Progress(
+        *Progress.get_default_columns(),
+        TimeElapsedColumn(),
+        console=console,
+        disable=not progress,
+        transient=True,
+    ) as bar:
         task = bar.add_task("GPTQ bank", total=len(spec.bits), completed=len(spec.bits) - len(todo))
         for bits in todo:
             bar.update(task, description=f"GPTQ {bits}-bit ({len(units)} units)")
@@ -222,8 +234,15 @@ def build_bank(
             checkpoint = root / f"checkpoint-b{bits}"
             shutil.rmtree(checkpoint, ignore_errors=True)
             quantize_to_checkpoint(
-                model_dir, checkpoint, calibration, bits=bits, group_size=spec.group_size,
-                desc_act=spec.desc_act, sym=spec.sym, seed=spec.seed, device=device,
+                model_dir,
+                checkpoint,
+                calibration,
+                bits=bits,
+                group_size=spec.group_size,
+                desc_act=spec.desc_act,
+                sym=spec.sym,
+                seed=spec.seed,
+                device=device,
             )
             weights = dequantized_weights(checkpoint)
             folder.mkdir()
@@ -231,8 +250,10 @@ def build_bank(
                 missing = [lin.name for lin in unit.linears if lin.name not in weights]
                 if missing:
                     raise ConfigError(f"GPTQModel did not quantize {missing}; cannot bank them")
-                save_file({lin.name: weights[lin.name] for lin in unit.linears},
-                          str(bank._unit_file(bits, unit.index)))
+                save_file(
+                    {lin.name: weights[lin.name] for lin in unit.linears},
+                    str(bank._unit_file(bits, unit.index)),
+                )
             (folder / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
             if not keep_checkpoints:
                 shutil.rmtree(checkpoint, ignore_errors=True)

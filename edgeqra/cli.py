@@ -66,13 +66,27 @@ def _cmd_profiles(args: argparse.Namespace, out: Console) -> int:
         print(json.dumps([_profile_json(p) for p in profiles], indent=2))
         return EXIT_OK
     table = Table(title="Device profiles")
-    for column in ("name", "device", "memory GiB", "budget GiB", "reserve MiB", "cc", "bits", "mode"):
+    for column in (
+        "name",
+        "device",
+        "memory GiB",
+        "budget GiB",
+        "reserve MiB",
+        "cc",
+        "bits",
+        "mode",
+    ):
         table.add_column(column, justify="right" if "GiB" in column or "MiB" in column else "left")
     for p in profiles:
         table.add_row(
-            p.name, p.display_name, f"{p.memory_gib:g}", _gib(p.budget_bytes),
-            f"{p.runtime_reserve_mib:g}", p.compute_capability,
-            ",".join(map(str, p.bits)), p.mode.value,
+            p.name,
+            p.display_name,
+            f"{p.memory_gib:g}",
+            _gib(p.budget_bytes),
+            f"{p.runtime_reserve_mib:g}",
+            p.compute_capability,
+            ",".join(map(str, p.bits)),
+            p.mode.value,
         )
     out.print(table)
     return EXIT_OK
@@ -117,8 +131,9 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
     with out.status(f"reading model `{args.model}`…"):
         path = resolve_model(args.model)
         spec = ModelSpec.from_config(
-            AutoConfig.from_pretrained(path, local_files_only=True,
-                                       trust_remote_code=args.trust_remote_code)
+            AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=args.trust_remote_code
+            )
         )
     mode = BudgetMode(args.mode) if args.mode else None
     plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
@@ -134,8 +149,9 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
     table = Table(title=title)
     table.add_column("GiB")
     for row in rows:
-        table.add_column(row.label.replace("GPTQ ", "").replace("largest fitting", "best fit"),
-                         justify="right")
+        table.add_column(
+            row.label.replace("GPTQ ", "").replace("largest fitting", "best fit"), justify="right"
+        )
     table.add_row("avg bits", *[f"{row.average_bits:.2f}" for row in rows])
     for c in rows[0].breakdown.components:
         table.add_row(c.replace("_", " "), *[_gib(row.breakdown.components[c]) for row in rows])
@@ -143,11 +159,15 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
     table.add_row("fits", *["[green]yes[/]" if row.fits else "[red]no[/]" for row in rows])
     out.print(table)
     if plan.best is None:
-        out.print(f"[yellow]No config with rank {args.rank} fits; even without adapters the "
-                  f"minimum is {_gib(plan.minimum.breakdown.total)} GiB.[/]")
+        out.print(
+            f"[yellow]No config with rank {args.rank} fits; even without adapters the "
+            f"minimum is {_gib(plan.minimum.breakdown.total)} GiB.[/]"
+        )
     else:
-        out.print(f"Largest average bit-width that fits at rank {args.rank}: "
-                  f"[bold]{plan.best.average_bits:.2f}[/] bits ({plan.best.config.short()})")
+        out.print(
+            f"Largest average bit-width that fits at rank {args.rank}: "
+            f"[bold]{plan.best.average_bits:.2f}[/] bits ({plan.best.config.short()})"
+        )
     return EXIT_OK
 
 
@@ -156,7 +176,9 @@ def _int_list(text: str) -> tuple[int, ...]:
     try:
         return tuple(int(x) for x in text.split(",") if x.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
 
 
 def _requested_config(args: argparse.Namespace, n_units: int) -> Config:
@@ -187,31 +209,53 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     # Check the config against the model's shape before any loading or GPTQ.
     with out.status(f"reading model `{args.model}`…"):
         path = resolve_model(args.model)
-        shape = ModelSpec.from_config(AutoConfig.from_pretrained(
-            path, local_files_only=True, trust_remote_code=args.trust_remote_code))
+        shape = ModelSpec.from_config(
+            AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=args.trust_remote_code
+            )
+        )
     config = _requested_config(args, shape.n_units)
     SearchSpace(shape.n_units, args.bits, args.ranks).validate(config)
     job = EvalJob(
-        model=args.model, task=args.task, bits=args.bits, ranks=args.ranks,
-        group_size=args.group_size, calib_samples=args.calib_samples,
-        tune=TuneSettings(steps=args.steps, lr=args.lr, batch_size=args.batch_size,
-                          seed=args.seed, gradient_checkpointing=args.gradient_checkpointing),
-        eval=EvalSettings(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len,
-                          metric=args.metric),
-        device=args.device, profile=args.profile, trust_remote_code=args.trust_remote_code,
+        model=args.model,
+        task=args.task,
+        bits=args.bits,
+        ranks=args.ranks,
+        group_size=args.group_size,
+        calib_samples=args.calib_samples,
+        tune=TuneSettings(
+            steps=args.steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            gradient_checkpointing=args.gradient_checkpointing,
+        ),
+        eval=EvalSettings(
+            n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len, metric=args.metric
+        ),
+        device=args.device,
+        profile=args.profile,
+        trust_remote_code=args.trust_remote_code,
     )
     needed = tuple(sorted({c.bits for c in config if c.bits < FP16_BITS}))
     # Third-party banners (GPTQModel prints one on import) go to stderr: stdout stays clean JSON.
     with contextlib.redirect_stdout(sys.stderr):
         prepared = prepare(job, needed_bits=needed, progress=not args.json)
         result = prepared.evaluator.evaluate(config, args.steps)
-    data = {"model": args.model, "task": args.task, "device": prepared.device,
-            "profile": args.profile, "average_bits": config.average_bits(prepared.spec.unit_params),
-            **result.to_json()}
+    data = {
+        "model": args.model,
+        "task": args.task,
+        "device": prepared.device,
+        "profile": args.profile,
+        "average_bits": config.average_bits(prepared.spec.unit_params),
+        **result.to_json(),
+    }
     if args.json:
         print(json.dumps(data, indent=2))
         return EXIT_OK
-    table = Table(title=f"{args.task}: {config.short()} after {args.steps} steps", show_header=False)
+    table = Table(
+        title=f"{args.task}: {config.short()} after {args.steps} steps", show_header=False
+    )
     table.add_row("score", f"{result.score:.4f} ({result.metric})")
     if result.accuracy is not None:
         table.add_row("accuracy", f"{result.accuracy:.4f}")
@@ -220,7 +264,9 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     table.add_row("average bits", f"{data['average_bits']:.2f}")
     memory = f"{_gib(result.memory_bytes)} GiB"
     if result.fits is not None:
-        memory += f" on {args.profile}: " + ("[green]fits[/]" if result.fits else "[red]does not fit[/]")
+        memory += f" on {args.profile}: " + (
+            "[green]fits[/]" if result.fits else "[red]does not fit[/]"
+        )
     table.add_row("predicted memory", memory)
     table.add_row("time", f"{result.seconds:.1f} s on {prepared.device}")
     out.print(table)
@@ -238,34 +284,55 @@ def _parser() -> argparse.ArgumentParser:
 
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("--json", action="store_true", help="print JSON for machines")
-    common.add_argument("--profiles-dir", action="append", metavar="DIR",
-                        help="extra folder of profile TOML files (repeatable)")
+    common.add_argument(
+        "--profiles-dir",
+        action="append",
+        metavar="DIR",
+        help="extra folder of profile TOML files (repeatable)",
+    )
 
     p = sub.add_parser("profiles", parents=[common], help="list device profiles, or show one")
-    p.add_argument("name", nargs="*", metavar="[show] NAME",
-                   help="profile name or .toml path to show (`edgeqra profiles show NAME`)")
+    p.add_argument(
+        "name",
+        nargs="*",
+        metavar="[show] NAME",
+        help="profile name or .toml path to show (`edgeqra profiles show NAME`)",
+    )
     p.set_defaults(func=_cmd_profiles)
 
     p = sub.add_parser("plan", parents=[common], help="memory of the baselines on a profile")
     p.add_argument("--profile", required=True, help="profile name or .toml path")
-    p.add_argument("--model", default="smollm2",
-                   help="`smollm2` (embedded default), a HF folder (config.json is enough) or a .gguf")
+    p.add_argument(
+        "--model",
+        default="smollm2",
+        help="`smollm2` (embedded default), a HF folder (config.json is enough) or a .gguf",
+    )
     p.add_argument("--rank", type=int, default=8, help="uniform LoRA rank of the baselines")
     p.add_argument("--group-size", type=int, default=64, help="GPTQ group size")
-    p.add_argument("--mode", choices=["inference", "finetune", "both"],
-                   help="which workload the budget is checked for (default: the profile's)")
+    p.add_argument(
+        "--mode",
+        choices=["inference", "finetune", "both"],
+        help="which workload the budget is checked for (default: the profile's)",
+    )
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
     p.set_defaults(func=_cmd_plan)
 
-    p = sub.add_parser("evaluate", parents=[common],
-                       help="tune one (bits, rank) config for N steps and score it")
+    p = sub.add_parser(
+        "evaluate", parents=[common], help="tune one (bits, rank) config for N steps and score it"
+    )
     p.add_argument("--model", default="smollm2", help="`smollm2`, a HF folder or a .gguf file")
-    p.add_argument("--task", default="arc_easy",
-                   help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, "
-                        "c4, wiki, … or a .txt/.jsonl file")
+    p.add_argument(
+        "--task",
+        default="arc_easy",
+        help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, "
+        "c4, wiki, … or a .txt/.jsonl file",
+    )
     which = p.add_mutually_exclusive_group(required=True)
-    which.add_argument("--config", metavar="SPEC",
-                       help="one bits/rank per unit, e.g. `4/8,4/8,8/16,…`, or a JSON file")
+    which.add_argument(
+        "--config",
+        metavar="SPEC",
+        help="one bits/rank per unit, e.g. `4/8,4/8,8/16,…`, or a JSON file",
+    )
     which.add_argument("--uniform", type=int, metavar="BITS", help="uniform GPTQ bit-width")
     which.add_argument("--fp16", action="store_true", help="no quantization (FP16 LoRA baseline)")
     p.add_argument("--rank", type=int, default=8, help="LoRA rank for --uniform / --fp16")
@@ -280,7 +347,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--lr", type=float, default=2e-4, help="AdamW learning rate")
     p.add_argument("--metric", default="auto", choices=["auto", "acc", "acc_norm", "loss"])
     p.add_argument("--group-size", type=int, default=64, help="GPTQ group size")
-    p.add_argument("--calib-samples", type=int, default=32, help="GPTQ calibration rows of 256 tokens")
+    p.add_argument(
+        "--calib-samples", type=int, default=32, help="GPTQ calibration rows of 256 tokens"
+    )
     p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeqra.bank import Bank
-from edgeqra.data import MCItem, TaskData, _prefix_token, encode_pair, tokenize_examples
+from edgeqra.data import MCItem, TaskData, encode_pair, prefix_token, tokenize_examples
 from edgeqra.errors import ConfigError, DataError
 from edgeqra.models import LoadedModel
 from edgeqra.space import Config
@@ -340,7 +340,7 @@ def _document_ids(tokenizer: Any, text: str) -> list[int]:
     token is predicted too.
     """
     ids = list(tokenizer(text)["input_ids"])
-    prefix = _prefix_token(tokenizer)
+    prefix = prefix_token(tokenizer)
     if prefix is not None and (not ids or ids[0] != prefix):
         ids.insert(0, prefix)
     return ids
@@ -416,8 +416,13 @@ def score_task(model: nn.Module, tokenizer: Any, task: TaskData, **kwargs: Any) 
 
 
 _AUTO_METRIC = {  # lm-eval's headline metric per task; text sources use the held-out loss
-    "arc_easy": "acc_norm", "arc_challenge": "acc_norm", "hellaswag": "acc_norm",
-    "piqa": "acc_norm", "openbookqa": "acc_norm", "boolq": "acc", "winogrande": "acc",
+    "arc_easy": "acc_norm",
+    "arc_challenge": "acc_norm",
+    "hellaswag": "acc_norm",
+    "piqa": "acc_norm",
+    "openbookqa": "acc_norm",
+    "boolq": "acc",
+    "winogrande": "acc",
 }
 METRICS = ("auto", "acc", "acc_norm", "loss")
 
@@ -522,18 +527,21 @@ class Evaluator:
         if self.bank is not None:
             self.bank.assemble(model, config)
         settings = dataclasses.replace(self.tune_settings, steps=fidelity)
-        tuned, log_ = tune(model, self.loaded.units, config, self.batches, settings,
-                           progress=self.progress)
+        tuned, log_ = tune(
+            model, self.loaded.units, config, self.batches, settings, progress=self.progress
+        )
         try:
             scores = score_task(
-                tuned, self.loaded.tokenizer, self.task,
+                tuned,
+                self.loaded.tokenizer,
+                self.task,
                 batch_size=self.eval_settings.eval_batch_size,
                 **({"seq_len": self.eval_settings.seq_len} if self.task.kind == "text" else {}),
             )
         finally:
             detach_lora(tuned)
         memory_bytes, fits = self.memory(config) if self.memory else (None, None)
-        tail = log_.losses[-max(1, len(log_.losses) // 4):]
+        tail = log_.losses[-max(1, len(log_.losses) // 4) :]
         return Result(
             config=str(config),
             fidelity=fidelity,

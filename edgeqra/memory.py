@@ -84,7 +84,9 @@ class ModelSpec:
     def from_model(cls, model: nn.Module) -> ModelSpec:
         """Read shapes from a (possibly meta-device) HF causal LM."""
         units = find_units(model)
-        in_units = {f"{lin.name}.{p}" for u in units for lin in u.linears for p in ("weight", "bias")}
+        in_units = {
+            f"{lin.name}.{p}" for u in units for lin in u.linears for p in ("weight", "bias")
+        }
         # named_parameters de-duplicates tied tensors, so a tied lm_head counts once.
         other = sum(p.numel() for n, p in model.named_parameters() if n not in in_units)
         cfg = getattr(model.config, "get_text_config", lambda: model.config)()
@@ -164,7 +166,9 @@ def _weight_bytes(spec: ModelSpec, config: Config, group_size: int, dtype_bytes:
             if choice.bits >= FP16_BITS:
                 total += (lin.d_in * lin.d_out + (lin.d_out if lin.bias else 0)) * dtype_bytes
             else:
-                total += gptq_linear_bytes(lin.d_in, lin.d_out, choice.bits, group_size, bias=lin.bias)
+                total += gptq_linear_bytes(
+                    lin.d_in, lin.d_out, choice.bits, group_size, bias=lin.bias
+                )
         out.append(total)
     return out
 
@@ -180,7 +184,9 @@ def _lora_params_per_unit(spec: ModelSpec, config: Config) -> list[int]:
 def _kv_cache_bytes(spec: ModelSpec, work: InferenceWorkload, dtype_bytes: int) -> int:
     """2 (K and V) · kv_heads · head_dim · cached tokens · batch · bytes, summed over layers."""
     per_token = 2 * spec.num_kv_heads * spec.head_dim * dtype_bytes * work.batch
-    return sum(per_token * (work.context if w is None else min(w, work.context)) for w in spec.kv_window)
+    return sum(
+        per_token * (work.context if w is None else min(w, work.context)) for w in spec.kv_window
+    )
 
 
 def _inference_activation_bytes(spec: ModelSpec, work: InferenceWorkload, dtype_bytes: int) -> int:
@@ -219,7 +225,9 @@ def _finetune_activation_bytes(
             return 0
         return sum((lin.d_in + rank) * 4 for lin in unit.linears)
 
-    per_layer = [base_layer + adapter_bytes(u, c.rank) for u, c in zip(spec.units, config, strict=True)]
+    per_layer = [
+        base_layer + adapter_bytes(u, c.rank) for u, c in zip(spec.units, config, strict=True)
+    ]
     if work.gradient_checkpointing:
         layers = spec.n_units * h * dtype_bytes + max(per_layer)
     else:
@@ -260,7 +268,9 @@ def estimate(
     weights = _weight_bytes(spec, config, group_size, dtype_bytes)
     lora = _lora_params_per_unit(spec, config)
     components: dict[str, int] = {
-        "quantized_weights": sum(w for w, c in zip(weights, config, strict=True) if c.bits < FP16_BITS),
+        "quantized_weights": sum(
+            w for w, c in zip(weights, config, strict=True) if c.bits < FP16_BITS
+        ),
         "unquantized_weights": spec.other_numel * dtype_bytes
         + sum(w for w, c in zip(weights, config, strict=True) if c.bits >= FP16_BITS),
     }

@@ -72,22 +72,28 @@ class Prepared:
 def baseline_configs(n_units: int, bits: tuple[int, ...], rank: int) -> dict[str, Config]:
     """FP16 LoRA and uniform b-bit GPTQ (QLoRA-style) at one rank, by label."""
     out = {"FP16 LoRA": Config.uniform(n_units, FP16_BITS, rank)}
-    out.update({f"GPTQ {b}-bit": Config.uniform(n_units, b, rank) for b in sorted(bits, reverse=True)})
+    out.update(
+        {f"GPTQ {b}-bit": Config.uniform(n_units, b, rank) for b in sorted(bits, reverse=True)}
+    )
     return out
 
 
 def _memory_fn(spec: ModelSpec, job: EvalJob, profile: DeviceProfile | None):
     """Predicted bytes (and fit) of a config: the profile's budget, else the tuning workload."""
     if profile is not None:
+
         def with_profile(config: Config) -> tuple[int, bool | None]:
             b = estimate_for_profile(spec, config, profile, group_size=job.group_size)
             return b.total, b.fits(profile.budget_bytes)
+
         return with_profile
     work = FinetuneWorkload(job.tune.batch_size, job.eval.seq_len, job.tune.gradient_checkpointing)
 
     def without_profile(config: Config) -> tuple[int, bool | None]:
-        return estimate(spec, config, mode=BudgetMode.FINETUNE, finetune=work,
-                        group_size=job.group_size).total, None
+        return estimate(
+            spec, config, mode=BudgetMode.FINETUNE, finetune=work, group_size=job.group_size
+        ).total, None
+
     return without_profile
 
 
@@ -108,20 +114,37 @@ def prepare(
     device = resolve_device(job.device)
     profile = load_profile(job.profile) if job.profile else None
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    loaded = load_model(job.model, dtype=dtype, device=device,
-                        trust_remote_code=job.trust_remote_code)
+    loaded = load_model(
+        job.model, dtype=dtype, device=device, trust_remote_code=job.trust_remote_code
+    )
     space = SearchSpace(len(loaded.units), job.bits, job.ranks)
     task = load_task(job.task, seed=job.tune.seed, n_train=job.eval.n_train, n_eval=job.eval.n_eval)
     bits = tuple(sorted(set(job.bits if needed_bits is None else needed_bits)))
     bank = None
     if bits:
-        calibration = calibration_batches(loaded.tokenizer, job.calibration,
-                                          n_samples=job.calib_samples,
-                                          seq_len=job.calib_seq_len, seed=job.tune.seed)
-        bank = build_bank(loaded.path, loaded.units, calibration,
-                          BankSpec(bits=bits, group_size=job.group_size, seed=job.tune.seed),
-                          progress=progress, device=device)
+        calibration = calibration_batches(
+            loaded.tokenizer,
+            job.calibration,
+            n_samples=job.calib_samples,
+            seq_len=job.calib_seq_len,
+            seed=job.tune.seed,
+        )
+        bank = build_bank(
+            loaded.path,
+            loaded.units,
+            calibration,
+            BankSpec(bits=bits, group_size=job.group_size, seed=job.tune.seed),
+            progress=progress,
+            device=device,
+        )
     spec = ModelSpec.from_model(loaded.model)
-    evaluator = Evaluator(loaded, task, bank, job.tune, job.eval,
-                          memory=_memory_fn(spec, job, profile), progress=progress)
+    evaluator = Evaluator(
+        loaded,
+        task,
+        bank,
+        job.tune,
+        job.eval,
+        memory=_memory_fn(spec, job, profile),
+        progress=progress,
+    )
     return Prepared(evaluator, loaded, spec, space, bank, profile, device)

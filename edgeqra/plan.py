@@ -68,11 +68,19 @@ class Plan:
         }
 
 
-def _row(label: str, spec: ModelSpec, config: Config, profile: DeviceProfile, mode: BudgetMode,
-         group_size: int) -> PlanRow:
+def _row(
+    label: str,
+    spec: ModelSpec,
+    config: Config,
+    profile: DeviceProfile,
+    mode: BudgetMode,
+    group_size: int,
+) -> PlanRow:
     """Estimate one config for the plan table."""
     breakdown = estimate_for_profile(spec, config, profile, mode=mode, group_size=group_size)
-    return PlanRow(label, config, breakdown, profile.budget_bytes, config.average_bits(spec.unit_params))
+    return PlanRow(
+        label, config, breakdown, profile.budget_bytes, config.average_bits(spec.unit_params)
+    )
 
 
 def largest_fitting(
@@ -143,7 +151,9 @@ def make_plan(
     best_config = largest_fitting(
         spec, profile, bits=usable_bits, rank=rank, mode=mode, group_size=group_size
     )
-    best = None if best_config is None else _row(
-        "largest fitting", spec, best_config, profile, mode, group_size
+    best = (
+        None
+        if best_config is None
+        else _row("largest fitting", spec, best_config, profile, mode, group_size)
     )
     return Plan(profile, mode, tuple(rows), best, minimum)

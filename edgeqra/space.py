@@ -100,7 +100,9 @@ class Config:
         path = Path(text)
         if text.endswith(".json") or (len(text) < 4096 and path.is_file()):
             if not path.is_file():
-                raise ConfigError(f"config file `{text}` does not exist; pass an existing JSON file")
+                raise ConfigError(
+                    f"config file `{text}` does not exist; pass an existing JSON file"
+                )
             text = path.read_text().strip()
         if text.startswith("[") or text.startswith("{"):
             return cls._from_json(text, spec)
@@ -127,7 +129,7 @@ class Config:
             data = data.get("units", data.get("config"))
         if not isinstance(data, list):
             raise ConfigError(
-                f"config `{origin}` must be a JSON list of [bits, rank] pairs (or {{\"units\": [...]}})"
+                f'config `{origin}` must be a JSON list of [bits, rank] pairs (or {{"units": [...]}})'
             )
         pairs = []
         for position, item in enumerate(data):

@@ -30,9 +30,16 @@ def built(tmp_path_factory):
     model.save_pretrained(root / "model")
     units = find_units(model)
     calls = []
-    bank = build_bank(root / "model", units, _calibration(), SPEC, cache_root=root / "cache",
-                      keep_checkpoints=True, progress=False,
-                      on_bits_done=lambda bits, s: calls.append(bits))
+    bank = build_bank(
+        root / "model",
+        units,
+        _calibration(),
+        SPEC,
+        cache_root=root / "cache",
+        keep_checkpoints=True,
+        progress=False,
+        on_bits_done=lambda bits, s: calls.append(bits),
+    )
     return root, model, units, bank, calls
 
 
@@ -57,8 +64,9 @@ def test_first_build_runs_every_bit_width(built):
 def test_second_build_is_a_cache_hit(built, monkeypatch):
     root, _, units, bank, _ = built
     calls = _count_quantize_calls(monkeypatch)
-    again = build_bank(root / "model", units, _calibration(), SPEC, cache_root=root / "cache",
-                       progress=False)
+    again = build_bank(
+        root / "model", units, _calibration(), SPEC, cache_root=root / "cache", progress=False
+    )
     assert calls == [] and again.root == bank.root
 
 
@@ -68,17 +76,30 @@ def test_other_calibration_or_group_size_is_a_miss(built):
     root, _, _, bank, _ = built
     assert bank_key(root / "model", _calibration(), SPEC) == bank.root.name
     assert bank_key(root / "model", _calibration()[:-1], SPEC) != bank.root.name
-    assert bank_key(root / "model", _calibration(), BankSpec(bits=SPEC.bits, group_size=64)) != bank.root.name
+    assert (
+        bank_key(root / "model", _calibration(), BankSpec(bits=SPEC.bits, group_size=64))
+        != bank.root.name
+    )
     # The bit set is not part of the key: a {4}-bit bank is a subset of the full one.
-    assert bank_key(root / "model", _calibration(), BankSpec(bits=(4,), group_size=32)) == bank.root.name
+    assert (
+        bank_key(root / "model", _calibration(), BankSpec(bits=(4,), group_size=32))
+        == bank.root.name
+    )
 
 
 def test_interrupted_build_resumes_only_the_missing_width(built, monkeypatch):
     root, _, units, bank, _ = built
     (bank.root / "b4" / "DONE").unlink()  # as if killed while writing the 4-bit entries
     calls = _count_quantize_calls(monkeypatch)
-    resumed = build_bank(root / "model", units, _calibration(), SPEC, cache_root=root / "cache",
-                         keep_checkpoints=True, progress=False)
+    resumed = build_bank(
+        root / "model",
+        units,
+        _calibration(),
+        SPEC,
+        cache_root=root / "cache",
+        keep_checkpoints=True,
+        progress=False,
+    )
     assert calls == [4] and resumed.complete
 
 
@@ -92,10 +113,17 @@ def test_assemble_copies_the_bank_entries_unit_by_unit(built):
     for unit, choice in zip(units, config, strict=True):
         for lin in unit.linears:
             got = work.get_submodule(lin.name).weight
-            want = original[f"{lin.name}.weight"] if choice.bits == 16 else bank.entry(unit.index, choice.bits)[lin.name]
+            want = (
+                original[f"{lin.name}.weight"]
+                if choice.bits == 16
+                else bank.entry(unit.index, choice.bits)[lin.name]
+            )
             assert torch.equal(got, want), lin.name
     # Quantized units really changed; everything outside the units is untouched.
-    assert not torch.equal(work.model.layers[0].self_attn.q_proj.weight, original["model.layers.0.self_attn.q_proj.weight"])
+    assert not torch.equal(
+        work.model.layers[0].self_attn.q_proj.weight,
+        original["model.layers.0.self_attn.q_proj.weight"],
+    )
     assert torch.equal(work.model.embed_tokens.weight, original["model.embed_tokens.weight"])
     # Re-assembling another config overwrites every unit (no leftovers).
     bank.assemble(work, Config.uniform(3, 16, 0))

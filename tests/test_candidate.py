@@ -25,12 +25,21 @@ def setup(tmp_path_factory, tokenizer):
     units = find_units(model)
     g = torch.Generator().manual_seed(0)
     calibration = torch.randint(0, len(tokenizer), (16, 64), generator=g)
-    bank = build_bank(root / "model", units, calibration, BankSpec(bits=(2, 4), group_size=32),
-                      cache_root=root / "cache", progress=False)
+    bank = build_bank(
+        root / "model",
+        units,
+        calibration,
+        BankSpec(bits=(2, 4), group_size=32),
+        cache_root=root / "cache",
+        progress=False,
+    )
     loaded = LoadedModel(model, tokenizer, "tiny", root / "model", units)
     task = load_task("arc_easy", n_train=32, n_eval=12)
     evaluator = Evaluator(
-        loaded, task, bank, TuneSettings(steps=0, lr=1e-3, batch_size=4, seed=3),
+        loaded,
+        task,
+        bank,
+        TuneSettings(steps=0, lr=1e-3, batch_size=4, seed=3),
         EvalSettings(seq_len=96, eval_batch_size=8),
         memory=lambda config: (sum(c.bits for c in config), True),
     )
@@ -78,8 +87,9 @@ def test_more_steps_lower_the_training_loss(setup):
 
 def test_quantized_config_without_bank_is_refused(setup, tokenizer):
     evaluator, _ = setup
-    bare = Evaluator(evaluator.loaded, evaluator.task, None, evaluator.tune_settings,
-                     evaluator.eval_settings)
+    bare = Evaluator(
+        evaluator.loaded, evaluator.task, None, evaluator.tune_settings, evaluator.eval_settings
+    )
     with pytest.raises(ConfigError, match="no bank"):
         bare.evaluate(Config.uniform(3, 4, 8), 1)
     assert bare.evaluate(Config.uniform(3, 16, 4), 1).memory_bytes is None

@@ -38,7 +38,10 @@ def test_unknown_profile_is_exit_2_with_the_available_names(capsys):
 
 
 def test_plan_json_rows_and_best_fit(capsys, config_only_folder):
-    assert main(["plan", "--profile", "t4-16gb", "--model", str(config_only_folder), "--json"]) == EXIT_OK
+    assert (
+        main(["plan", "--profile", "t4-16gb", "--model", str(config_only_folder), "--json"])
+        == EXIT_OK
+    )
     plan = json.loads(capsys.readouterr().out)
     labels = [r["label"] for r in plan["rows"]]
     assert labels == ["FP16 LoRA", "GPTQ 8-bit", "GPTQ 4-bit", "GPTQ 3-bit", "GPTQ 2-bit"]
@@ -48,7 +51,9 @@ def test_plan_json_rows_and_best_fit(capsys, config_only_folder):
 
 
 def test_plan_table_renders(capsys, config_only_folder):
-    assert main(["plan", "--profile", "rtx-3060-12gb", "--model", str(config_only_folder)]) == EXIT_OK
+    assert (
+        main(["plan", "--profile", "rtx-3060-12gb", "--model", str(config_only_folder)]) == EXIT_OK
+    )
     out = capsys.readouterr().out
     assert "activations" in out and "reserve" in out and "Largest average bit-width" in out
 
@@ -61,8 +66,12 @@ def test_missing_model_is_exit_2(capsys, tmp_path):
 def test_impossible_budget_states_the_minimum(capsys, tmp_path):
     big = tmp_path / "big"  # a ~1B-parameter Llama shape; config only, built on the meta device
     LlamaConfig(
-        hidden_size=2048, intermediate_size=5632, num_hidden_layers=22, num_attention_heads=32,
-        num_key_value_heads=4, vocab_size=32000,
+        hidden_size=2048,
+        intermediate_size=5632,
+        num_hidden_layers=22,
+        num_attention_heads=32,
+        num_key_value_heads=4,
+        vocab_size=32000,
     ).save_pretrained(big)
     tiny = tmp_path / "tiny-device.toml"
     text = (
@@ -85,7 +94,9 @@ def test_greedy_best_fit_is_between_the_uniform_rows(capsys, tmp_path):
     from edgeqra.plan import make_plan
     from edgeqra.profiles import load_profile
 
-    spec = ModelSpec.from_model(tiny_model("llama", num_hidden_layers=8, hidden_size=256, intermediate_size=1024))
+    spec = ModelSpec.from_model(
+        tiny_model("llama", num_hidden_layers=8, hidden_size=256, intermediate_size=1024)
+    )
     base = load_profile("t4-16gb")
     plan = make_plan(spec, base, mode=base.mode)
     by = {r.label: r.breakdown.total for r in plan.rows}
@@ -125,8 +136,17 @@ def test_evaluate_rejects_bad_specs_before_any_work(capsys, config_only_folder, 
 
 
 def test_evaluate_config_file_that_does_not_exist(capsys, config_only_folder, tmp_path):
-    code = main(["evaluate", "--model", str(config_only_folder), "--config",
-                 str(tmp_path / "c.json"), "--steps", "1"])
+    code = main(
+        [
+            "evaluate",
+            "--model",
+            str(config_only_folder),
+            "--config",
+            str(tmp_path / "c.json"),
+            "--steps",
+            "1",
+        ]
+    )
     assert code == EXIT_INPUT and "does not exist" in capsys.readouterr().err
 
 
@@ -134,9 +154,32 @@ def test_evaluate_end_to_end_json(capsys, tiny_folder, tmp_path, monkeypatch):
     monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "cache"))
     spec = tmp_path / "config.json"
     spec.write_text(json.dumps([[4, 8], [16, 4], [4, 0]]))
-    argv = ["evaluate", "--model", str(tiny_folder), "--task", "arc_easy", "--config", str(spec),
-            "--steps", "3", "--n-train", "16", "--n-eval", "6", "--seq-len", "96",
-            "--calib-samples", "8", "--group-size", "32", "--profile", "t4-16gb", "--device", "cpu", "--json"]
+    argv = [
+        "evaluate",
+        "--model",
+        str(tiny_folder),
+        "--task",
+        "arc_easy",
+        "--config",
+        str(spec),
+        "--steps",
+        "3",
+        "--n-train",
+        "16",
+        "--n-eval",
+        "6",
+        "--seq-len",
+        "96",
+        "--calib-samples",
+        "8",
+        "--group-size",
+        "32",
+        "--profile",
+        "t4-16gb",
+        "--device",
+        "cpu",
+        "--json",
+    ]
     assert main(argv) == EXIT_OK
     result = json.loads(capsys.readouterr().out)
     assert result["config"] == "4/8,16/4,4/0" and result["fidelity"] == 3
@@ -147,4 +190,6 @@ def test_evaluate_end_to_end_json(capsys, tiny_folder, tmp_path, monkeypatch):
     # Same call again: a bank cache hit and the same numbers.
     assert main(argv) == EXIT_OK
     again = json.loads(capsys.readouterr().out)
-    assert {k: v for k, v in again.items() if k != "seconds"} == {k: v for k, v in result.items() if k != "seconds"}
+    assert {k: v for k, v in again.items() if k != "seconds"} == {
+        k: v for k, v in result.items() if k != "seconds"
+    }

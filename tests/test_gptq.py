@@ -128,11 +128,15 @@ def test_memory_model_quantized_weights_equal_checkpoint_bytes(dense, checkpoint
     _, model = dense
     config = Config.from_pairs([(BITS[f"model.layers.{i}"], 8) for i in range(4)])
     predicted = estimate(
-        ModelSpec.from_model(model), config, mode=BudgetMode.INFERENCE,
+        ModelSpec.from_model(model),
+        config,
+        mode=BudgetMode.INFERENCE,
         inference=InferenceWorkload(batch=1, context=16),
         group_size=GROUP,
     )
-    assert predicted.components["quantized_weights"] == sum(packed_module_bytes(checkpoint).values())
+    assert predicted.components["quantized_weights"] == sum(
+        packed_module_bytes(checkpoint).values()
+    )
 
 
 def test_formula_closed_form_examples():

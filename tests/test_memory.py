@@ -55,7 +55,15 @@ def test_gptq_bytes_match_method_formula_when_groups_divide():
 def test_kv_cache_formula(spec):
     b = _est(spec, Config.uniform(spec.n_units, 4, 0), BudgetMode.INFERENCE)
     head_dim = TINY["hidden_size"] // TINY["num_attention_heads"]
-    expected = 2 * TINY["num_hidden_layers"] * TINY["num_key_value_heads"] * head_dim * INF.context * INF.batch * 2
+    expected = (
+        2
+        * TINY["num_hidden_layers"]
+        * TINY["num_key_value_heads"]
+        * head_dim
+        * INF.context
+        * INF.batch
+        * 2
+    )
     assert b.components["kv_cache"] == expected
 
 
@@ -64,7 +72,9 @@ def test_sliding_window_layers_cache_only_the_window():
     spec = ModelSpec.from_model(model)
     assert any(w is not None for w in spec.kv_window)
     long = InferenceWorkload(batch=1, context=1024)
-    b = estimate(spec, Config.uniform(spec.n_units, 4, 0), mode=BudgetMode.INFERENCE, inference=long)
+    b = estimate(
+        spec, Config.uniform(spec.n_units, 4, 0), mode=BudgetMode.INFERENCE, inference=long
+    )
     full = 2 * spec.num_kv_heads * spec.head_dim * 2 * 1024 * spec.n_units
     assert b.components["kv_cache"] < full
 
@@ -98,7 +108,9 @@ def test_gradient_checkpointing_saves_activation_memory(spec):
     config = Config.uniform(n, 4, 8)
     plain = estimate(spec, config, mode=BudgetMode.FINETUNE, finetune=FT)
     ckpt = estimate(
-        spec, config, mode=BudgetMode.FINETUNE,
+        spec,
+        config,
+        mode=BudgetMode.FINETUNE,
         finetune=FinetuneWorkload(micro_batch=2, seq_len=64, gradient_checkpointing=True),
     )
     assert ckpt.components["activations"] < plain.components["activations"]
