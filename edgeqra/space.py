@@ -8,12 +8,14 @@ serialises to a short readable string, ``"4/8,4/8,8/16"`` (bits/rank per unit), 
 from __future__ import annotations
 
 import json
+import math
+import random
 import re
-from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from edgeqra.errors import ConfigError
+from edgeqra.errors import BudgetError, ConfigError
 
 __all__ = [
     "DEFAULT_BITS",
@@ -22,12 +24,14 @@ __all__ = [
     "Choice",
     "Config",
     "SearchSpace",
+    "repair",
 ]
 
 DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_RANKS: tuple[int, ...] = (0, 4, 8, 16, 32)
 FP16_BITS = 16
 _SPEC_ITEM = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+_GIB = 1 << 30
 
 
 @dataclass(frozen=True, order=True)
@@ -197,3 +201,226 @@ class SearchSpace:
                     f"{list(self.ranks)}; pick one of those (0 = no adapter)"
                 )
         return config
+
+    # --- search operators (METHOD.md stage 2) -------------------------------------------------
+    # A unit's bits and rank are ordered choices: every move is one step along sorted Q or R
+    # (proximity mutation), so the search never makes the destructive jumps that a uniform
+    # resample would (QR-Adaptor; nevergrad's TransitionChoice).
+
+    def _bit_ladder(self, bits: int) -> tuple[int, ...]:
+        """Sorted Q, with FP16 appended when a unit sits there outside Q (it may only step down)."""
+        return self.bits if bits in self.bits else (*self.bits, bits)
+
+    def _moves(self, choice: Choice) -> list[tuple[str, int]]:
+        """(field, delta) moves that stay in the space, in the fixed order bits-, bits+, rank-, rank+."""
+        out = []
+        for name, ladder, value in (
+            ("bits", self._bit_ladder(choice.bits), choice.bits),
+            ("rank", self.ranks, choice.rank),
+        ):
+            index = ladder.index(value)
+            out.extend((name, d) for d in (-1, 1) if 0 <= index + d < len(ladder))
+        return out
+
+    def _step(self, choice: Choice, name: str, delta: int) -> Choice:
+        """``choice`` with ``name`` moved ``delta`` steps along its sorted set."""
+        if name == "bits":
+            ladder = self._bit_ladder(choice.bits)
+            return replace(choice, bits=ladder[ladder.index(choice.bits) + delta])
+        return replace(choice, rank=self.ranks[self.ranks.index(choice.rank) + delta])
+
+    def _unit_weights(self, weights: Sequence[float] | None, what: str) -> list[float]:
+        """Per-unit non-negative weights, checked; ``None`` (or all zero) means uniform."""
+        if weights is None:
+            return [1.0] * self.n_units
+        w = [float(x) for x in weights]
+        if len(w) != self.n_units:
+            raise ConfigError(
+                f"`{what}` has {len(w)} values but the space has {self.n_units} units; "
+                "give one score per unit"
+            )
+        if any(not math.isfinite(x) or x < 0 for x in w):
+            raise ConfigError(
+                f"`{what}` {w} must be finite and non-negative (normalised importance)"
+            )
+        return w if sum(w) > 0 else [1.0] * self.n_units
+
+    def neighbours(self, config: Config) -> list[Config]:
+        """Every config one step away: one unit's bits or rank moved to an adjacent value.
+
+        The Hamming-1 ball that local search and the trust region (METHOD.md stage 3) walk.
+        Order is deterministic: by unit, then bits down, bits up, rank down, rank up.
+        """
+        self.validate(config)
+        out = []
+        for index, choice in enumerate(config):
+            for name, delta in self._moves(choice):
+                choices = list(config.choices)
+                choices[index] = self._step(choice, name, delta)
+                out.append(Config(tuple(choices)))
+        return out
+
+    def mutate(
+        self,
+        config: Config,
+        rng: random.Random,
+        *,
+        rate: float = 0.1,
+        weights: Sequence[float] | None = None,
+    ) -> Config:
+        """Proximity mutation, importance-guided (AutoQRA): sensitive units mutate more often.
+
+        Args:
+            config: the parent, in this space.
+            rng: the only source of randomness (seeded by the caller).
+            rate: mean per-unit mutation probability; unit l mutates with probability
+                ``min(1, rate * w_l / mean(w))``.
+            weights: per-unit importance (length ``n_units``, non-negative); ``None`` = uniform.
+
+        A mutated unit moves its bits or its rank (50/50) one step up or down (50/50); a step
+        that would leave the set goes the other way, so every mutation changes something.
+        If no unit mutated, one unit chosen with probability proportional to its weight is
+        mutated, so the child always differs from the parent (unless the space has one point).
+        """
+        self.validate(config)
+        if not 0.0 <= rate <= 1.0:
+            raise ConfigError(f"`rate` must be in [0, 1], got {rate}")
+        w = self._unit_weights(weights, "weights")
+        mean = sum(w) / len(w)
+        choices = list(config.choices)
+        changed = False
+        for index, choice in enumerate(choices):
+            if rng.random() < min(1.0, rate * w[index] / mean):
+                choices[index] = self._mutate_unit(choice, rng)
+                changed |= choices[index] != choice
+        if not changed:
+            movable = [i for i, c in enumerate(choices) if self._moves(c)]
+            if movable:
+                mw = [w[i] for i in movable]
+                pick = rng.choices(movable, weights=mw if sum(mw) > 0 else None)[0]
+                choices[pick] = self._mutate_unit(choices[pick], rng)
+        return Config(tuple(choices))
+
+    def _mutate_unit(self, choice: Choice, rng: random.Random) -> Choice:
+        """One unit's move: bits or rank (50/50, or the one that can move), up or down."""
+        moves = self._moves(choice)
+        if not moves:
+            return choice
+        names = sorted({name for name, _ in moves})
+        name = names[0] if len(names) == 1 else ("bits" if rng.random() < 0.5 else "rank")
+        deltas = [d for n, d in moves if n == name]
+        # At either end of the set the only step goes inwards (reflection, not clamping), so a
+        # chosen mutation is never a silent no-op.
+        delta = deltas[0] if len(deltas) == 1 else (-1 if rng.random() < 0.5 else 1)
+        return self._step(choice, name, delta)
+
+    def crossover(self, a: Config, b: Config, rng: random.Random) -> Config:
+        """Layer-wise uniform crossover: each unit's (bits, rank) gene comes whole from a or b.
+
+        Genes are not split, because a layer's bits and rank compensate each other (QR-Adaptor).
+        """
+        self.validate(a)
+        self.validate(b)
+        return Config(tuple(x if rng.random() < 0.5 else y for x, y in zip(a, b, strict=True)))
+
+    def sample(self, rng: random.Random) -> Config:
+        """A uniformly random config (random-search baseline, population fill)."""
+        return Config(
+            tuple(
+                Choice(rng.choice(self.bits), rng.choice(self.ranks)) for _ in range(self.n_units)
+            )
+        )
+
+    def encode(self, config: Config) -> list[float]:
+        """Surrogate features: per unit, bits index then rank index in their sorted sets, in [0, 1].
+
+        Ordinal positions, not raw values, so 8 bits is one step above 4 as the search sees it.
+        A set of one value encodes as 0.0; FP16 outside Q encodes as 1.0 (above every GPTQ width).
+        """
+        self.validate(config)
+        out: list[float] = []
+        for choice in config:
+            out.append(_position(self.bits, choice.bits))
+            out.append(_position(self.ranks, choice.rank))
+        return out
+
+
+def _position(values: tuple[int, ...], value: int) -> float:
+    """Index of ``value`` in sorted ``values`` scaled to [0, 1]; values above the set give 1.0."""
+    if value not in values:
+        return 1.0
+    return values.index(value) / (len(values) - 1) if len(values) > 1 else 0.0
+
+
+def repair(
+    config: Config,
+    space: SearchSpace,
+    memory: Callable[[Config], int],
+    budget: int,
+    importance: Sequence[float] | None = None,
+) -> Config:
+    """Lower the cheapest steps until ``memory(config) <= budget`` (METHOD.md feasibility repair).
+
+    Args:
+        config: a config in ``space``; returned unchanged when it already fits.
+        space: the allowed bits and ranks.
+        memory: bytes of a config (in edgeqra: ``estimate_for_profile(...).total``). It need not
+            be additive over units, so every candidate is measured; it should not grow when a
+            bit-width or rank is lowered (true of :mod:`edgeqra.memory`).
+        budget: the hard limit in bytes.
+        importance: per-unit sensitivity (non-negative); ``None`` = all ones.
+
+    Greedy: each round takes the single down step (one unit's bits or rank one step lower)
+    with the least importance lost per byte saved, where the loss is ``importance[l]`` times
+    the relative step, ``(q_old - q_new) / q_old`` or ``(r_old - r_new) / max(r_old, 1)``.
+    Ties go to the lowest unit, bits before rank. Steps that save no bytes are skipped unless
+    nothing else is left. Raises :class:`BudgetError` when even the smallest config is over.
+    """
+    space.validate(config)
+    imp = space._unit_weights(importance, "importance")
+    current_bytes = memory(config)
+    if current_bytes <= budget:
+        return config
+    floor = Config.uniform(space.n_units, space.bits[0], space.ranks[0])
+    floor_bytes = memory(floor)
+    if floor_bytes > budget:
+        # With memory monotone in bits and ranks the floor is the smallest reachable config;
+        # failing here saves walking the whole way down to find that out.
+        raise _budget_error(space, floor, floor_bytes, budget)
+    current = config
+    while current_bytes > budget:
+        best: tuple[tuple[int, float, int, int], Config, int] | None = None
+        for index, choice in enumerate(current):
+            for order, (name, delta) in enumerate(m for m in space._moves(choice) if m[1] < 0):
+                new = space._step(choice, name, delta)
+                old_v, new_v = (
+                    (choice.bits, new.bits) if name == "bits" else (choice.rank, new.rank)
+                )
+                lost = imp[index] * (old_v - new_v) / max(old_v, 1)
+                choices = list(current.choices)
+                choices[index] = new
+                candidate = Config(tuple(choices))
+                after = memory(candidate)
+                saved = current_bytes - after
+                # Positive savings first (ranked by loss per byte); the rest only as a last
+                # resort, by loss alone, so the walk still ends at the floor.
+                key = (0, lost / saved, index, order) if saved > 0 else (1, lost, index, order)
+                if best is None or key < best[0]:
+                    best = (key, candidate, after)
+        if best is None:
+            raise _budget_error(space, current, current_bytes, budget)
+        _, current, current_bytes = best
+    return current
+
+
+def _budget_error(
+    space: SearchSpace, smallest: Config, smallest_bytes: int, budget: int
+) -> BudgetError:
+    """Say how far over the budget the smallest config is, and what to change."""
+    return BudgetError(
+        f"no configuration fits the memory budget of {budget / _GIB:.2f} GiB: the smallest one "
+        f"(`{smallest.short()}`, bits {space.bits[0]}, rank {space.ranks[0]} everywhere) needs "
+        f"{smallest_bytes / _GIB:.2f} GiB. Use a device profile with more memory or a larger "
+        f"`--budget-gb`, or allow smaller bit-widths (bit set {list(space.bits)}) or ranks "
+        f"(rank set {list(space.ranks)})"
+    )
