@@ -196,13 +196,11 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     """Tune one config for --steps and score it on the task's held-out split."""
     from transformers import AutoConfig
 
-    from edgeqra.evaluate import EvalSettings
     from edgeqra.memory import ModelSpec
     from edgeqra.models import resolve_model
-    from edgeqra.pipeline import EvalJob, prepare
+    from edgeqra.pipeline import prepare
     from edgeqra.profiles import load_profile
     from edgeqra.space import FP16_BITS, SearchSpace
-    from edgeqra.tune import TuneSettings
 
     if args.profile:
         load_profile(args.profile)  # fail fast on a bad profile name
@@ -216,27 +214,7 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
         )
     config = _requested_config(args, shape.n_units)
     SearchSpace(shape.n_units, args.bits, args.ranks).validate(config)
-    job = EvalJob(
-        model=args.model,
-        task=args.task,
-        bits=args.bits,
-        ranks=args.ranks,
-        group_size=args.group_size,
-        calib_samples=args.calib_samples,
-        tune=TuneSettings(
-            steps=args.steps,
-            lr=args.lr,
-            batch_size=args.batch_size,
-            seed=args.seed,
-            gradient_checkpointing=args.gradient_checkpointing,
-        ),
-        eval=EvalSettings(
-            n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len, metric=args.metric
-        ),
-        device=args.device,
-        profile=args.profile,
-        trust_remote_code=args.trust_remote_code,
-    )
+    job = _eval_job(args, steps=args.steps)
     needed = tuple(sorted({c.bits for c in config if c.bits < FP16_BITS}))
     # Third-party banners (GPTQModel prints one on import) go to stderr: stdout stays clean JSON.
     with contextlib.redirect_stdout(sys.stderr):
@@ -270,6 +248,146 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     table.add_row("predicted memory", memory)
     table.add_row("time", f"{result.seconds:.1f} s on {prepared.device}")
     out.print(table)
+    return EXIT_OK
+
+
+def _eval_job(args: argparse.Namespace, *, steps: int):
+    """The EvalJob that ``evaluate`` and ``search`` build from the shared tuning options."""
+    from edgeqra.evaluate import EvalSettings
+    from edgeqra.pipeline import EvalJob
+    from edgeqra.tune import TuneSettings
+
+    return EvalJob(
+        model=args.model,
+        task=args.task,
+        bits=args.bits,
+        ranks=args.ranks,
+        group_size=args.group_size,
+        calib_samples=args.calib_samples,
+        tune=TuneSettings(
+            steps=steps,
+            lr=args.lr,
+            batch_size=args.batch_size,
+            seed=args.seed,
+            gradient_checkpointing=args.gradient_checkpointing,
+        ),
+        eval=EvalSettings(
+            n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len, metric=args.metric
+        ),
+        device=args.device,
+        profile=args.profile,
+        trust_remote_code=args.trust_remote_code,
+    )
+
+
+def _cmd_search(args: argparse.Namespace, out: Console) -> int:
+    """Joint bit/rank search under the profile's budget; everything lands in a run directory."""
+    import time
+    from pathlib import Path
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from edgeqra.pipeline import SearchJob, open_run_dir, run_search_job
+    from edgeqra.profiles import load_profile
+    from edgeqra.search.bayes import BayesSettings
+    from edgeqra.search.driver import SearchSettings
+    from edgeqra.search.evolution import EvolutionSettings
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        job = open_run_dir(run_dir, None, resume=True)
+    else:
+        if not args.profile:
+            raise EdgeQRAError("`search` needs `--profile NAME` (or `--resume RUN_DIR`)")
+        load_profile(args.profile)  # fail fast on a bad profile name
+        settings = SearchSettings(
+            steps=args.steps,
+            eta=args.eta,
+            n_rungs=args.rungs,
+            max_evals=args.evals,
+            time_limit=args.time_limit,
+            seed=args.seed,
+            use_sensitivity=args.sensitivity,
+            use_evolution=args.evolution,
+            use_bayes=args.bayes,
+            evolution=EvolutionSettings(
+                population=args.population,
+                children=args.children,
+                generations=args.generations,
+            ),
+            bayes=BayesSettings(seed=args.seed),
+        )
+        job = SearchJob(
+            eval=_eval_job(args, steps=args.steps),
+            search=settings,
+            budget_gb=args.budget_gb,
+            baseline_rank=args.baseline_rank,
+            final_steps=args.final_steps,
+            alpha=args.alpha,
+            baselines=args.baselines,
+        )
+        run_dir = Path(args.out or Path("runs") / time.strftime("search-%Y%m%d-%H%M%S"))
+        open_run_dir(run_dir, job, resume=False)
+
+    err = Console(stderr=True)
+    with Progress(
+        "[progress.description]{task.description}",
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=err,
+        disable=args.json or not err.is_terminal,  # CI logs get plain lines, no live redraw
+        transient=True,
+    ) as bar:
+        task = bar.add_task("preparing", total=job.search.max_evals)
+
+        def on_event(event) -> None:
+            best = "—" if event.best_score is None else f"{event.best_score:.4f}"
+            bar.update(
+                task,
+                completed=min(event.evaluations, job.search.max_evals),
+                description=f"{event.stage} · best {best} · front {event.front_size}",
+            )
+            r = event.result
+            if r is not None and not args.json:
+                mem = "" if r.memory_bytes is None else f"{_gib(r.memory_bytes)} GiB"
+                hit = " (journal)" if event.cached else f" {r.seconds:.1f} s"
+                bar.console.print(
+                    f"  {event.stage:<18} steps {r.fidelity:>4}  score {r.score:.4f}  {mem}"
+                    f"{hit}  {escape(r.config if len(r.config) < 60 else r.config[:57] + '…')}",
+                    highlight=False,
+                )
+            elif event.message and not args.json:
+                bar.console.print(f"[bold]{event.stage}[/]: {escape(event.message)}")
+
+        with contextlib.redirect_stdout(sys.stderr):  # library banners stay off stdout
+            summary = run_search_job(job, run_dir, on_event=on_event, progress=not args.json)
+    if args.json:
+        print(json.dumps({"run_dir": str(run_dir), **summary}, indent=2))
+        return EXIT_OK
+    chosen = summary["chosen"]
+    final = chosen["final"]
+    table = Table(title=f"Search on {summary['profile']} ({summary['task']})", show_header=False)
+    table.add_row("chosen config (bits/rank per layer)", chosen["short"])
+    table.add_row("average bits", f"{chosen['average_bits']:.2f}")
+    table.add_row(
+        "predicted memory / budget",
+        f"{_gib(chosen['predicted_memory_bytes'])} / {summary['budget_gib']:.2f} GiB",
+    )
+    table.add_row(
+        f"score after {final['fidelity']} steps", f"{final['score']:.4f} ({final['metric']})"
+    )
+    for label, base in summary["baselines"].items():
+        table.add_row(f"  {label} rank {job.baseline_rank}", f"{base['score']:.4f}")
+    s = summary["search"]
+    table.add_row(
+        "search",
+        f"{s['evaluations']} evaluations ({s['fresh_evaluations']} run now), "
+        f"{s['seconds']:.0f} s, {s['epochs']:.2f} epochs; stopped: {s['stopped']}",
+    )
+    table.add_row("run directory", str(run_dir))
+    out.print(table)
+    out.print(f"per-layer config: {chosen['config']}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -317,15 +435,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
     p.set_defaults(func=_cmd_plan)
 
+    tuning = argparse.ArgumentParser(add_help=False)  # what fixes one evaluation
+    _tuning_args(tuning)
+
     p = sub.add_parser(
-        "evaluate", parents=[common], help="tune one (bits, rank) config for N steps and score it"
-    )
-    p.add_argument("--model", default="smollm2", help="`smollm2`, a HF folder or a .gguf file")
-    p.add_argument(
-        "--task",
-        default="arc_easy",
-        help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, "
-        "c4, wiki, … or a .txt/.jsonl file",
+        "evaluate",
+        parents=[common, tuning],
+        help="tune one (bits, rank) config for N steps and score it",
     )
     which = p.add_mutually_exclusive_group(required=True)
     which.add_argument(
@@ -338,6 +454,60 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, default=8, help="LoRA rank for --uniform / --fp16")
     p.add_argument("--steps", type=int, required=True, help="tuning steps (the fidelity)")
     p.add_argument("--profile", help="check the predicted memory against this profile")
+    p.set_defaults(func=_cmd_evaluate)
+
+    p = sub.add_parser(
+        "search",
+        parents=[common, tuning],
+        help="joint per-layer bits/rank search under a profile's memory budget",
+    )
+    p.add_argument("--profile", help="profile name or .toml path (the hard budget)")
+    p.add_argument("--budget-gb", type=float, help="override the profile's usable budget (GiB)")
+    p.add_argument("--steps", type=int, default=64, help="full-length tuning steps (top fidelity)")
+    p.add_argument("--evals", type=int, default=60, help="evaluations at any fidelity")
+    p.add_argument("--time-limit", type=float, metavar="S", help="wall-time budget in seconds")
+    p.add_argument("--out", help="run directory (default runs/search-DATE-TIME)")
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue a killed search from its journal")
+    p.add_argument("--eta", type=int, default=4, help="successive-halving ratio between rungs")
+    p.add_argument("--rungs", type=int, default=3, help="fidelity rungs (steps / eta^k)")
+    p.add_argument("--population", type=int, default=8, help="NSGA-II population")
+    p.add_argument("--children", type=int, default=8, help="children per generation")
+    p.add_argument("--generations", type=int, default=6, help="at most this many generations")
+    p.add_argument("--final-steps", type=int, help="tuning steps of the chosen config")
+    p.add_argument(
+        "--alpha", type=float, help="pick the front's trade-off point α·score−(1−α)·memory"
+    )
+    p.add_argument("--baseline-rank", type=int, default=8, help="rank of the uniform baselines")
+    p.add_argument(
+        "--baselines",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="score the uniform baselines that fit, for the summary",
+    )
+    for stage, what in (
+        ("sensitivity", "stage 1 warm start"),
+        ("evolution", "stage 2"),
+        ("bayes", "stage 3 refinement"),
+    ):
+        p.add_argument(
+            f"--{stage}",
+            action=argparse.BooleanOptionalAction,
+            default=True,
+            help=f"run {what} (turn off for ablations)",
+        )
+    p.set_defaults(func=_cmd_search)
+    return parser
+
+
+def _tuning_args(p: argparse.ArgumentParser) -> None:
+    """Options that fix one evaluation: model, data, space, tuning (evaluate and search)."""
+    p.add_argument("--model", default="smollm2", help="`smollm2`, a HF folder or a .gguf file")
+    p.add_argument(
+        "--task",
+        default="arc_easy",
+        help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, "
+        "c4, wiki, … or a .txt/.jsonl file",
+    )
     p.add_argument("--bits", type=_int_list, default=(2, 3, 4, 8), help="allowed bit-widths Q")
     p.add_argument("--ranks", type=_int_list, default=(0, 4, 8, 16, 32), help="allowed ranks R")
     p.add_argument("--n-train", type=int, default=512, help="train examples")
@@ -354,8 +524,6 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
-    p.set_defaults(func=_cmd_evaluate)
-    return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:

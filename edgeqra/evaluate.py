@@ -27,6 +27,7 @@ import math
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -518,8 +519,14 @@ class Evaluator:
             *tokenize_examples(loaded.tokenizer, task.train, eval_settings.seq_len)
         )
 
-    def evaluate(self, config: Config, fidelity: int) -> Result:
-        """Score ``config`` after ``fidelity`` tuning steps (a pure function of its inputs)."""
+    def evaluate(
+        self, config: Config, fidelity: int, *, save_adapter: Path | None = None
+    ) -> Result:
+        """Score ``config`` after ``fidelity`` tuning steps (a pure function of its inputs).
+
+        ``save_adapter``: also write the trained PEFT adapter folder there (the final stage);
+        nothing is written when every rank is 0.
+        """
         start = time.perf_counter()
         model = self.loaded.model
         if any(c.bits < 16 for c in config) and self.bank is None:
@@ -531,6 +538,8 @@ class Evaluator:
             model, self.loaded.units, config, self.batches, settings, progress=self.progress
         )
         try:
+            if save_adapter is not None and hasattr(tuned, "peft_config"):
+                tuned.save_pretrained(str(save_adapter))
             scores = score_task(
                 tuned,
                 self.loaded.tokenizer,

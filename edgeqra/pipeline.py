@@ -1,27 +1,57 @@
 """Runs the stages for one job, in order; the only module that knows that order.
 
-Today: model -> data -> calibration -> bank -> Evaluator, for ``edgeqra evaluate`` and the
-benchmarks. The search stages (issue: joint search) plug in after ``prepare``.
+``prepare``: model -> data -> calibration -> bank -> Evaluator (``edgeqra evaluate``, the
+benchmarks). ``run_search_job``: prepare -> sensitivity (stage 1) -> evolution and Bayesian
+refinement (stages 2-3, :mod:`edgeqra.search`) -> full-length tuning of the chosen config ->
+summary, all inside one run directory whose journal makes the whole job resumable.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import logging
+import os
+import random
+import shutil
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 
 from edgeqra.bank import Bank, BankSpec, build_bank
 from edgeqra.data import calibration_batches, load_task
-from edgeqra.errors import ConfigError
-from edgeqra.evaluate import EvalSettings, Evaluator
+from edgeqra.errors import BudgetError, ConfigError
+from edgeqra.evaluate import EvalSettings, Evaluator, Result
 from edgeqra.memory import ModelSpec, estimate, estimate_for_profile
-from edgeqra.models import LoadedModel, load_model
+from edgeqra.models import LoadedModel, cache_dir, load_model, resolve_model
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
-from edgeqra.space import DEFAULT_BITS, DEFAULT_RANKS, FP16_BITS, Config, SearchSpace
+from edgeqra.search.bayes import BayesSettings
+from edgeqra.search.driver import (
+    Evaluations,
+    SearchEvent,
+    SearchOutcome,
+    SearchSettings,
+    run_search,
+)
+from edgeqra.search.evolution import EvolutionSettings
+from edgeqra.search.journal import Journal
+from edgeqra.sensitivity import initial_population, measure_sensitivity, seed_config
+from edgeqra.space import DEFAULT_BITS, DEFAULT_RANKS, FP16_BITS, Config, SearchSpace, repair
 from edgeqra.tune import TuneSettings
 
-__all__ = ["EvalJob", "Prepared", "baseline_configs", "prepare", "resolve_device"]
+__all__ = [
+    "EvalJob",
+    "Prepared",
+    "SearchJob",
+    "baseline_configs",
+    "check_budget",
+    "open_run_dir",
+    "prepare",
+    "resolve_device",
+    "run_search_job",
+]
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +97,8 @@ class Prepared:
     bank: Bank | None
     profile: DeviceProfile | None
     device: str
+    calibration: torch.Tensor | None  # the bank's calibration rows (None without a bank)
+    budget_bytes: int | None  # the profile's budget, or the user's override
 
 
 def baseline_configs(n_units: int, bits: tuple[int, ...], rank: int) -> dict[str, Config]:
@@ -78,13 +110,16 @@ def baseline_configs(n_units: int, bits: tuple[int, ...], rank: int) -> dict[str
     return out
 
 
-def _memory_fn(spec: ModelSpec, job: EvalJob, profile: DeviceProfile | None):
+def _memory_fn(
+    spec: ModelSpec, job: EvalJob, profile: DeviceProfile | None, budget_bytes: int | None
+):
     """Predicted bytes (and fit) of a config: the profile's budget, else the tuning workload."""
     if profile is not None:
+        budget = profile.budget_bytes if budget_bytes is None else budget_bytes
 
         def with_profile(config: Config) -> tuple[int, bool | None]:
             b = estimate_for_profile(spec, config, profile, group_size=job.group_size)
-            return b.total, b.fits(profile.budget_bytes)
+            return b.total, b.fits(budget)
 
         return with_profile
     work = FinetuneWorkload(job.tune.batch_size, job.eval.seq_len, job.tune.gradient_checkpointing)
@@ -101,6 +136,7 @@ def prepare(
     job: EvalJob,
     *,
     needed_bits: tuple[int, ...] | None = None,
+    budget_gb: float | None = None,
     progress: bool = True,
 ) -> Prepared:
     """Load the model and data, build (or reuse) the bank for ``needed_bits``, make the evaluator.
@@ -109,10 +145,18 @@ def prepare(
         job: the evaluation settings.
         needed_bits: bit-widths the bank must hold (default: all of ``job.bits``); an
             FP16-only evaluation passes ``()`` and builds no bank.
+        budget_gb: overrides the profile's usable budget (GiB).
         progress: rich progress bars for the bank build.
     """
     device = resolve_device(job.device)
     profile = load_profile(job.profile) if job.profile else None
+    if budget_gb is not None and budget_gb <= 0:
+        raise ConfigError(f"`budget_gb` must be positive, got {budget_gb}")
+    budget_bytes = (
+        int(budget_gb * 2**30)
+        if budget_gb is not None
+        else (profile.budget_bytes if profile is not None else None)
+    )
     dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
     loaded = load_model(
         job.model, dtype=dtype, device=device, trust_remote_code=job.trust_remote_code
@@ -120,7 +164,7 @@ def prepare(
     space = SearchSpace(len(loaded.units), job.bits, job.ranks)
     task = load_task(job.task, seed=job.tune.seed, n_train=job.eval.n_train, n_eval=job.eval.n_eval)
     bits = tuple(sorted(set(job.bits if needed_bits is None else needed_bits)))
-    bank = None
+    bank = calibration = None
     if bits:
         calibration = calibration_batches(
             loaded.tokenizer,
@@ -144,7 +188,268 @@ def prepare(
         bank,
         job.tune,
         job.eval,
-        memory=_memory_fn(spec, job, profile),
+        memory=_memory_fn(spec, job, profile, budget_bytes),
         progress=progress,
     )
-    return Prepared(evaluator, loaded, spec, space, bank, profile, device)
+    return Prepared(
+        evaluator, loaded, spec, space, bank, profile, device, calibration, budget_bytes
+    )
+
+
+# ----------------------------------------------------------------------------- search job
+
+
+@dataclass(frozen=True)
+class SearchJob:
+    """A whole search: what to evaluate, how to search, where the run directory goes."""
+
+    eval: EvalJob
+    search: SearchSettings = field(default_factory=SearchSettings)
+    budget_gb: float | None = None  # overrides the profile's usable budget
+    baseline_rank: int = 8  # rank of the uniform baselines seeded and reported
+    final_steps: int | None = None  # full-length tuning of the chosen config (None = search.steps)
+    alpha: float | None = None  # trade-off α·norm(score) − (1−α)·norm(memory); None = best score
+    baselines: bool = True  # score the uniform baselines that fit at full length, for the summary
+
+    def __post_init__(self) -> None:
+        if self.eval.profile is None:
+            raise ConfigError("a search needs a device profile; pass `--profile NAME`")
+        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
+            raise ConfigError(f"`alpha` must be in [0, 1], got {self.alpha}")
+        if self.baseline_rank not in self.eval.ranks:
+            raise ConfigError(
+                f"`baseline_rank` {self.baseline_rank} is not in the rank set "
+                f"{list(self.eval.ranks)}; pick one of those"
+            )
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready (the run directory's job.json; ``from_json`` reads it back)."""
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict) -> SearchJob:
+        """Rebuild from :meth:`to_json` output (lists back to tuples, nested settings)."""
+        ev = dict(data["eval"])
+        ev.update(
+            bits=tuple(ev["bits"]),
+            ranks=tuple(ev["ranks"]),
+            tune=TuneSettings(**ev["tune"]),
+            eval=EvalSettings(**ev["eval"]),
+        )
+        se = dict(data["search"])
+        se.update(
+            evolution=EvolutionSettings(**se["evolution"]), bayes=BayesSettings(**se["bayes"])
+        )
+        rest = {k: v for k, v in data.items() if k not in ("eval", "search")}
+        return cls(eval=EvalJob(**ev), search=SearchSettings(**se), **rest)
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Atomic JSON write: a temp file in the same folder, then rename."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def _chosen(outcome: SearchOutcome, alpha: float | None) -> Result:
+    """Best score within the budget, or the front's best α-scalarised trade-off point."""
+    if alpha is None:
+        return outcome.best
+    front = list(outcome.front)
+    scores = [r.score for r in front]
+    mems = [float(r.memory_bytes or 0) for r in front]
+
+    def norm(v: float, lo: float, hi: float) -> float:
+        return 0.0 if hi == lo else (v - lo) / (hi - lo)
+
+    return max(
+        front,
+        key=lambda r: (
+            alpha * norm(r.score, min(scores), max(scores))
+            - (1 - alpha) * norm(float(r.memory_bytes or 0), min(mems), max(mems))
+        ),
+    )
+
+
+def open_run_dir(out: Path, job: SearchJob | None, *, resume: bool) -> SearchJob:
+    """Create ``out`` for a new run (refusing to clobber one), or read its job to resume."""
+    job_file = out / "job.json"
+    if resume:
+        if not job_file.is_file():
+            raise ConfigError(
+                f"`{out}` is not a run directory (no job.json); pass the folder a search wrote"
+            )
+        return SearchJob.from_json(json.loads(job_file.read_text()))
+    if job is None:
+        raise ConfigError("internal error: a new run needs a job")
+    if job_file.exists():
+        raise ConfigError(
+            f"`{out}` already holds a run; pass `--resume {out}` to continue it or another `--out`"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(job_file, job.to_json())
+    return job
+
+
+def check_budget(job: SearchJob) -> int:
+    """Fail fast when not even the smallest config (lowest bits, lowest rank) fits.
+
+    Uses the architecture alone (meta tensors), so it costs seconds. Returns the budget.
+    """
+    from transformers import AutoConfig
+
+    profile = load_profile(job.eval.profile or "")
+    budget = profile.budget_bytes if job.budget_gb is None else int(job.budget_gb * 2**30)
+    path = resolve_model(job.eval.model)
+    spec = ModelSpec.from_config(
+        AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=job.eval.trust_remote_code
+        )
+    )
+    smallest = Config.uniform(spec.n_units, min(job.eval.bits), min(job.eval.ranks))
+    need = estimate_for_profile(spec, smallest, profile, group_size=job.eval.group_size).total
+    if need > budget:
+        raise BudgetError(
+            f"nothing fits: the smallest config ({smallest.short()}) needs {need / 2**30:.2f} GiB "
+            f"but the budget on `{profile.name}` is {budget / 2**30:.2f} GiB; pick a larger "
+            "profile, raise `--budget-gb`, or allow fewer bits"
+        )
+    return budget
+
+
+def run_search_job(
+    job: SearchJob,
+    out: Path,
+    *,
+    on_event: Callable[[SearchEvent], None] | None = None,
+    progress: bool = True,
+) -> dict[str, object]:
+    """Prepare → sensitivity → search → final full-length tuning → summary, in ``out``.
+
+    ``out`` must already hold ``job.json`` (see :func:`open_run_dir`); everything the run
+    measured is journaled there, so calling this again on the same folder resumes it.
+    Returns the summary (also written to ``out/summary.json``).
+    """
+    settings = job.search
+    check_budget(job)  # seconds, before minutes of model loading and GPTQ
+    prepared = prepare(job.eval, budget_gb=job.budget_gb, progress=progress)
+    space, spec, profile = prepared.space, prepared.spec, prepared.profile
+    if profile is None or prepared.budget_bytes is None:  # SearchJob.__post_init__ checks
+        raise ConfigError("a search needs a device profile; pass `--profile NAME`")
+    budget = prepared.budget_bytes
+    group = job.eval.group_size
+
+    def memory(config: Config) -> int:
+        return estimate_for_profile(spec, config, profile, group_size=group).total
+
+    importance: tuple[float, ...] | None = None
+    if settings.use_sensitivity and prepared.bank is not None:
+        sens = measure_sensitivity(
+            prepared.loaded,
+            prepared.bank,
+            prepared.calibration,
+            cache_dir=cache_dir() / "sensitivity",
+            progress=progress,
+        )
+        _write_json(out / "sensitivity.json", sens.to_json())
+        importance = sens.importance()
+
+    def fix(config: Config) -> Config:
+        return repair(config, space, memory, budget, importance)
+
+    rng = random.Random(settings.seed)
+    baselines = baseline_configs(space.n_units, space.bits, job.baseline_rank)
+    fitting_all = [c for c in baselines.values() if memory(c) <= budget]
+    fitting = [c for c in fitting_all if c.bits[0] in space.bits]  # seeds must lie in the space
+    size = settings.evolution.population
+    if importance is not None:
+        seed = fix(seed_config(importance, space))
+        initial = initial_population(
+            seed, space, rng, size, repair=fix, importance=importance, extra=fitting
+        )
+    else:  # ablation without stage 1: uniform baselines that fit + random feasible configs
+        initial = list(dict.fromkeys(fitting))
+        for _ in range(50 * size):
+            if len(initial) >= size:
+                break
+            candidate = fix(space.sample(rng))
+            if candidate not in initial:
+                initial.append(candidate)
+    if not initial:
+        raise BudgetError(
+            f"no config fits {budget / 2**30:.2f} GiB on `{profile.name}`; pick a larger profile"
+        )
+
+    journal = Journal(out / "journal.jsonl")
+    evaluations = Evaluations(
+        prepared.evaluator.evaluate, journal, lambda c: memory(c) <= budget, settings, on_event
+    )
+    outcome = run_search(evaluations, space, initial, fix, budget, importance=importance)
+    _write_json(out / "front.json", [r.to_json() for r in outcome.front])
+
+    chosen = _chosen(outcome, job.alpha)
+    config = Config.parse(chosen.config)
+    breakdown = estimate_for_profile(spec, config, profile, group_size=group)
+    _write_json(
+        out / "chosen.json",
+        {
+            "config": config.to_json(),
+            "spec": str(config),
+            "short": config.short(),
+            "average_bits": config.average_bits(spec.unit_params),
+            "predicted_memory": breakdown.to_json(),
+            "budget_bytes": budget,
+            "search_score": chosen.score,
+        },
+    )
+
+    final_steps = settings.steps if job.final_steps is None else job.final_steps
+    if on_event is not None:
+        evaluations.emit("final", message=f"{config.short()} for {final_steps} steps")
+    adapter = out / "adapter"
+    staging = out / ".adapter.tmp"
+    shutil.rmtree(staging, ignore_errors=True)
+    final = prepared.evaluator.evaluate(config, final_steps, save_adapter=staging)
+    shutil.rmtree(adapter, ignore_errors=True)
+    if staging.exists():
+        os.replace(staging, adapter)
+
+    reference: dict[str, dict[str, object]] = {}
+    if job.baselines:
+        unlimited = Evaluations(
+            prepared.evaluator.evaluate,
+            journal,
+            lambda c: memory(c) <= budget,
+            dataclasses.replace(settings, max_evals=10**9, time_limit=None),
+            on_event,
+        )
+        for label, base in baselines.items():
+            if base in fitting_all:
+                reference[label] = unlimited(base, final_steps, "baseline").to_json()
+
+    n_train = len(prepared.evaluator.batches)
+    summary = {
+        "profile": profile.name,
+        "budget_bytes": budget,
+        "budget_gib": budget / 2**30,
+        "model": job.eval.model,
+        "task": job.eval.task,
+        "metric": final.metric,
+        "device": prepared.device,
+        "chosen": {
+            "config": str(config),
+            "short": config.short(),
+            "average_bits": config.average_bits(spec.unit_params),
+            "predicted_memory_bytes": breakdown.total,
+            "fits": breakdown.total <= budget,
+            "final": final.to_json(),
+            "adapter": "adapter" if adapter.exists() else None,
+        },
+        "baselines": reference,
+        "search": {
+            **outcome.to_json(),
+            "epochs": outcome.tuning_steps * job.eval.tune.batch_size / max(1, n_train),
+        },
+    }
+    _write_json(out / "summary.json", summary)
+    return summary

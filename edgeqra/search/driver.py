@@ -1,0 +1,259 @@
+"""The search's three stages in order, behind one journal and one evaluation budget.
+
+Stage 1 (the caller's sensitivity profile) gives the initial population and the importance
+weights; stage 2 is :func:`edgeqra.search.evolution.evolve`; stage 3 is
+:func:`edgeqra.search.bayes.refine` on the full-fidelity results. Every evaluation passes
+through :class:`Evaluations`, which answers from the journal what it already holds (so a
+resumed search replays its own trajectory without tuning anything twice), refuses an
+infeasible config, and stops the search when the evaluation or wall-time budget is spent.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from edgeqra.errors import ConfigError
+from edgeqra.evaluate import Result
+from edgeqra.search.bayes import BayesSettings, refine
+from edgeqra.search.evolution import EvolutionSettings, evolve, run_rungs
+from edgeqra.search.fidelity import Schedule
+from edgeqra.search.journal import Journal
+from edgeqra.search.pareto import non_dominated_sort
+from edgeqra.space import Config, SearchSpace
+
+__all__ = [
+    "Evaluations",
+    "Exhausted",
+    "SearchEvent",
+    "SearchOutcome",
+    "SearchSettings",
+    "pareto_front",
+    "run_search",
+]
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SearchSettings:
+    """How long and how the search runs; the stage switches exist for ablations."""
+
+    steps: int = 64  # full fidelity: LoRA steps of a full-length evaluation
+    eta: int = 4  # successive-halving ratio between rungs
+    n_rungs: int = 3
+    max_evals: int = 60  # evaluations at any fidelity, journal hits included
+    time_limit: float | None = None  # seconds of wall time for the whole search
+    seed: int = 0
+    use_sensitivity: bool = True  # stage 1; off = random initial population, no importance
+    use_evolution: bool = True  # stage 2; off = only the initial population is measured
+    use_bayes: bool = True  # stage 3
+    evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
+    bayes: BayesSettings = field(default_factory=BayesSettings)
+
+    def __post_init__(self) -> None:
+        if self.max_evals < 1:
+            raise ConfigError(f"`max_evals` must be >= 1, got {self.max_evals}")
+        if self.time_limit is not None and self.time_limit <= 0:
+            raise ConfigError(f"`time_limit` must be positive seconds, got {self.time_limit}")
+
+    @property
+    def schedule(self) -> Schedule:
+        """The fidelity rungs."""
+        return Schedule(self.steps, self.eta, self.n_rungs)
+
+
+@dataclass(frozen=True)
+class SearchEvent:
+    """A progress report for the CLI/TUI: one per evaluation and per stage change."""
+
+    stage: str
+    evaluations: int
+    max_evals: int
+    best_score: float | None  # best full-fidelity score so far
+    front_size: int
+    result: Result | None = None
+    cached: bool = False
+    message: str = ""
+
+
+class Exhausted(Exception):
+    """The evaluation or time budget is spent (control flow, never shown to the user)."""
+
+
+class Evaluations:
+    """The one door to ``evaluate``: journal lookups, feasibility guard, budgets, events."""
+
+    def __init__(
+        self,
+        evaluate: Callable[[Config, int], Result],
+        journal: Journal,
+        feasible: Callable[[Config], bool],
+        settings: SearchSettings,
+        on_event: Callable[[SearchEvent], None] | None = None,
+    ) -> None:
+        self._evaluate = evaluate
+        self.journal = journal
+        self.feasible = feasible
+        self.settings = settings
+        self.on_event = on_event
+        self.count = 0  # evaluations this search asked for (hits included)
+        self.fresh = 0  # of which really run now
+        self.steps = 0  # tuning steps really run now
+        self.started = time.monotonic()
+        self.full: dict[Config, Result] = {}  # full-fidelity results, for the front
+
+    def __call__(self, config: Config, fidelity: int, stage: str) -> Result:
+        """The result of ``config`` at ``fidelity``: from the journal, else evaluated now."""
+        if not self.feasible(config):  # repair upstream makes this unreachable; guard it
+            raise RuntimeError(
+                f"internal error: infeasible config {config.short()} reached evaluate"
+            )
+        result = self.journal.get(str(config), fidelity)
+        cached = result is not None
+        if result is None:
+            if self.count >= self.settings.max_evals:
+                raise Exhausted("evaluations")
+            limit = self.settings.time_limit
+            if limit is not None and time.monotonic() - self.started >= limit:
+                raise Exhausted("time limit")
+            result = self._evaluate(config, fidelity)
+            self.journal.append(result, stage=stage)
+            self.fresh += 1
+            self.steps += fidelity
+        self.count += 1
+        if fidelity == self.settings.steps:
+            self.full[config] = result
+        self.emit(stage, result=result, cached=cached)
+        return result
+
+    def best(self) -> Result | None:
+        """Best full-fidelity result so far; ties go to less memory (so it lies on the front)."""
+        return max(
+            self.full.values(), key=lambda r: (r.score, -(r.memory_bytes or 0)), default=None
+        )
+
+    def emit(
+        self, stage: str, *, result: Result | None = None, cached: bool = False, message: str = ""
+    ) -> None:
+        """Send a progress event (no-op without a listener)."""
+        if self.on_event is None:
+            return
+        best = self.best()
+        self.on_event(
+            SearchEvent(
+                stage,
+                self.count,
+                self.settings.max_evals,
+                None if best is None else best.score,
+                len(pareto_front(list(self.full.values()))),
+                result,
+                cached,
+                message,
+            )
+        )
+
+
+def pareto_front(results: Sequence[Result]) -> list[Result]:
+    """Non-dominated results over (score ↑, predicted memory ↓), by ascending memory."""
+    if not results:
+        return []
+    points = [(-r.score, r.memory_bytes or 0) for r in results]
+    front = [results[i] for i in non_dominated_sort(points)[0]]
+    return sorted(front, key=lambda r: (r.memory_bytes or 0, -r.score))
+
+
+@dataclass(frozen=True)
+class SearchOutcome:
+    """What a search found: the measured front and the best config within the budget."""
+
+    best: Result
+    front: tuple[Result, ...]
+    evaluations: int
+    fresh: int
+    tuning_steps: int
+    seconds: float
+    stopped: str
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready summary."""
+        return {
+            "best": self.best.to_json(),
+            "front": [r.to_json() for r in self.front],
+            "evaluations": self.evaluations,
+            "fresh_evaluations": self.fresh,
+            "tuning_steps": self.tuning_steps,
+            "seconds": self.seconds,
+            "stopped": self.stopped,
+        }
+
+
+def run_search(
+    evaluations: Evaluations,
+    space: SearchSpace,
+    initial: Sequence[Config],
+    repair: Callable[[Config], Config],
+    budget: int,
+    *,
+    importance: Sequence[float] | None = None,
+) -> SearchOutcome:
+    """Stages 2 and 3 from a feasible initial population; returns the measured front.
+
+    The initial population always goes through successive halving (so even with stage 2
+    off there are full-fidelity results); the evolution and the refinement then run until
+    their own stopping rule or until ``evaluations`` says the budget is spent.
+    """
+    settings = evaluations.settings
+    schedule = settings.schedule
+    stopped = "finished"
+    try:
+        evaluations.emit("initial population", message=f"{len(initial)} configs")
+        if settings.use_evolution:
+            evaluations.emit("evolution", message=f"rungs {list(schedule.rungs)}")
+            stopped = evolve(
+                initial,
+                evaluations,
+                space,
+                repair,
+                budget,
+                schedule,
+                settings.evolution,
+                importance=importance,
+                seed=settings.seed,
+                on_generation=lambda g, hv: evaluations.emit(
+                    "evolution", message=f"generation {g}: hypervolume {hv:.4f}"
+                ),
+            )
+        else:
+            run_rungs(initial, evaluations, schedule, "initial population")
+        if settings.use_bayes and evaluations.full:
+            evaluations.emit("bayes", message="GP + expected improvement in a trust region")
+            history = [(c, r.score) for c, r in evaluations.full.items()]
+            refine(
+                lambda c: evaluations(c, settings.steps, "bayes").score,
+                history,
+                space,
+                evaluations.feasible,
+                settings.bayes,
+            )
+            stopped = "bayes finished"
+    except Exhausted as why:
+        stopped = f"budget spent ({why})"
+    best = evaluations.best()
+    if best is None:
+        raise ConfigError(
+            f"the search ended before any full-length ({settings.steps}-step) evaluation; "
+            "raise `--evals` / `--time-limit` or lower `--steps`"
+        )
+    evaluations.emit("done", message=stopped)
+    return SearchOutcome(
+        best=best,
+        front=tuple(pareto_front(list(evaluations.full.values()))),
+        evaluations=evaluations.count,
+        fresh=evaluations.fresh,
+        tuning_steps=evaluations.steps,
+        seconds=time.monotonic() - evaluations.started,
+        stopped=stopped,
+    )
