@@ -361,14 +361,15 @@ def run_search_job(
     baselines = baseline_configs(space.n_units, space.bits, job.baseline_rank)
     fitting_all = [c for c in baselines.values() if memory(c) <= budget]
     fitting = [c for c in fitting_all if c.bits[0] in space.bits]  # seeds must lie in the space
+    seeds = fitting if settings.seed_baselines else []
     size = settings.evolution.population
     if importance is not None:
         seed = fix(seed_config(importance, space))
         initial = initial_population(
-            seed, space, rng, size, repair=fix, importance=importance, extra=fitting
+            seed, space, rng, size, repair=fix, importance=importance, extra=seeds
         )
     else:  # ablation without stage 1: uniform baselines that fit + random feasible configs
-        initial = list(dict.fromkeys(fitting))
+        initial = list(dict.fromkeys(seeds))
         for _ in range(50 * size):
             if len(initial) >= size:
                 break

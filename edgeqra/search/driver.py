@@ -50,6 +50,7 @@ class SearchSettings:
     use_sensitivity: bool = True  # stage 1; off = random initial population, no importance
     use_evolution: bool = True  # stage 2; off = only the initial population is measured
     use_bayes: bool = True  # stage 3
+    seed_baselines: bool = True  # put the uniform baselines that fit into the initial population
     evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
     bayes: BayesSettings = field(default_factory=BayesSettings)
 
