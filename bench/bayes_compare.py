@@ -214,6 +214,7 @@ def _fmt(values: list[float], digits: int = 4) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0, help="run seeds first..first+n-1")
     parser.add_argument("--init", type=int, default=16, help="shared feasible random start")
     parser.add_argument("--evals", type=int, default=40, help="evaluations after the start")
     parser.add_argument("--noise", type=float, default=0.005, help="sd of evaluation noise")
@@ -239,7 +240,7 @@ def main() -> None:
         for name in args.methods
     }
     init_best = []
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         rng = random.Random(1000 + seed)
         starts = [problem.random_feasible(rng) for _ in range(args.init)]
         noisy = problem.evaluator(10_000 + seed)
@@ -262,7 +263,12 @@ def main() -> None:
             r["n"].append(len(new))
             r["rep"].append(repaired)
             r["dup"].append(repeats)
-            print(f"seed {seed} {name}: best {found:.4f} ({len(new)} evals, {own:.1f} s own work)")
+            print(
+                f"seed {seed} {name}: best {found:.4f}, gap closed {r['closed'][-1]:.1f} %, "
+                f"start {start_best:.4f} ({len(new)} evals, {own:.1f} s own work, "
+                f"{repaired} repaired, {repeats} repeats)",
+                flush=True,
+            )
 
     print()
     print(f"start (best of the {args.init} shared random configs): {_fmt(init_best)}")

@@ -292,6 +292,7 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
     from edgeqra.search.bayes import BayesSettings
     from edgeqra.search.driver import SearchSettings
     from edgeqra.search.evolution import EvolutionSettings
+    from edgeqra.space import Config
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -354,8 +355,9 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
                 hit = " (journal)" if event.cached else f" {r.seconds:.1f} s"
                 bar.console.print(
                     f"  {event.stage:<18} steps {r.fidelity:>4}  score {r.score:.4f}  {mem}"
-                    f"{hit}  {escape(r.config if len(r.config) < 60 else r.config[:57] + '…')}",
+                    f"{hit}  {escape(Config.parse(r.config).short())}",
                     highlight=False,
+                    soft_wrap=True,  # one line per evaluation, also in narrow CI logs
                 )
             elif event.message and not args.json:
                 bar.console.print(f"[bold]{event.stage}[/]: {escape(event.message)}")
