@@ -133,8 +133,8 @@ def _from_tuple(values: tuple[int, ...]) -> Config:
     return Config(tuple(Choice(values[i], values[i + 1]) for i in range(0, len(values), 2)))
 
 
-def run_gp(problem: Problem, init, evals: int, seed: int, threshold: float = 0.0) -> Run:
-    """edgeqra.search.bayes.refine; threshold 0 disables the EI stop for an equal budget."""
+def run_gp(problem: Problem, init, evals: int, seed: int, with_repair: bool = True) -> Run:
+    """edgeqra.search.bayes.refine (EI stop off for an equal budget); repair as the driver does."""
     evaluate, spent = problem.evaluator(seed), [0.0]
 
     def timed(config: Config) -> float:
@@ -143,9 +143,16 @@ def run_gp(problem: Problem, init, evals: int, seed: int, threshold: float = 0.0
         spent[0] += time.perf_counter() - t
         return score
 
-    settings = BayesSettings(max_rounds=evals, ei_threshold=threshold, seed=seed)
+    settings = BayesSettings(max_rounds=evals, ei_threshold=0.0, seed=seed)
     start = time.perf_counter()
-    new = refine(timed, init, problem.space, problem.feasible, settings)
+    fix = None
+    if with_repair:
+        ones = [1.0] * N_UNITS  # uniform importance, as the nevergrad runs get
+
+        def fix(config: Config) -> Config:
+            return repair(config, problem.space, problem.memory, problem.budget, ones)
+
+    new = refine(timed, init, problem.space, problem.feasible, settings, repair=fix)
     return new, time.perf_counter() - start - spent[0], 0
 
 
@@ -195,6 +202,7 @@ def run_nevergrad(problem: Problem, init, evals: int, seed: int, make) -> Run:
 
 METHODS: dict[str, Callable[..., Run]] = {
     "edgeqra small GP + trust region": run_gp,
+    "edgeqra small GP, walks not repaired": lambda *a: run_gp(*a, with_repair=False),
     "nevergrad BO (EI, alpha 1e-3)": lambda *a: run_nevergrad(
         *a,
         ng.families.ParametrizedBO(utility_kind="ei", init_budget=0, gp_parameters={"alpha": 1e-3}),

@@ -24,8 +24,10 @@ import json
 import multiprocessing
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
+
+import torch
 
 from edgeqra.evaluate import EvalSettings
 from edgeqra.memory import estimate_for_profile
@@ -161,6 +163,8 @@ def main() -> None:
         )
         print(json.dumps(rows[-1]), flush=True)
     del prepared
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the workers need the GPU memory the bank build held
 
     methods = _methods(base, args.evals)
     if args.only:
@@ -173,7 +177,9 @@ def main() -> None:
     # spawn, not fork: the parent already holds a CUDA context.
     spawn = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-        for name, summary, seconds in pool.map(_run, work):
+        futures = [pool.submit(_run, item) for item in work]
+        for future in as_completed(futures):  # rows land as searches finish
+            name, summary, seconds = future.result()
             chosen = summary["chosen"]
             rows.append(
                 {

@@ -16,7 +16,7 @@ from edgeqra.search.bayes import (
     propose,
     refine,
 )
-from edgeqra.space import Config, SearchSpace
+from edgeqra.space import Config, SearchSpace, repair
 
 SPACE = SearchSpace(6, (2, 3, 4, 8), (0, 4, 8, 16))
 BYTES = {2: 2, 3: 3, 4: 4, 8: 8}
@@ -125,6 +125,36 @@ def test_refine_improves_never_evaluates_infeasible_and_is_deterministic():
     assert max(v for _, v in new) > max(v for _, v in history)
     again = refine(_score, history, SPACE, _feasible, s)
     assert [c for c, _ in again] == [c for c, _ in new]
+
+
+def test_repair_lets_refinement_trade_bytes_at_the_budget_edge():
+    """At an incumbent on the budget's edge every upward step is infeasible; repaired walks
+    trade bytes (a unit up, a cheaper one down) and so can improve, always within budget."""
+    edge = Config.uniform(6, 4, 8)
+    assert _memory(edge) == BUDGET
+    history = [(c, v) for c, v in _start(12, seed=4) if v < _score(edge)] + [(edge, _score(edge))]
+    one = dict(initial_radius=1, min_radius=1, max_radius=1)  # only single steps are walked
+    s = BayesSettings(max_rounds=6, ei_threshold=0.0, seed=1, candidates=64, **one)
+
+    def fix(config: Config) -> Config:
+        return repair(config, SPACE, _memory, BUDGET)
+
+    def above_edge(config: Config) -> bool:
+        return any(c.bits > 4 or c.rank > 8 for c in config)
+
+    plain = refine(_score, history, SPACE, _feasible, s)
+    assert not any(above_edge(c) for c, _ in plain)  # single steps up never fit
+    assert max(v for _, v in plain) <= _score(edge)
+    calls: list[Config] = []
+
+    def evaluate(config: Config) -> float:
+        calls.append(config)
+        return _score(config)
+
+    traded = refine(evaluate, history, SPACE, _feasible, s, repair=fix)
+    assert calls and all(_feasible(c) for c in calls)
+    assert any(above_edge(c) for c, _ in traded)
+    assert max(v for _, v in traded) > _score(edge)
 
 
 def test_refine_stops_when_expected_improvement_saturates():

@@ -238,6 +238,7 @@ def run_search(
                 space,
                 evaluations.feasible,
                 settings.bayes,
+                repair=repair,
             )
             stopped = "bayes finished"
     except Exhausted as why:
