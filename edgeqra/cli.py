@@ -285,14 +285,11 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
     import time
     from pathlib import Path
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
-
-    from edgeqra.pipeline import SearchJob, open_run_dir, run_search_job
+    from edgeqra.pipeline import SearchJob, open_run_dir
     from edgeqra.profiles import load_profile
     from edgeqra.search.bayes import BayesSettings
     from edgeqra.search.driver import SearchSettings
     from edgeqra.search.evolution import EvolutionSettings
-    from edgeqra.space import Config
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -330,6 +327,19 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
         run_dir = Path(args.out or Path("runs") / time.strftime("search-%Y%m%d-%H%M%S"))
         open_run_dir(run_dir, job, resume=False)
 
+    summary = _run_search(job, run_dir, quiet=args.json)
+    _print_summary(summary, run_dir, job, out, as_json=args.json)
+    return EXIT_OK
+
+
+def _run_search(job, run_dir, *, quiet: bool) -> dict[str, object]:
+    """Run (or resume) ``job`` in ``run_dir`` with live progress on a terminal, one plain line
+    per evaluation otherwise (CI logs), nothing but the summary with ``quiet``."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeElapsedColumn
+
+    from edgeqra.pipeline import run_search_job
+    from edgeqra.space import Config
+
     err = Console(stderr=True)
     with Progress(
         "[progress.description]{task.description}",
@@ -337,7 +347,7 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
         MofNCompleteColumn(),
         TimeElapsedColumn(),
         console=err,
-        disable=args.json or not err.is_terminal,  # CI logs get plain lines, no live redraw
+        disable=quiet or not err.is_terminal,  # CI logs get plain lines, no live redraw
         transient=True,
     ) as bar:
         task = bar.add_task("preparing", total=job.search.max_evals)
@@ -350,7 +360,7 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
                 description=f"{event.stage} · best {best} · front {event.front_size}",
             )
             r = event.result
-            if r is not None and not args.json:
+            if r is not None and not quiet:
                 mem = "" if r.memory_bytes is None else f"{_gib(r.memory_bytes)} GiB"
                 hit = " (journal)" if event.cached else f" {r.seconds:.1f} s"
                 bar.console.print(
@@ -359,14 +369,18 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
                     highlight=False,
                     soft_wrap=True,  # one line per evaluation, also in narrow CI logs
                 )
-            elif event.message and not args.json:
+            elif event.message and not quiet:
                 bar.console.print(f"[bold]{event.stage}[/]: {escape(event.message)}")
 
         with contextlib.redirect_stdout(sys.stderr):  # library banners stay off stdout
-            summary = run_search_job(job, run_dir, on_event=on_event, progress=not args.json)
-    if args.json:
+            return run_search_job(job, run_dir, on_event=on_event, progress=not quiet)
+
+
+def _print_summary(summary, run_dir, job, out: Console, *, as_json: bool) -> None:
+    """The run's result: JSON on stdout, or a table."""
+    if as_json:
         print(json.dumps({"run_dir": str(run_dir), **summary}, indent=2))
-        return EXIT_OK
+        return
     chosen = summary["chosen"]
     final = chosen["final"]
     table = Table(title=f"Search on {summary['profile']} ({summary['task']})", show_header=False)
@@ -390,6 +404,35 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
     table.add_row("run directory", str(run_dir))
     out.print(table)
     out.print(f"per-layer config: {chosen['config']}", highlight=False, soft_wrap=True)
+
+
+def _cmd_run(args: argparse.Namespace, out: Console) -> int:
+    """Run a job file: search -> final tuning (-> export), no terminal needed."""
+    from pathlib import Path
+
+    from edgeqra.job import load_job, with_out
+    from edgeqra.pipeline import open_run_dir
+    from edgeqra.profiles import load_profile
+
+    spec = load_job(args.job)
+    if args.out:
+        spec = with_out(spec, Path(args.out))
+    if args.resume:
+        job = open_run_dir(spec.out, None, resume=True)
+        if job.to_json() != spec.search.to_json():
+            Console(stderr=True).print(
+                f"[yellow]note:[/] `{escape(str(spec.out))}` was started from a different job; "
+                "resuming it with the settings in its job.json",
+                highlight=False,
+            )
+    else:
+        load_profile(spec.search.eval.profile or "")  # fail fast on a bad profile name
+        job = spec.search
+        open_run_dir(spec.out, job, resume=False)
+    summary = _run_search(job, spec.out, quiet=args.json)
+    _print_summary(summary, spec.out, job, out, as_json=args.json)
+    if not args.json:
+        out.print(f"summary: {spec.out / 'summary.json'}", highlight=False, soft_wrap=True)
     return EXIT_OK
 
 
@@ -498,6 +541,19 @@ def _parser() -> argparse.ArgumentParser:
             help=f"run {what} (turn off for ablations)",
         )
     p.set_defaults(func=_cmd_search)
+
+    p = sub.add_parser(
+        "run",
+        parents=[common],
+        help="run a job file (search, final tuning, export) without a terminal, e.g. in CI",
+        description="Exit codes: 0 done, 1 internal error, 2 bad input (job file, model, "
+        "data), 3 no config fits the budget. The run directory gets summary.json "
+        "(schema: edgeqra/schemas/summary.schema.json).",
+    )
+    p.add_argument("job", help="the job file (.toml); see examples/")
+    p.add_argument("--resume", action="store_true", help="continue the job's run directory")
+    p.add_argument("--out", help="run directory instead of the job file's `out`")
+    p.set_defaults(func=_cmd_run)
     return parser
 
 
@@ -544,6 +600,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     except EdgeQRAError as exc:
         err.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         return EXIT_INPUT
+    except Exception as exc:  # noqa: BLE001 - a bug, not bad input: exit 1 with the reason
+        if args.verbose:
+            err.print_exception()
+        err.print(
+            f"[red]internal error:[/] {type(exc).__name__}: {escape(str(exc))} "
+            "(rerun with --verbose for the traceback; please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        return EXIT_INTERNAL
 
 
 if __name__ == "__main__":

@@ -429,7 +429,8 @@ def run_search_job(
                 reference[label] = unlimited(base, final_steps, "baseline").to_json()
 
     n_train = len(prepared.evaluator.batches)
-    summary = {
+    summary = {  # schema: edgeqra/schemas/summary.schema.json (bump the version on changes)
+        "schema_version": 1,
         "profile": profile.name,
         "budget_bytes": budget,
         "budget_gib": budget / 2**30,
