@@ -436,6 +436,14 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_tui(args: argparse.Namespace, out: Console) -> int:
+    """Start the Textual app (a thin face over the same job and pipeline as `run`)."""
+    from edgeqra.tui.app import run_tui
+
+    run_tui(args.job, save_to=args.save_to)
+    return EXIT_OK
+
+
 def _parser() -> argparse.ArgumentParser:
     """The argument parser (help text lives here once)."""
     parser = argparse.ArgumentParser(
@@ -554,6 +562,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the job's run directory")
     p.add_argument("--out", help="run directory instead of the job file's `out`")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser("tui", parents=[common], help="the terminal UI: profile, plan, search")
+    p.add_argument("job", nargs="?", help="start from this job file (`w` saves back to it)")
+    p.add_argument("--save-to", help="where `w` writes the job file (default edgeqra-job.toml)")
+    p.set_defaults(func=_cmd_tui)
     return parser
 
 

@@ -1,0 +1,495 @@
+"""The edgeqra terminal UI: pick a profile → plan → search live → (export), save as a job.
+
+A thin face over the library: the app's only state is a draft job file (the mapping that
+:mod:`edgeqra.job` reads and writes), so whatever the screens set is exactly what
+``edgeqra run`` would run, and "save job" writes it. Planning and searching call
+:func:`edgeqra.plan.make_plan` and :func:`edgeqra.pipeline.run_search_job` in thread
+workers so the UI never freezes; the search reports through its ``on_event`` callback.
+Cancelling raises inside that callback: the journal already holds every finished
+evaluation, so "resume" continues without repeating any.
+"""
+
+from __future__ import annotations
+
+import copy
+import threading
+from pathlib import Path
+from typing import Any
+
+from rich.text import Text
+from textual import on, work
+from textual.app import App, ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal, Vertical
+from textual.screen import ModalScreen, Screen
+from textual.widgets import (
+    DataTable,
+    Footer,
+    Header,
+    Input,
+    Label,
+    Markdown,
+    ProgressBar,
+    RichLog,
+    Static,
+)
+from textual_plotext import PlotextPlot
+
+from edgeqra.errors import EdgeQRAError
+from edgeqra.job import from_mapping, save_job
+from edgeqra.profiles import DeviceProfile, list_profiles, load_profile
+from edgeqra.space import Config
+
+# The quick-start's settings (examples/quickstart.toml without its profile): a search that
+# finishes in minutes on a CPU, a sensible first run from the TUI.
+DEFAULT_DRAFT: dict[str, Any] = {
+    "model": "smollm2",
+    "task": "arc_easy",
+    "out": "runs/tui",
+    "seed": 0,
+    "export": [],
+    "data": {"n_train": 256, "n_eval": 40, "calib_samples": 16},
+    "tuning": {"steps": 8},
+    "search": {"evals": 16, "population": 4, "children": 4, "generations": 1},
+}
+
+# One colour per bit-width for the heat strip (FP16 for completeness).
+BIT_STYLE = {2: "white on red", 3: "black on dark_orange", 4: "black on yellow",
+             8: "black on green", 16: "white on blue"}  # fmt: skip
+
+HELP = """\
+# edgeqra — keys
+
+| key | where | does |
+|---|---|---|
+| type | profiles | filter the table |
+| ↑ ↓, enter | profiles | move, pick the profile |
+| enter | plan | recompute the plan from the fields |
+| s | plan | start the search |
+| c / r | search | cancel / resume the search |
+| e | search | export (not in this version) |
+| tab | plan | edit model, task, budget (enter applies) |
+| ctrl+s | anywhere | save the current choices as a job file |
+| escape | any screen | back |
+| ? (f1 in a text field) | anywhere | this help |
+| ctrl+q | anywhere | quit |
+
+A saved job runs unattended with `edgeqra run JOB.toml` (CI).
+"""
+
+
+class SearchCancelled(Exception):
+    """Raised from the search's progress callback when the user cancels."""
+
+
+def heat_strip(config: Config) -> Text:
+    """Per-layer bits (colour and digit) over per-layer rank, one cell per layer."""
+    text = Text()
+    for c in config:
+        text.append(f"{c.bits:<2}"[:2] if c.bits < 16 else "F ", style=BIT_STYLE.get(c.bits, ""))
+    text.append("\n")
+    for c in config:
+        text.append(f"{c.rank:<2}"[:2] if c.rank < 100 else "++", style="bold")
+    return text
+
+
+class HelpScreen(ModalScreen[None]):
+    """Key reference; any of escape, q or ? closes it."""
+
+    BINDINGS = [("escape,q,question_mark", "dismiss", "Close")]
+
+    def compose(self) -> ComposeResult:
+        yield Markdown(HELP, id="help")
+
+
+class ProfileScreen(Screen[None]):
+    """The profiles as a table, filtered by typing, with a details pane."""
+
+    BINDINGS = [Binding("down", "focus_table", "Table", show=False)]
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        yield Input(placeholder="type to filter profiles…", id="filter")
+        with Horizontal():
+            yield DataTable(id="profiles", cursor_type="row", zebra_stripes=True)
+            yield Static(id="details")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        table = self.query_one("#profiles", DataTable)
+        table.add_columns("profile", "memory", "budget", "bits")
+        self._fill("")
+        self.query_one("#filter", Input).focus()
+
+    def _fill(self, text: str) -> None:
+        table = self.query_one("#profiles", DataTable)
+        table.clear()
+        for p in self.app.profiles:  # type: ignore[attr-defined]
+            if text.lower() in f"{p.name} {p.display_name}".lower():
+                table.add_row(
+                    p.name,
+                    f"{p.memory_gib:g} GiB",
+                    f"{p.budget_bytes / 2**30:.1f} GiB",
+                    "/".join(map(str, p.bits)),
+                    key=p.name,
+                )
+        self._show(self._highlighted())
+
+    def _highlighted(self) -> str | None:
+        table = self.query_one("#profiles", DataTable)
+        if not table.row_count:
+            return None
+        return table.coordinate_to_cell_key(table.cursor_coordinate).row_key.value
+
+    def _show(self, name: str | None) -> None:
+        details = self.query_one("#details", Static)
+        if name is None:
+            details.update("no profile matches the filter")
+            return
+        p = load_profile(name)
+        details.update(
+            f"[b]{p.display_name}[/b]\n{p.memory_gib:g} GiB"
+            f"{' unified' if p.unified_memory else ''}, usable budget "
+            f"{p.budget_bytes / 2**30:.2f} GiB ({p.mode.value})\n"
+            f"compute capability {p.compute_capability}\nkernels: {', '.join(p.kernels)}\n"
+            f"bits: {', '.join(map(str, p.bits))}\n\n{p.notes}"
+        )
+
+    @on(Input.Changed, "#filter")
+    def _filter(self, event: Input.Changed) -> None:
+        self._fill(event.value)
+
+    @on(Input.Submitted, "#filter")
+    def _pick_highlighted(self) -> None:
+        if (name := self._highlighted()) is not None:
+            self.app.choose_profile(name)  # type: ignore[attr-defined]
+
+    @on(DataTable.RowHighlighted, "#profiles")
+    def _highlight(self, event: DataTable.RowHighlighted) -> None:
+        self._show(event.row_key.value)
+
+    @on(DataTable.RowSelected, "#profiles")
+    def _select(self, event: DataTable.RowSelected) -> None:
+        self.app.choose_profile(event.row_key.value)  # type: ignore[attr-defined]
+
+    def action_focus_table(self) -> None:
+        self.query_one("#profiles", DataTable).focus()
+
+
+class PlanScreen(Screen[None]):
+    """Model and task, the uniform baselines' memory against the budget, the most bits that fit."""
+
+    BINDINGS = [
+        Binding("s", "search", "Search"),
+        Binding("escape", "app.pop_screen", "Back"),
+    ]
+    AUTO_FOCUS = None  # keys go to the screen's bindings; tab reaches the fields
+
+    def compose(self) -> ComposeResult:
+        draft = self.app.draft  # type: ignore[attr-defined]
+        yield Header()
+        with Horizontal(id="fields"):
+            yield Input(draft.get("model", ""), placeholder="model", id="model")
+            yield Input(draft.get("task", ""), placeholder="task", id="task")
+            budget = draft.get("budget_gb")
+            yield Input(
+                "" if budget is None else str(budget),
+                placeholder="budget GiB (profile)",
+                id="budget",
+            )
+        yield Static(id="verdict")
+        yield PlotextPlot(id="bars")
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.plan()
+
+    def on_screen_resume(self) -> None:
+        self.call_after_refresh(self.set_focus, None)  # keys to the bindings; tab for fields
+
+    @on(Input.Submitted)
+    def _changed(self) -> None:
+        self.set_focus(None)  # back to the screen's keys (s: search)
+        self.plan()
+
+    def _store_fields(self) -> None:
+        """Copy the fields into the draft (empty budget = the profile's own)."""
+        draft = self.app.draft  # type: ignore[attr-defined]
+        draft["model"] = self.query_one("#model", Input).value.strip()
+        draft["task"] = self.query_one("#task", Input).value.strip()
+        budget = self.query_one("#budget", Input).value.strip()
+        if budget:
+            try:
+                draft["budget_gb"] = float(budget)
+            except ValueError:
+                self.notify(f"budget {budget!r} is not a number of GiB", severity="error")
+        else:
+            draft.pop("budget_gb", None)
+
+    def plan(self) -> None:
+        self._store_fields()
+        self.query_one("#verdict", Static).update("planning…")
+        self._plan(copy.deepcopy(self.app.draft))  # type: ignore[attr-defined]
+
+    @work(thread=True, exclusive=True, group="plan")
+    def _plan(self, draft: dict[str, Any]) -> None:
+        from transformers import AutoConfig
+
+        from edgeqra.memory import ModelSpec
+        from edgeqra.models import resolve_model
+        from edgeqra.plan import make_plan
+
+        try:
+            spec = from_mapping(draft).search
+            path = resolve_model(spec.eval.model)
+            model = ModelSpec.from_config(
+                AutoConfig.from_pretrained(
+                    path, local_files_only=True, trust_remote_code=spec.eval.trust_remote_code
+                )
+            )
+            profile = load_profile(spec.eval.profile or "")
+            plan = make_plan(
+                model, profile, rank=spec.baseline_rank, bits=spec.eval.bits,
+                group_size=spec.eval.group_size,
+            )  # fmt: skip
+        except EdgeQRAError as exc:
+            self.app.call_from_thread(self._show_error, str(exc))
+            return
+        budget = profile.budget_bytes if spec.budget_gb is None else int(spec.budget_gb * 2**30)
+        self.app.call_from_thread(self._show_plan, plan, budget)
+
+    def _show_error(self, message: str) -> None:
+        self.query_one("#verdict", Static).update(Text(f"error: {message}", style="red"))
+
+    def _show_plan(self, plan: Any, budget: int) -> None:
+        rows = [(r.label, r.breakdown.total / 2**30, r.average_bits) for r in plan.rows]
+        fits = [r for r in plan.rows if r.breakdown.total <= budget]
+        best = max(fits, key=lambda r: r.average_bits, default=None)
+        self.query_one("#verdict", Static).update(
+            f"budget [b]{budget / 2**30:.3f} GiB[/b] on {plan.profile.name}; "
+            + (
+                f"largest uniform bit-width that fits: [b]{best.label}[/b] "
+                f"({best.breakdown.total / 2**30:.3f} GiB)"
+                if best
+                else "[red]no uniform baseline fits[/red]"
+            )
+        )
+        widget = self.query_one("#bars", PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        plt.bar([r[0] for r in rows], [r[1] for r in rows])
+        plt.hline(budget / 2**30, "red")
+        plt.title("predicted memory (GiB), red line: budget")
+        widget.refresh()
+
+    def action_search(self) -> None:
+        self._store_fields()
+        self.app.push_screen(SearchScreen())
+
+
+class SearchScreen(Screen[None]):
+    """The search running live: stage, progress, best score, front scatter, heat strip, log."""
+
+    BINDINGS = [
+        Binding("c", "cancel", "Cancel"),
+        Binding("r", "resume", "Resume"),
+        Binding("e", "export", "Export"),
+        Binding("escape", "app.pop_screen", "Back"),
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.cancel = threading.Event()
+        self.points: list[tuple[float, float, int]] = []  # (GiB, score, fidelity)
+        self.best: Config | None = None
+        self.summary: dict[str, Any] | None = None
+        self.running = False
+
+    def compose(self) -> ComposeResult:
+        yield Header()
+        with Horizontal(id="status"):
+            yield Label("starting", id="stage")
+            yield ProgressBar(id="progress", show_eta=False)
+        with Horizontal():
+            yield PlotextPlot(id="front")
+            with Vertical(id="side"):
+                yield Static(id="strip")
+                yield RichLog(id="log", wrap=True, markup=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.start(resume=False)
+
+    def start(self, *, resume: bool) -> None:
+        """Start (or resume) the search in a thread worker."""
+        if self.running:
+            self.notify("the search is running; cancel it first", severity="warning")
+            return
+        self.cancel.clear()
+        self.running = True
+        self._search(copy.deepcopy(self.app.draft), resume)  # type: ignore[attr-defined]
+
+    @work(thread=True, exclusive=True, group="search")
+    def _search(self, draft: dict[str, Any], resume: bool) -> None:
+        from edgeqra.pipeline import open_run_dir, run_search_job
+
+        call = self.app.call_from_thread
+
+        def on_event(event: Any) -> None:
+            if self.cancel.is_set():
+                raise SearchCancelled
+            call(self._on_event, event)
+
+        try:
+            spec = from_mapping(draft)
+            job = open_run_dir(spec.out, None if resume else spec.search, resume=resume)
+            call(self._log, f"run directory [b]{spec.out}[/b]")
+            call(self._total, job.search.max_evals)
+            summary = run_search_job(job, spec.out, on_event=on_event, progress=False)
+        except SearchCancelled:
+            call(self._finish, "cancelled: press r to resume from the journal", None)
+        except EdgeQRAError as exc:
+            call(self._finish, f"[red]error:[/red] {exc}", None)
+        else:
+            call(self._finish, "done", summary)
+
+    def _total(self, total: int) -> None:
+        self.query_one("#progress", ProgressBar).update(total=total)
+
+    def _log(self, message: str) -> None:
+        self.query_one("#log", RichLog).write(message)
+
+    def _on_event(self, event: Any) -> None:
+        best = "—" if event.best_score is None else f"{event.best_score:.4f}"
+        self.query_one("#stage", Label).update(
+            f"{event.stage} · {event.evaluations}/{event.max_evals} · best {best} · "
+            f"front {event.front_size}"
+        )
+        self.query_one("#progress", ProgressBar).update(
+            progress=min(event.evaluations, event.max_evals)
+        )
+        r = event.result
+        if r is None:
+            if event.message:
+                self._log(f"[b]{event.stage}[/b]: {event.message}")
+            return
+        self.points.append(((r.memory_bytes or 0) / 2**30, r.score, r.fidelity))
+        config = Config.parse(r.config)
+        self._log(f"{r.fidelity:>4} steps  {r.score:.4f}  {config.short()}")
+        top = max(p[2] for p in self.points)
+        if r.fidelity == top and (event.best_score is None or r.score >= event.best_score):
+            self.best = config
+            self.query_one("#strip", Static).update(heat_strip(config))
+        self._plot()
+
+    def _plot(self) -> None:
+        widget = self.query_one("#front", PlotextPlot)
+        plt = widget.plt
+        plt.clear_data()
+        plt.clear_figure()
+        top = max(p[2] for p in self.points)
+        low = [p for p in self.points if p[2] < top]
+        high = [p for p in self.points if p[2] == top]
+        if low:
+            plt.scatter([p[0] for p in low], [p[1] for p in low], marker="dot", color="gray")
+        plt.scatter([p[0] for p in high], [p[1] for p in high], marker="x", color="green")
+        plt.title("score vs memory (GiB); x: full length")
+        widget.refresh()
+
+    def _finish(self, message: str, summary: dict[str, Any] | None) -> None:
+        self.running = False
+        self.summary = summary
+        self._log(message)
+        if summary is not None:
+            chosen = summary["chosen"]
+            self._log(
+                f"chosen [b]{chosen['short']}[/b]: {chosen['final']['score']:.4f} "
+                f"({chosen['final']['metric']}), {chosen['predicted_memory_bytes'] / 2**30:.3f}"
+                f" / {summary['budget_gib']:.3f} GiB"
+            )
+            self.query_one("#strip", Static).update(heat_strip(Config.parse(chosen["config"])))
+        self.query_one("#stage", Label).update(message.split(":")[0])
+
+    def action_cancel(self) -> None:
+        if self.running:
+            self.cancel.set()
+            self._log("cancelling after the evaluation in flight…")
+
+    def action_resume(self) -> None:
+        self.start(resume=True)
+
+    def action_export(self) -> None:
+        self.notify(
+            "export is not in this version: the exporters (gptq, adapter, onnx) are not "
+            "written yet; the run directory holds the adapter and summary.json",
+            severity="warning",
+        )
+
+
+class EdgeQRAApp(App[None]):
+    """Profile → plan → search; ctrl+s saves the choices as a job file for ``edgeqra run``."""
+
+    TITLE = "edgeqra"
+    SUB_TITLE = "joint per-layer bits and LoRA ranks under a device budget"
+    CSS = """
+    #details { width: 40%; padding: 0 1; border-left: solid $primary; }
+    #fields Input { width: 1fr; }
+    #verdict { height: auto; padding: 0 1; }
+    #status { height: 1; }
+    #stage { width: 1fr; }
+    #progress { width: 30; }
+    #front { width: 55%; }
+    #side { width: 45%; }
+    #strip { height: 3; overflow-x: auto; }
+    #help { width: 70; height: auto; max-height: 90%; border: thick $primary; }
+    HelpScreen { align: center middle; }
+    """
+    # Priority bindings fire even while a text field has focus, except for printable keys,
+    # which a focused Input keeps (Textual's check_consume_key): so f1 opens the help there.
+    BINDINGS = [
+        Binding("question_mark,f1", "help", "Help", key_display="?", priority=True),
+        Binding("ctrl+s", "save_job", "Save job", priority=True),
+        Binding("ctrl+q", "quit", "Quit", priority=True),
+    ]
+
+    def __init__(
+        self, draft: dict[str, Any] | None = None, *, job_path: Path | str = "edgeqra-job.toml"
+    ) -> None:
+        super().__init__()
+        self.draft: dict[str, Any] = copy.deepcopy(DEFAULT_DRAFT if draft is None else draft)
+        self.job_path = Path(job_path)
+        self.profiles: list[DeviceProfile] = list_profiles()
+
+    def on_mount(self) -> None:
+        self.push_screen(ProfileScreen())
+
+    def choose_profile(self, name: str) -> None:
+        self.draft["profile"] = name
+        self.notify(f"profile {name}")
+        self.push_screen(PlanScreen())
+
+    def action_help(self) -> None:
+        self.push_screen(HelpScreen())
+
+    def action_save_job(self) -> None:
+        """Write the draft as a job file (validated first: a bad draft is not written)."""
+        if isinstance(self.screen, PlanScreen):
+            self.screen._store_fields()
+        try:
+            path = save_job(from_mapping(self.draft), self.job_path)
+        except EdgeQRAError as exc:
+            self.notify(str(exc), severity="error")
+            return
+        self.notify(f"saved {path}; run it with `edgeqra run {path}`")
+
+
+def run_tui(job: Path | str | None = None, *, save_to: Path | str | None = None) -> None:
+    """Start the TUI, optionally from a job file (whose path "save job" then rewrites)."""
+    draft = None
+    if job is not None:
+        from edgeqra.job import load_job, to_mapping
+
+        draft = to_mapping(load_job(job))
+    path = save_to or job or "edgeqra-job.toml"
+    EdgeQRAApp(draft, job_path=path).run()
