@@ -385,7 +385,12 @@ def run_search_job(
     evaluations = Evaluations(
         prepared.evaluator.evaluate, journal, lambda c: memory(c) <= budget, settings, on_event
     )
-    outcome = run_search(evaluations, space, initial, fix, budget, importance=importance)
+    # The fitting baseline with the most bits (QLoRA-style uniform b-bit) anchors the
+    # search at full length; see run_search.
+    anchors = [max(seeds, key=lambda c: c.bits[0])] if seeds else []
+    outcome = run_search(
+        evaluations, space, initial, fix, budget, importance=importance, anchors=anchors
+    )
     _write_json(out / "front.json", [r.to_json() for r in outcome.front])
 
     chosen = _chosen(outcome, job.alpha)

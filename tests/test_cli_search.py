@@ -108,9 +108,9 @@ def test_search_end_to_end_respects_budget_and_resumes(
     config = Config.parse(chosen["config"])
     if any(c.rank for c in config):  # the adapter carries the per-layer ranks
         adapter = json.loads((out / "adapter" / "adapter_config.json").read_text())
-        assert sorted(set(adapter["rank_pattern"].values())) == sorted(
-            {c.rank for c in config if c.rank}
-        )
+        expected = {c.rank for c in config if c.rank}
+        got = set(adapter["rank_pattern"].values())  # PEFT leaves ranks equal to `r` out
+        assert got <= expected and expected - got <= {adapter["r"]}
     # The uniform baselines that fit are reported at the same length (4-bit rank 8 fits).
     assert "GPTQ 4-bit" in summary["baselines"] and "GPTQ 8-bit" not in summary["baselines"]
 

@@ -176,7 +176,13 @@ class Synthetic:
 
 
 def _search(
-    tmp_path, settings: SearchSettings, synthetic: Synthetic, budget: int, *, fail_after=None
+    tmp_path,
+    settings: SearchSettings,
+    synthetic: Synthetic,
+    budget: int,
+    *,
+    fail_after=None,
+    anchors=(),
 ):
     space = synthetic.space
     journal = Journal(tmp_path / "journal.jsonl")
@@ -197,7 +203,7 @@ def _search(
 
     rng = random.Random(settings.seed)
     initial = list(dict.fromkeys(fix(space.sample(rng)) for _ in range(6)))
-    return run_search(evaluations, space, initial, fix, budget), evaluations
+    return run_search(evaluations, space, initial, fix, budget, anchors=anchors), evaluations
 
 
 SETTINGS = SearchSettings(
@@ -232,6 +238,33 @@ def test_search_respects_budget_and_evaluation_count(tmp_path):
     # Every stage ran: initial population, evolution and the Bayesian refinement.
     stages = {e.stage for e in evaluations.journal.entries}
     assert {"initial population", "evolution", "bayes"} <= stages, stages
+
+
+class Deceptive(Synthetic):
+    """Uniform 4-bit rank 8 is the best config at full length but looks worst when screened."""
+
+    ANCHOR = "4/8,4/8,4/8,4/8,4/8,4/8"
+
+    def evaluate(self, config: Config, fidelity: int) -> Result:
+        result = super().evaluate(config, fidelity)
+        if str(config) == self.ANCHOR:
+            score = 1e3 if fidelity == SETTINGS.steps else -1e3
+            return _result(config, fidelity, score, self.memory(config))
+        return result
+
+
+def test_anchor_is_evaluated_at_full_length_and_never_lost(tmp_path):
+    space = SearchSpace(6, ranks=(0, 4, 8, 16))
+    budget = 6 * (400 + 80)
+    anchor = Config.parse(Deceptive.ANCHOR)
+    plain = Deceptive(space)
+    outcome, _ = _search(tmp_path / "plain", SETTINGS, plain, budget)
+    assert (Deceptive.ANCHOR, SETTINGS.steps) not in plain.calls  # never measured at full length
+    assert outcome.best.score < 1e3
+    anchored = Deceptive(space)
+    outcome, _ = _search(tmp_path / "anchored", SETTINGS, anchored, budget, anchors=[anchor])
+    assert anchored.calls[0] == (Deceptive.ANCHOR, SETTINGS.steps)
+    assert outcome.best.config == Deceptive.ANCHOR and outcome.best.score == 1e3
 
 
 def test_search_is_deterministic_for_a_seed(tmp_path):

@@ -262,7 +262,6 @@ class PlanScreen(Screen[None]):
         self.query_one("#verdict", Static).update(Text(f"error: {message}", style="red"))
 
     def _show_plan(self, plan: Any, budget: int) -> None:
-        rows = [(r.label, r.breakdown.total / 2**30, r.average_bits) for r in plan.rows]
         fits = [r for r in plan.rows if r.breakdown.total <= budget]
         best = max(fits, key=lambda r: r.average_bits, default=None)
         self.query_one("#verdict", Static).update(
@@ -274,13 +273,26 @@ class PlanScreen(Screen[None]):
                 else "[red]no uniform baseline fits[/red]"
             )
         )
+        # The breakdown, stacked per baseline, against the budget line (METHOD.md components).
+        groups = {
+            "weights": ("quantized_weights", "unquantized_weights"),
+            "adapters": ("lora_weights", "lora_grads", "optimizer_states"),
+            "activations": ("activations", "kv_cache"),
+            "reserve": ("reserve",),
+        }
+        heights = [
+            [sum(r.breakdown.components.get(k, 0) for k in keys) / 2**30 for r in plan.rows]
+            for keys in groups.values()
+        ]
         widget = self.query_one("#bars", PlotextPlot)
         plt = widget.plt
         plt.clear_data()
         plt.clear_figure()
-        plt.bar([r[0] for r in rows], [r[1] for r in rows])
+        plt.stacked_bar(
+            [r.label.replace("GPTQ ", "") for r in plan.rows], heights, labels=list(groups)
+        )
         plt.hline(budget / 2**30, "red")
-        plt.title("predicted memory (GiB), red line: budget")
+        plt.title("predicted GiB by component; red: budget")
         widget.refresh()
 
     def action_search(self) -> None:
