@@ -7,11 +7,19 @@ import asyncio
 import json
 from pathlib import Path
 
-from edgeqra.tui.app import EdgeQRAApp, HelpScreen, PlanScreen, ProfileScreen, SearchScreen
+from edgeqra.tui.app import (
+    EdgeQRAApp,
+    HelpScreen,
+    PlanScreen,
+    ProfileScreen,
+    SearchScreen,
+    heat_strip,
+)
 from test_cli_search import GROUP, PROFILE, budget_gb, tiny_folder  # noqa: F401 - fixtures
 
 from edgeqra.cli import EXIT_OK, main
 from edgeqra.job import load_job
+from edgeqra.space import Config
 
 
 def tiny_draft(folder: Path, out: Path, budget: float, evals: int = 60) -> dict:
@@ -102,3 +110,8 @@ def test_tui_profile_plan_search_cancel_resume_save(
     assert saved.search.eval.profile == PROFILE and saved.search.eval.model == str(tiny_folder)
     assert main(["run", str(job_path), "--out", str(tmp_path / "again"), "--json"]) == EXIT_OK
     assert json.loads(capsys.readouterr().out)["chosen"]["fits"]
+
+
+def test_heat_strip_is_one_column_per_layer():
+    strip = heat_strip(Config.parse("2/0,3/4,4/8,8/16,16/32,4/2")).plain.splitlines()
+    assert strip == ["2348F4", "·▂▄▆█▂"]

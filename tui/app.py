@@ -28,7 +28,6 @@ from textual.widgets import (
     Header,
     Input,
     Label,
-    Markdown,
     ProgressBar,
     RichLog,
     Static,
@@ -58,24 +57,21 @@ BIT_STYLE = {2: "white on red", 3: "black on dark_orange", 4: "black on yellow",
              8: "black on green", 16: "white on blue"}  # fmt: skip
 
 HELP = """\
-# edgeqra — keys
+[b]edgeqra — keys[/b]
 
-| key | where | does |
-|---|---|---|
-| type | profiles | filter the table |
-| ↑ ↓, enter | profiles | move, pick the profile |
-| enter | plan | recompute the plan from the fields |
-| s | plan | start the search |
-| c / r | search | cancel / resume the search |
-| e | search | export (not in this version) |
-| tab | plan | edit model, task, budget (enter applies) |
-| ctrl+s | anywhere | save the current choices as a job file |
-| escape | any screen | back |
-| ? (f1 in a text field) | anywhere | this help |
-| ctrl+q | anywhere | quit |
+[b]profiles[/b]  type: filter · ↑ ↓: move · enter: pick
+[b]plan[/b]      tab: edit model, task, budget (enter applies) · s: search
+[b]search[/b]    c: cancel · r: resume from the journal · e: export (not yet)
+[b]anywhere[/b]  ctrl+s: save the choices as a job file · escape: back
+          ? (f1 in a text field): this help · ctrl+q: quit
 
-A saved job runs unattended with `edgeqra run JOB.toml` (CI).
+Heat strip: one column per layer, bits on top (2 red, 3 orange, 4 yellow,
+8 green, F = FP16), LoRA rank below (· none, ▂ 4, ▄ 8, ▆ 16, █ 32 or more).
+A saved job runs unattended with [b]edgeqra run JOB.toml[/b] (CI).
 """
+
+# Rank as a bar height (up to this rank), so 30+ layers fit one row of an 80-column terminal.
+RANK_GLYPH = ((0, "·"), (4, "▂"), (8, "▄"), (16, "▆"))
 
 
 class SearchCancelled(Exception):
@@ -83,13 +79,13 @@ class SearchCancelled(Exception):
 
 
 def heat_strip(config: Config) -> Text:
-    """Per-layer bits (colour and digit) over per-layer rank, one cell per layer."""
+    """Per-layer bits (colour and digit) over per-layer rank (bar height), a column per layer."""
     text = Text()
     for c in config:
-        text.append(f"{c.bits:<2}"[:2] if c.bits < 16 else "F ", style=BIT_STYLE.get(c.bits, ""))
+        text.append(str(c.bits) if c.bits < 10 else "F", style=BIT_STYLE.get(c.bits, ""))
     text.append("\n")
     for c in config:
-        text.append(f"{c.rank:<2}"[:2] if c.rank < 100 else "++", style="bold")
+        text.append(next((g for top, g in RANK_GLYPH if c.rank <= top), "█"), style="bold")
     return text
 
 
@@ -99,7 +95,7 @@ class HelpScreen(ModalScreen[None]):
     BINDINGS = [("escape,q,question_mark", "dismiss", "Close")]
 
     def compose(self) -> ComposeResult:
-        yield Markdown(HELP, id="help")
+        yield Static(HELP, id="help")
 
 
 class ProfileScreen(Screen[None]):
@@ -454,7 +450,7 @@ class EdgeQRAApp(App[None]):
     #front { width: 55%; }
     #side { width: 45%; }
     #strip { height: 3; overflow-x: auto; }
-    #help { width: 70; height: auto; max-height: 90%; border: thick $primary; }
+    #help { width: 78; height: auto; padding: 0 1; border: thick $primary; }
     HelpScreen { align: center middle; }
     """
     # Priority bindings fire even while a text field has focus, except for printable keys,
