@@ -1,0 +1,252 @@
+"""ONNX export (issue 6, item 3) on a tiny random Llama quantized at 2/3/4/8 bits per layer.
+
+One GPTQ checkpoint and one export per module (~1 min on 2 shared cores); the references are
+GPTQModel's own torch kernel in float32 (``load_quantized``) and the original dense model with
+the dequantized weights, both built independently of the exporter's float twin.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from conftest import tiny_tokenizer
+from edgeqra.exporters.onnx import (
+    block_size_for,
+    greedy_generate,
+    onnx_logits,
+    pack_matmul_nbits,
+    write_onnx,
+)
+from onnx import helper
+from safetensors.torch import load_file, save_file
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from edgeqra.errors import ConfigError, ModelError
+from edgeqra.gptq import dequantized_weights, load_quantized, quantize_to_checkpoint
+
+BITS = {"model.layers.0": 2, "model.layers.1": 3, "model.layers.2": 4, "model.layers.3": 8}
+STORED = {2: 2, 3: 4, 4: 4, 8: 8}
+GROUP = 64
+LINEARS_PER_LAYER = 7
+
+
+def _bits_of(module: str) -> int:
+    """Bit-width the test's config assigns to a module name."""
+    return BITS[".".join(module.split(".")[:3])]
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory) -> Path:
+    """Mixed 2/3/4/8-bit GPTQ checkpoint of a seeded tiny Llama with biases and a tokenizer."""
+    config = LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=512,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        attention_bias=True,
+    )
+    torch.manual_seed(0)
+    root = tmp_path_factory.mktemp("onnx")
+    LlamaForCausalLM(config).eval().save_pretrained(root / "dense")
+    tiny_tokenizer().save_pretrained(root / "dense")
+    g = torch.Generator().manual_seed(1)
+    probs = torch.linspace(1.0, 0.01, 512) ** 3  # skewed unigram: correlated activations
+    calibration = torch.multinomial(probs, 32 * 64, replacement=True, generator=g).view(32, 64)
+    return quantize_to_checkpoint(
+        root / "dense", root / "q", calibration, bits=BITS, group_size=GROUP
+    )
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoint) -> tuple[Path, dict]:
+    """The ONNX folder and the info dict write_onnx returned."""
+    dest = checkpoint.parent / "onnx"
+    dest.mkdir()
+    return dest, write_onnx(checkpoint, dest, progress=False)
+
+
+@pytest.fixture(scope="module")
+def dense_dequantized(checkpoint) -> LlamaForCausalLM:
+    """The original dense model with W_hat in its linears and the checkpoint's (fp16) biases.
+
+    tests/test_gptq.py shows this equals GPTQModel's float32 torch kernel; it runs a forward
+    in milliseconds where that kernel takes seconds on CPU.
+    """
+    model = LlamaForCausalLM.from_pretrained(checkpoint.parent / "dense").eval()
+    stored = load_file(str(checkpoint / "model.safetensors"))
+    with torch.no_grad():
+        for name, w_hat in dequantized_weights(checkpoint).items():
+            linear = model.get_submodule(name)
+            linear.weight.copy_(w_hat)
+            if linear.bias is not None:
+                linear.bias.copy_(stored[f"{name}.bias"])
+    return model
+
+
+def _nbits_nodes(dest: Path) -> list[onnx.NodeProto]:
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    return [n for n in model.graph.node if n.op_type == "MatMulNBits"]
+
+
+def test_one_matmulnbits_per_quantized_linear_with_its_bits(exported, checkpoint):
+    dest, info = exported
+    nodes = _nbits_nodes(dest)
+    assert len(nodes) == len(dequantized_weights(checkpoint)) == 4 * LINEARS_PER_LAYER
+    seen = set()
+    for node in nodes:
+        assert node.domain == "com.microsoft"
+        module = {p.key: p.value for p in node.metadata_props}["edgeqra.module"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        assert attrs["bits"] == STORED[_bits_of(module)], module
+        assert attrs["block_size"] == GROUP
+        seen.add(module)
+    assert len(seen) == len(nodes)
+    for row in info["nodes"]:
+        assert row["bits_requested"] == _bits_of(row["module"])
+        assert row["bits_stored"] == STORED[row["bits_requested"]]
+    assert info["three_bit"]["modules"] == LINEARS_PER_LAYER
+    assert info["three_bit"]["stored_bits"] == 4
+    # 3-bit at 4 bits costs K*N/8 bytes of B per module, plus the wider zero points.
+    three = [r for r in info["nodes"] if r["bits_requested"] == 3]
+    assert info["three_bit"]["extra_bytes"] >= sum(r["K"] * r["N"] // 8 for r in three)
+    # Only lm_head keeps a float weight MatMul (the others take activations on both sides).
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
+    float_weights = [
+        inits[n.input[1]] for n in model.graph.node if n.op_type == "MatMul" and n.input[1] in inits
+    ]
+    assert float_weights == [(128, 512)]
+
+
+def test_onnxruntime_dequantizes_to_the_gptq_weights_exactly(exported, checkpoint):
+    """Each node's initializers run through onnxruntime's own kernel with A = I give W_hat^T."""
+    import onnxruntime as ort
+
+    dest, _ = exported
+    model = onnx.load(str(dest / "model.onnx"))
+    inits = {t.name: t for t in model.graph.initializer}
+    w_hat = dequantized_weights(checkpoint)
+    for node in _nbits_nodes(dest):
+        module = {p.key: p.value for p in node.metadata_props}["edgeqra.module"]
+        attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+        k, n = attrs["K"], attrs["N"]
+        single = helper.make_model(
+            helper.make_graph(
+                [
+                    helper.make_node(
+                        "MatMulNBits",
+                        ["A", *node.input[1:]],
+                        ["Y"],
+                        domain="com.microsoft",
+                        **attrs,
+                    )
+                ],
+                "one",
+                [helper.make_tensor_value_info("A", onnx.TensorProto.FLOAT, [k, k])],
+                [helper.make_tensor_value_info("Y", onnx.TensorProto.FLOAT, [k, n])],
+                initializer=[inits[name] for name in node.input[1:]],
+            ),
+            opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)],
+        )
+        sess = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
+        got = sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0]  # (K, N) = W_hat^T
+        np.testing.assert_array_equal(got, w_hat[module].t().numpy(), err_msg=module)
+
+
+def test_onnx_logits_match_the_gptq_torch_model(exported, checkpoint, dense_dequantized):
+    dest, info = exported
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 512, (3, 24), generator=g)
+    with torch.no_grad():
+        gptqmodel = load_quantized(checkpoint)(ids).logits.numpy()  # GPTQModel's own kernel
+        dense = dense_dequantized(ids).logits.numpy()  # (3, 24, 512), max |logit| ~ 1
+    got = onnx_logits(dest, ids.numpy())
+    assert got.shape == gptqmodel.shape
+    # Same weights, fp32 on every side, different kernels: measured max |Δ| ~4e-7.
+    np.testing.assert_allclose(got, gptqmodel, atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got, dense, atol=1e-4, rtol=0)
+    assert info["parity"]["max_abs_dlogits"] < 1e-4
+    assert info["parity"]["max_abs_dlogits_cached_step"] < 1e-4
+
+
+def test_greedy_generation_matches_torch_greedy(exported, dense_dequantized):
+    dest, _ = exported
+    prompt = [5, 17, 42, 7, 99, 3]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():  # full recompute each step: no cache on the torch side
+        for _ in range(12):
+            next_id = dense_dequantized(ids).logits[:, -1].argmax(-1, keepdim=True)
+            ids = torch.cat([ids, next_id], 1)
+    assert greedy_generate(dest, prompt, 12) == ids[0, len(prompt) :].tolist()
+    stop = ids[0, len(prompt) + 2].item()
+    first = ids[0, len(prompt) :].tolist().index(stop)
+    assert (
+        greedy_generate(dest, prompt, 12, eos_token_id=stop)
+        == ids[0, len(prompt) :][: first + 1].tolist()
+    )
+
+
+def test_files_tokenizer_and_info(exported, checkpoint):
+    dest, info = exported
+    names = {p.name for p in dest.iterdir()}
+    assert {"model.onnx", "model.onnx.data", "tokenizer.json", "tokenizer_config.json"} <= names
+    assert {f["path"]: f["bytes"] for f in info["files"]} == {
+        p.name: p.stat().st_size for p in dest.iterdir()
+    }
+    assert (dest / "tokenizer.json").read_bytes() == (checkpoint / "tokenizer.json").read_bytes()
+    assert info["onnxruntime_version"].startswith("1.")
+    assert info["opset"] >= 18 and info["block_sizes"] == [GROUP]
+    json.dumps(info)  # JSON-ready for the manifest
+
+
+def test_non_sequential_g_idx_is_refused(checkpoint, tmp_path):
+    bad = tmp_path / "act_order"
+    shutil.copytree(checkpoint, bad)
+    tensors = load_file(str(bad / "model.safetensors"))
+    key = "model.layers.2.self_attn.q_proj.g_idx"
+    tensors[key] = tensors[key].flip(0).contiguous()  # an act-order permutation
+    save_file(tensors, str(bad / "model.safetensors"), metadata={"format": "pt"})
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ConfigError, match=r"model\.layers\.2\.self_attn\.q_proj.*desc_act"):
+        write_onnx(bad, tmp_path / "out", progress=False)
+
+
+def test_unsupported_layouts_are_refused(checkpoint, tmp_path):
+    awq = tmp_path / "awq"
+    shutil.copytree(checkpoint, awq)
+    qcfg = json.loads((awq / "quantize_config.json").read_text())
+    (awq / "quantize_config.json").write_text(json.dumps({**qcfg, "checkpoint_format": "awq"}))
+    (tmp_path / "out").mkdir()
+    with pytest.raises(ModelError, match="awq"):
+        write_onnx(awq, tmp_path / "out", progress=False)
+    (tmp_path / "out" / "x").write_text("")
+    with pytest.raises(ConfigError, match="empty"):
+        write_onnx(checkpoint, tmp_path / "out", progress=False)
+    assert [block_size_for(g) for g in (16, 32, 48, 64, 128, 256)] == [16, 32, 16, 64, 128, 128]
+    with pytest.raises(ConfigError, match="group_size"):
+        block_size_for(8)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_packing_round_trip_with_a_partial_last_group(bits):
+    rng = np.random.default_rng(bits)
+    k, n, group = 80, 24, 32  # 3 groups (the last one half full) -> 3 blocks of 32
+    codes = rng.integers(0, 2**bits, size=(k, n))
+    zeros = rng.integers(0, 2**bits, size=(-(-k // group), n))
+    scales = rng.random((zeros.shape[0], n)).astype(np.float16).astype(np.float32)
+    p = pack_matmul_nbits("m", codes, zeros, scales, bits=bits, group_size=group)
+    g = np.arange(k) // group
+    expected = (scales[g] * (codes - zeros[g]).astype(np.float32)).T  # (N, K)
+    np.testing.assert_array_equal(p.dequantized(), expected)
+    assert p.b.shape == (n, 3, 32 * p.bits_stored // 8)
+    assert p.zero_points.shape == (n, -(-3 * p.bits_stored // 8))
