@@ -4,7 +4,10 @@ The search evaluates hundreds of configs; GPTQ must never run inside that loop. 
 (model, calibration data, bit set Q, group size) the bank runs GPTQModel once per bit-width
 (the whole model uniformly at that width), dequantizes what GPTQModel wrote, and keeps each
 unit's dense W_hat per bit-width on disk (safetensors). ``assemble(model, config)`` then
-copies the right tensors into a dense model in well under a second.
+copies the right tensors into a dense model in well under a second. Beside each W_hat the
+bank keeps the packed tensors GPTQModel wrote for the unit (qweight, qzeros, scales, g_idx),
+so the adapter-form export can write a mixed-bit checkpoint holding exactly the numbers the
+search tuned on (``packed``, ``quantize_config``).
 
 Approximation, stated: GPTQ quantizes layers in order, each on inputs that already went
 through the quantized earlier layers. A bank entry for unit l at b bits saw earlier layers at
@@ -35,9 +38,13 @@ from edgeqra.errors import ConfigError
 from edgeqra.models import Unit
 from edgeqra.space import DEFAULT_BITS, FP16_BITS, Config
 
-__all__ = ["Bank", "BankSpec", "bank_key", "build_bank"]
+__all__ = ["Bank", "BankSpec", "bank_key", "build_bank", "model_digest"]
 
 log = logging.getLogger(__name__)
+
+# On-disk layout version, part of the cache key: 2 added the packed tensors per unit, so a
+# layout-1 bank (W_hat only) is never mistaken for one the exporters can read.
+_LAYOUT = 2
 
 
 @dataclass(frozen=True)
@@ -70,6 +77,11 @@ def _weights_digest(model_dir: Path) -> str:
     return digest.hexdigest()
 
 
+def model_digest(model_dir: Path) -> str:
+    """sha256 of a dense model folder as the bank keys it (config.json + safetensors)."""
+    return _weights_digest(Path(model_dir))
+
+
 def bank_key(model_dir: Path, calibration: torch.Tensor, spec: BankSpec) -> str:
     """Cache key: hash of model files, calibration token ids, group size and GPTQ options.
 
@@ -82,6 +94,7 @@ def bank_key(model_dir: Path, calibration: torch.Tensor, spec: BankSpec) -> str:
     digest.update(_weights_digest(model_dir).encode())
     digest.update(calibration.to(torch.int64).contiguous().numpy().tobytes())
     options = {k: v for k, v in asdict(spec).items() if k != "bits"}
+    options["layout"] = _LAYOUT
     digest.update(json.dumps(options, sort_keys=True).encode())
     digest.update(getattr(gptqmodel, "__version__", "?").encode())
     return digest.hexdigest()[:20]
@@ -100,6 +113,23 @@ class Bank:
     def _unit_file(self, bits: int, index: int) -> Path:
         """Where one unit's tensors at one bit-width live."""
         return self.root / f"b{bits}" / f"unit{index:04d}.safetensors"
+
+    def _packed_file(self, bits: int, index: int) -> Path:
+        """Where one unit's packed GPTQ tensors at one bit-width live."""
+        return self.root / f"b{bits}" / f"unit{index:04d}.packed.safetensors"
+
+    def packed(self, index: int, bits: int) -> dict[str, torch.Tensor]:
+        """Unit ``index``'s GPTQ tensors at ``bits`` as GPTQModel wrote them, by checkpoint key.
+
+        Keys are ``{module}.qweight`` / ``.qzeros`` / ``.scales`` / ``.g_idx`` (and ``.bias``).
+        """
+        self.entry(index, bits)  # the same "is it built" check and message
+        return load_file(str(self._packed_file(bits, index)))
+
+    def quantize_config(self, bits: int) -> dict[str, object]:
+        """GPTQModel's quantization config of the ``bits`` checkpoint (format, sym, group size…)."""
+        self.entry(0, bits)
+        return json.loads((self.root / f"b{bits}" / "quantize_config.json").read_text())
 
     def done(self, bits: int) -> bool:
         """Whether every unit's entry at ``bits`` is on disk."""
@@ -189,7 +219,12 @@ def build_bank(
         device: where GPTQModel runs ("cuda" is much faster; entries are the same format).
         on_bits_done: called with (bits, seconds) after each bit-width is built.
     """
-    from edgeqra.gptq import dequantized_weights, quantize_to_checkpoint
+    from edgeqra.gptq import (
+        dequantized_weights,
+        packed_tensors,
+        quantize_config,
+        quantize_to_checkpoint,
+    )
     from edgeqra.models import cache_dir
 
     model_dir = Path(model_dir)
@@ -245,7 +280,11 @@ def build_bank(
                 device=device,
             )
             weights = dequantized_weights(checkpoint)
+            packed = packed_tensors(checkpoint)
             folder.mkdir()
+            qcfg = quantize_config(checkpoint)
+            qcfg.get("meta", {}).pop("offload_to_disk_path", None)  # a temp folder, now gone
+            (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
             for unit in units:
                 missing = [lin.name for lin in unit.linears if lin.name not in weights]
                 if missing:
@@ -253,6 +292,11 @@ def build_bank(
                 save_file(
                     {lin.name: weights[lin.name] for lin in unit.linears},
                     str(bank._unit_file(bits, unit.index)),
+                )
+                prefixes = tuple(f"{lin.name}." for lin in unit.linears)
+                save_file(
+                    {k: v for k, v in packed.items() if k.startswith(prefixes)},
+                    str(bank._packed_file(bits, unit.index)),
                 )
             (folder / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
             if not keep_checkpoints:

@@ -430,9 +430,125 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         job = spec.search
         open_run_dir(spec.out, job, resume=False)
     summary = _run_search(job, spec.out, quiet=args.json)
+    if spec.export:  # the job's `export = [...]`, recorded in summary.json
+        from edgeqra.exporters import export_run
+
+        with _stages(quiet=args.json) as on_stage, contextlib.redirect_stdout(sys.stderr):
+            summary["exports"] = export_run(spec.out, spec.export, on_stage=on_stage)
     _print_summary(summary, spec.out, job, out, as_json=args.json)
     if not args.json:
+        for fmt, path in summary.get("exports", {}).items():
+            out.print(f"{fmt} package: {spec.out / path}", highlight=False, soft_wrap=True)
         out.print(f"summary: {spec.out / 'summary.json'}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
+@contextlib.contextmanager
+def _stages(*, quiet: bool):
+    """A rich spinner over an export's stages, and one printed line per stage (CI logs too)."""
+    from rich.progress import Progress, SpinnerColumn, TimeElapsedColumn
+
+    err = Console(stderr=True)
+    live = not quiet and err.is_terminal
+    with Progress(
+        SpinnerColumn(),
+        "[progress.description]{task.description}",
+        TimeElapsedColumn(),
+        console=err,
+        disable=not live,
+        transient=True,
+    ) as bar:
+        task = bar.add_task("export", total=None)
+
+        def on_stage(message: str) -> None:
+            bar.update(task, description=message)
+            if not quiet:
+                bar.console.print(f"  export: {escape(message)}", highlight=False, soft_wrap=True)
+
+        yield on_stage
+
+
+def _cmd_export(args: argparse.Namespace, out: Console) -> int:
+    """Package a finished run in one format; print where it went and the scores."""
+    from pathlib import Path
+
+    from edgeqra.exporters import export_package
+
+    with _stages(quiet=args.json) as on_stage, contextlib.redirect_stdout(sys.stderr):
+        result = export_package(
+            Path(args.run_dir),
+            args.format,
+            Path(args.out) if args.out else None,
+            archive=args.archive,
+            force=args.force,
+            on_stage=on_stage,
+        )
+    m = result.manifest
+    data = {
+        "package": str(result.path),
+        "archive": str(result.archive) if result.archive else None,
+        "format": m["format"],
+        "scores": m["scores"],
+        "parity": {k: v for k, v in m["parity"].items() if k.endswith("_max_abs")},
+        "bytes": sum(f["bytes"] for f in m["files"].values()),
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+        return EXIT_OK
+    s = m["scores"]
+
+    def score(entry) -> str:
+        return "—" if not entry else f"{entry['score']:.4f}"
+
+    table = Table(title=f"{m['format']} package of {m['config']['short']}", show_header=False)
+    table.add_row("package", str(result.path))
+    if result.archive:
+        table.add_row(
+            "archive", f"{result.archive} ({result.archive.stat().st_size / 2**20:.1f} MiB)"
+        )
+    table.add_row("files", f"{len(m['files'])}, {data['bytes'] / 2**20:.1f} MiB")
+    table.add_row(f"run's final score ({s['metric']})", f"{s['run_final']:.4f}")
+    table.add_row("before merge (bank base + adapter)", score(s["before_merge"]))
+    table.add_row("after merge (GPTQ again, reloaded)", score(s["after_merge"]))
+    table.add_row("this package, reloaded", score(s["package"]))
+    for key, value in data["parity"].items():
+        table.add_row(key.replace("_", " "), f"{value:.3e}")
+    table.add_row("time", f"{m['seconds']:.0f} s")
+    out.print(table)
+    return EXIT_OK
+
+
+def _cmd_verify(args: argparse.Namespace, out: Console) -> int:
+    """Re-hash a package's files and re-run its parity probe; exit 2 naming what failed."""
+    from pathlib import Path
+
+    from edgeqra.exporters import verify_package
+    from edgeqra.exporters.package import PackageError
+
+    with contextlib.redirect_stdout(sys.stderr):
+        report = verify_package(Path(args.package), parity=args.parity)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "package": str(report.path),
+                    "format": report.format,
+                    "ok": report.ok,
+                    "checks": [c.__dict__ for c in report.checks],
+                },
+                indent=2,
+            )
+        )
+    else:
+        table = Table(title=f"verify {report.path} ({report.format})")
+        for column in ("check", "result", "detail"):
+            table.add_column(column)
+        for c in report.checks:
+            table.add_row(c.name, "[green]ok[/]" if c.ok else "[red]FAILED[/]", escape(c.detail))
+        out.print(table)
+    if not report.ok:
+        bad = ", ".join(f"{c.name} ({c.detail})" for c in report.failures())
+        raise PackageError(f"`{report.path}` failed verification: {bad}")
     return EXIT_OK
 
 
@@ -562,6 +678,40 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="continue the job's run directory")
     p.add_argument("--out", help="run directory instead of the job file's `out`")
     p.set_defaults(func=_cmd_run)
+
+    p = sub.add_parser(
+        "export",
+        parents=[common],
+        help="package a finished run: merged GPTQ, adapter form or ONNX, with manifest",
+        description="Writes RUN_DIR/export-FORMAT (or --out) atomically: the weights, "
+        "manifest.json (sha256 of every file, scores before/after merge) and a model card.",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of a finished search")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=["gptq", "adapter", "onnx"],
+        help="gptq: adapters merged, GPTQ again per unit; adapter: the search's GPTQ base + "
+        "the PEFT adapter (exact); onnx: the merged model as MatMulNBits",
+    )
+    p.add_argument("--out", help="package folder (default RUN_DIR/export-FORMAT)")
+    p.add_argument("--archive", action="store_true", help="also write PACKAGE.tar.gz")
+    p.add_argument("--force", action="store_true", help="replace an existing package")
+    p.set_defaults(func=_cmd_export)
+
+    p = sub.add_parser(
+        "verify",
+        parents=[common],
+        help="re-hash a package's files and re-run its logit parity probe",
+    )
+    p.add_argument("package", metavar="PACKAGE", help="a folder `edgeqra export` wrote")
+    p.add_argument(
+        "--parity",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="reload the weights and compare logits with the stored reference",
+    )
+    p.set_defaults(func=_cmd_verify)
 
     p = sub.add_parser("tui", parents=[common], help="the terminal UI: profile, plan, search")
     p.add_argument("job", nargs="?", help="start from this job file (`w` saves back to it)")

@@ -39,7 +39,10 @@ __all__ = [
     "dynamic_overrides",
     "load_quantized",
     "packed_module_bytes",
+    "packed_tensors",
+    "quantize_config",
     "quantize_to_checkpoint",
+    "quiet_gptqmodel",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,6 +179,9 @@ def _quiet(log_path: Path | None = None) -> Iterator[None]:
         target.close()
 
 
+quiet_gptqmodel = _quiet  # public name for the exporters' loads (GPTQModel logs to stdout)
+
+
 def quantize_to_checkpoint(
     model_dir: Path,
     out_dir: Path,
@@ -290,6 +296,31 @@ def packed_module_bytes(checkpoint_dir: Path) -> dict[str, int]:
                 total += end - start
         out[prefix] = total
     return out
+
+
+def packed_tensors(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
+    """Every quantized module's stored tensors (qweight, qzeros, scales, g_idx, bias), by key.
+
+    These are the exact numbers GPTQModel wrote; the bank keeps them per unit so that an
+    exported base checkpoint holds what the search tuned on (no second GPTQ run).
+    """
+    from safetensors import safe_open
+
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(checkpoint_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as reader:
+            names = list(reader.keys())
+            prefixes = set(_quantized_prefixes(names))
+            for key in names:
+                prefix, suffix = key.rsplit(".", 1)
+                if prefix in prefixes and suffix in _PACKED_SUFFIXES:
+                    tensors[key] = reader.get_tensor(key)
+    return tensors
+
+
+def quantize_config(checkpoint_dir: Path) -> dict:
+    """The checkpoint's quantization config (quantize_config.json or config.json's entry)."""
+    return _quantize_config(Path(checkpoint_dir))
 
 
 def _quantize_config(checkpoint_dir: Path) -> dict:

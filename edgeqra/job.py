@@ -40,10 +40,9 @@ from edgeqra.search.driver import SearchSettings
 from edgeqra.search.evolution import EvolutionSettings
 from edgeqra.tune import TuneSettings
 
-# Export formats the exporters issue adds; a job that asks for one before then is refused
-# up front (exit 2) rather than after minutes of search.
-EXPORT_FORMATS: tuple[str, ...] = ()
-PLANNED_EXPORT_FORMATS = ("gptq", "adapter", "onnx")
+# Export formats a job may ask for (`edgeqra.exporters`); one this installation cannot write
+# (onnx without its writer module) is refused up front (exit 2), not after minutes of search.
+EXPORT_FORMATS: tuple[str, ...] = ("gptq", "adapter", "onnx")
 
 _INT, _FLOAT, _STR, _BOOL = int, float, str, bool
 _INTS, _STRS = "list[int]", "list[str]"
@@ -155,16 +154,20 @@ def from_mapping(data: Mapping[str, Any]) -> JobSpec:
     for key, value in flat.items():
         v[key] = _check_type(key, value, KEYS[key][0])
     export = tuple(v["export"])  # type: ignore[arg-type]
+    from edgeqra.exporters import available_formats
+
     for fmt in export:
-        if fmt not in PLANNED_EXPORT_FORMATS:
-            raise ConfigError(
-                f"`export` format {fmt!r} is unknown; use some of {list(PLANNED_EXPORT_FORMATS)}"
-            )
         if fmt not in EXPORT_FORMATS:
             raise ConfigError(
-                f"`export` format {fmt!r} is not available in this version of edgeqra "
-                "(the exporters are not written yet); set `export = []`"
+                f"`export` format {fmt!r} is unknown; use some of {list(EXPORT_FORMATS)}"
             )
+        if fmt not in available_formats():
+            raise ConfigError(
+                f"`export` format {fmt!r} is not available in this installation "
+                "(edgeqra.exporters.onnx is missing); drop it from `export`"
+            )
+    if len(set(export)) != len(export):
+        raise ConfigError(f"`export` lists a format twice: {list(export)}; list each once")
     seed = v["seed"]
     steps = v["tuning.steps"]
     ev = EvalJob(

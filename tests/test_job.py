@@ -68,7 +68,7 @@ def test_keys_map_onto_the_search_job():
         ({"profile": "t4-16gb", "space": {"bits": [4, "8"]}}, "`space.bits` must be a list"),
         ({"profile": "t4-16gb", "search": 3}, "`search` must be a table"),
         ({"profile": "t4-16gb", "export": ["tflite"]}, "format 'tflite' is unknown"),
-        ({"profile": "t4-16gb", "export": ["onnx"]}, "not available in this version"),
+        ({"profile": "t4-16gb", "export": ["gptq", "gptq"]}, "lists a format twice"),
         ({"profile": "t4-16gb", "search": {"alpha": 2.0}}, "`alpha` must be in"),
     ],
 )

@@ -1,0 +1,784 @@
+"""A finished run directory -> one verifiable package folder per format (gptq | adapter | onnx).
+
+``export_package`` reads the run (job.json, chosen.json, adapter/, summary.json), rebuilds
+the run's model, data and bank through :func:`edgeqra.pipeline.prepare` (the bank is a cache
+hit on the machine that searched), writes the format's files into a staging folder next to
+the target, reloads them with the format's own loader, scores them on the run's eval split
+(the run's scoring: :func:`edgeqra.evaluate.score_task`), and only then renames the folder
+into place (``os.replace``): an interrupted export leaves no partial output.
+
+Every package holds ``manifest.json`` (what it is, where it came from, the scores before and
+after merging, the sha256 of every file, and a parity probe: a fixed token input with the
+reference logits the package gave at export time) and a model card ``README.md``.
+``verify_package`` re-hashes every file and re-runs the probe.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import shutil
+import tarfile
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeqra.errors import ConfigError, EdgeQRAError
+from edgeqra.exporters import FORMATS
+from edgeqra.space import FP16_BITS, Config
+
+__all__ = [
+    "FORMATS",
+    "PARITY_ATOL",
+    "PARITY_RTOL",
+    "Check",
+    "ExportResult",
+    "PackageError",
+    "RunDir",
+    "VerifyReport",
+    "default_out",
+    "export_package",
+    "export_run",
+    "file_hashes",
+    "verify_package",
+]
+
+log = logging.getLogger(__name__)
+
+MANIFEST, CARD = "manifest.json", "README.md"
+MANIFEST_VERSION = 1
+# verify: the same loader on the same token input in another process (or machine) gives the
+# same logits up to matmul reduction order; ~1e-5 measured on CPU, so 1e-3 flags real change.
+PARITY_ATOL, PARITY_RTOL = 1e-3, 1e-3
+PARITY_TOKENS = 16
+_PROBE_SPREAD = 32  # vocab ids sampled evenly for the stored reference, plus each row's top 4
+
+Stage = Callable[[str], None]
+
+
+class PackageError(EdgeQRAError):
+    """A run directory or package is incomplete, exists already, or fails verification."""
+
+
+# ----------------------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """A finished run directory, checked: the job, the chosen config, the adapter, the summary."""
+
+    path: Path
+    job: Any  # edgeqra.pipeline.SearchJob
+    chosen: dict[str, Any]
+    summary: dict[str, Any]
+    config: Config
+    adapter: Path | None  # None when every rank is 0 (the run saved no adapter)
+
+    @classmethod
+    def open(cls, path: Path) -> RunDir:
+        """Read and check a run directory; one error names everything that is missing."""
+        from edgeqra.pipeline import SearchJob
+
+        path = Path(path)
+        if not path.is_dir():
+            raise PackageError(
+                f"run directory `{path}` does not exist; pass the `--out` of a search"
+            )
+        missing = [
+            n for n in ("job.json", "chosen.json", "summary.json") if not (path / n).is_file()
+        ]
+        chosen = _read_json(path / "chosen.json") if (path / "chosen.json").is_file() else None
+        config = Config.parse(chosen["spec"]) if chosen else None
+        needs_adapter = config is None or any(c.rank for c in config)
+        adapter = path / "adapter"
+        if needs_adapter and not (adapter / "adapter_config.json").is_file():
+            missing.append("adapter/adapter_config.json")
+        if needs_adapter and not any(adapter.glob("adapter_model.*")):
+            missing.append("adapter/adapter_model.safetensors")
+        if missing:
+            raise PackageError(
+                f"run directory `{path}` is incomplete: missing {', '.join(missing)}; the search "
+                f"did not finish its final tuning (`edgeqra search --resume {path}` completes it)"
+            )
+        job = SearchJob.from_json(_read_json(path / "job.json"))
+        return cls(
+            path,
+            job,
+            chosen,
+            _read_json(path / "summary.json"),
+            config,  # type: ignore[arg-type]
+            adapter if needs_adapter else None,
+        )
+
+
+def _read_json(path: Path) -> Any:
+    """A JSON file, or a PackageError naming it."""
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PackageError(f"cannot read `{path}` ({exc}); is the run directory intact?") from None
+
+
+def _write_json(path: Path, data: object) -> None:
+    """Atomic JSON write (temp file in the same folder, then rename)."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def default_out(run_dir: Path, fmt: str) -> Path:
+    """Where a format's package goes by default: ``RUN_DIR/export-FORMAT``."""
+    return Path(run_dir) / f"export-{fmt}"
+
+
+def _archive_path(out: Path) -> Path:
+    return out.with_name(f"{out.name}.tar.gz")
+
+
+def _onnx_module():
+    """The ONNX writer, imported lazily (a separate module with its own heavy imports)."""
+    try:
+        from edgeqra.exporters import onnx
+    except ModuleNotFoundError as exc:
+        if exc.name == "edgeqra.exporters.onnx":
+            raise PackageError(
+                "`--format onnx` is not available in this build (edgeqra.exporters.onnx is "
+                "not installed); use `--format gptq` or `--format adapter`"
+            ) from None
+        raise
+    return onnx
+
+
+def _check_format(fmt: str) -> None:
+    if fmt not in FORMATS:
+        raise PackageError(f"`--format` {fmt!r} is unknown; use one of {list(FORMATS)}")
+    if fmt == "onnx":
+        _onnx_module()
+
+
+def _check_target(out: Path, archive: bool, force: bool) -> None:
+    """Refuse to overwrite an existing package (or archive) without ``force``."""
+    taken = [p for p in (out, _archive_path(out) if archive else None) if p and p.exists()]
+    if taken and not force:
+        raise PackageError(
+            f"`{taken[0]}` already exists; pass `--force` to replace it or `--out` elsewhere"
+        )
+
+
+# ----------------------------------------------------------------------------- files
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _package_files(root: Path) -> list[Path]:
+    """Every regular file under ``root`` except the manifest, sorted by relative path."""
+    return sorted(
+        p for p in root.rglob("*") if p.is_file() and p.relative_to(root).as_posix() != MANIFEST
+    )
+
+
+def file_hashes(root: Path) -> dict[str, dict[str, object]]:
+    """{relative path: {"sha256", "bytes"}} for every file of a package but the manifest."""
+    return {
+        p.relative_to(root).as_posix(): {"sha256": _sha256(p), "bytes": p.stat().st_size}
+        for p in _package_files(root)
+    }
+
+
+@contextmanager
+def _staging(out: Path) -> Iterator[Path]:
+    """An empty folder next to ``out``; removed on any error, so nothing partial is left."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    stage = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        yield stage
+    except BaseException:
+        shutil.rmtree(stage, ignore_errors=True)
+        raise
+
+
+def _commit(stage: Path, out: Path) -> None:
+    """Move the finished staging folder to ``out`` (an existing one is replaced, --force)."""
+    if not out.exists():
+        os.replace(stage, out)
+        return
+    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    os.replace(out, old)
+    try:
+        os.replace(stage, out)
+    except BaseException:
+        os.replace(old, out)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        old.unlink(missing_ok=True)
+
+
+def _write_archive(out: Path) -> Path:
+    """``out``.tar.gz beside the package, written to a temp file and renamed."""
+    target = _archive_path(out)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{target.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        with tarfile.open(tmp, "w:gz") as tar:
+            tar.add(out, arcname=out.name)
+        os.replace(tmp, target)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return target
+
+
+# ----------------------------------------------------------------------------- scoring
+
+
+def _score(prepared: Any, model: nn.Module) -> dict[str, object]:
+    """The run's metric on the run's eval split, exactly as the search scored candidates."""
+    from edgeqra.evaluate import _score_value, score_task
+
+    ev = prepared.evaluator
+    extra = {"seq_len": ev.eval_settings.seq_len} if ev.task.kind == "text" else {}
+    scores = score_task(
+        model, ev.loaded.tokenizer, ev.task, batch_size=ev.eval_settings.eval_batch_size, **extra
+    )
+    return {
+        "score": _score_value(scores, ev.metric),
+        "metric": ev.metric,
+        "loss": scores.loss,
+        "accuracy": scores.accuracy,
+        "accuracy_norm": scores.accuracy_norm,
+        "n": scores.n,
+    }
+
+
+def _probe_ids(vocab: int) -> torch.Tensor:
+    """The fixed parity input: (1, PARITY_TOKENS) seeded token ids."""
+    generator = torch.Generator().manual_seed(0)
+    return torch.randint(0, vocab, (1, PARITY_TOKENS), generator=generator)
+
+
+@torch.no_grad()
+def _logits(model: nn.Module, ids: torch.Tensor) -> torch.Tensor:
+    """(seq, vocab) float32 logits of a (1, seq) input on the model's device."""
+    device = next(model.parameters()).device
+    return model(input_ids=ids.to(device)).logits[0].float().cpu()  # (seq, vocab)
+
+
+def _probe(ids: torch.Tensor, reference: torch.Tensor, loader: str) -> dict[str, object]:
+    """The parity record: input, a vocab subset and the reference logits there (seq, k)."""
+    vocab = reference.shape[-1]
+    spread = set(range(0, vocab, max(1, vocab // _PROBE_SPREAD)))
+    top = set(reference.topk(min(4, vocab), dim=-1).indices.flatten().tolist())
+    vocab_ids = sorted(spread | top)
+    return {
+        "input_ids": ids.tolist(),
+        "vocab_ids": vocab_ids,
+        "reference": reference[:, vocab_ids].tolist(),  # (seq, k)
+        "argmax": reference.argmax(-1).tolist(),  # (seq,)
+        "atol": PARITY_ATOL,
+        "rtol": PARITY_RTOL,
+        "loader": loader,
+    }
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).abs().max())
+
+
+# ----------------------------------------------------------------------------- export
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    """What one export wrote."""
+
+    path: Path
+    archive: Path | None
+    manifest: dict[str, Any] = field(repr=False)
+
+
+def export_package(
+    run_dir: Path,
+    fmt: str,
+    out: Path | None = None,
+    *,
+    archive: bool = False,
+    force: bool = False,
+    on_stage: Stage | None = None,
+) -> ExportResult:
+    """Write the ``fmt`` package of a finished run to ``out`` (default ``RUN_DIR/export-FMT``).
+
+    Args:
+        run_dir: a run directory a search finished (job.json, chosen.json, adapter/, summary.json).
+        fmt: ``gptq`` (adapters merged, GPTQ again per unit), ``adapter`` (the search's GPTQ
+            base + the PEFT adapter, unmerged) or ``onnx`` (the merged model as MatMulNBits).
+        out: the package folder; refused if it exists unless ``force``.
+        archive: also write ``out``.tar.gz.
+        force: replace an existing package / archive.
+        on_stage: called with a short description as each stage starts (progress display).
+    """
+    stage = on_stage or (lambda _msg: None)
+    _check_format(fmt)
+    run = RunDir.open(run_dir)
+    out = Path(out) if out is not None else default_out(run.path, fmt)
+    _check_target(out, archive, force)
+    needed = tuple(sorted({c.bits for c in run.config if c.bits < FP16_BITS}))
+    if not needed:
+        raise ConfigError(
+            f"the run's config {run.config.short()} keeps every unit at 16 bits: there is no "
+            "GPTQ checkpoint to export; load the run's adapter onto the original model"
+        )
+    from edgeqra.pipeline import prepare
+
+    start = time.perf_counter()
+    stage("loading the run's model, data and GPTQ bank")
+    prepared = prepare(
+        run.job.eval, needed_bits=needed, budget_gb=run.job.budget_gb, progress=False
+    )
+    with _staging(out) as staging:
+        manifest = _build(run, fmt, prepared, staging, stage)
+        manifest["seconds"] = round(time.perf_counter() - start, 2)
+        stage("hashing files, writing manifest and model card")
+        _write_card(staging, manifest)
+        manifest["files"] = file_hashes(staging)
+        _write_json(staging / MANIFEST, manifest)
+        _commit(staging, out)
+    written = None
+    if archive:
+        stage("writing the .tar.gz archive")
+        written = _write_archive(out)
+    log.info("exported %s package to %s", fmt, out)
+    return ExportResult(out, written, manifest)
+
+
+def _build(run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage) -> dict[str, Any]:
+    """Write the format's files into ``staging``; return the manifest without ``files``."""
+    from edgeqra.exporters.gptq import (
+        load_adapter_form,
+        load_checkpoint,
+        merge_adapter,
+        write_base_checkpoint,
+        write_merged_checkpoint,
+    )
+
+    loaded, bank, config = prepared.loaded, prepared.bank, run.config
+    device = prepared.device
+    model = loaded.model
+    bank.assemble(model, config)
+    ids = _probe_ids(int(model.config.get_text_config().vocab_size))
+
+    stage("scoring the unmerged model (bank base + adapter, as the search did)")
+    unmerged = model
+    if run.adapter is not None:
+        from peft import PeftModel
+
+        unmerged = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False).eval()
+    before = _score(prepared, unmerged)
+    unmerged_logits = _logits(unmerged, ids)
+    scores: dict[str, Any] = {
+        "metric": before["metric"],
+        "run_final": run.summary["chosen"]["final"]["score"],
+        "before_merge": before,
+        "after_merge": None,
+        "package": None,
+    }
+    parity: dict[str, Any] = {}
+    extra: dict[str, Any] = {}
+    tokenizer = loaded.tokenizer
+
+    if fmt == "adapter":
+        stage("writing the mixed-bit GPTQ base from the bank's packed tensors")
+        (staging / "base").mkdir()
+        write_base_checkpoint(
+            bank, loaded.path, loaded.units, config, staging / "base", tokenizer=tokenizer
+        )
+        adapter_dir = None
+        if run.adapter is not None:
+            adapter_dir = staging / "adapter"
+            shutil.copytree(run.adapter, adapter_dir)
+            cfg_path = adapter_dir / "adapter_config.json"
+            adapter_cfg = json.loads(cfg_path.read_text())
+            adapter_cfg["base_model_name_or_path"] = "../base"  # inside this package
+            cfg_path.write_text(json.dumps(adapter_cfg, indent=2, sort_keys=True) + "\n")
+        qcfg = json.loads((staging / "base" / "quantize_config.json").read_text())
+        stage("reloading with GPTQModel + PEFT and scoring")
+        reloaded = load_adapter_form(staging / "base", adapter_dir, device)
+        scores["package"] = _score(prepared, reloaded)
+        reference = _logits(reloaded, ids)
+        parity = _probe(ids, reference, "gptqmodel+peft")
+        parity["vs_unmerged_in_memory_max_abs"] = _max_diff(reference, unmerged_logits)
+        del reloaded
+    else:
+        stage("merging adapters into the dense model (W_hat + alpha/r * B A)")
+        if run.adapter is not None:
+            unmerged.unload()  # the same base object; PeftModel.from_pretrained below re-wraps it
+        merged = merge_adapter(model, run.adapter)
+        merged_logits = _logits(merged, ids)
+        stage("GPTQ of the merged model at each unit's bit-width (GPTQModel)")
+        target = staging
+        scratch = None
+        if fmt == "onnx":
+            scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{staging.name}.gptq-"))
+            target = scratch
+        try:
+            write_merged_checkpoint(
+                merged,
+                loaded.path,
+                loaded.units,
+                config,
+                prepared.calibration,
+                target,
+                group_size=run.job.eval.group_size,
+                seed=run.job.eval.tune.seed,
+                device=device,
+                tokenizer=tokenizer,
+            )
+            qcfg = json.loads((target / "quantize_config.json").read_text())
+            stage("reloading the merged checkpoint with GPTQModel and scoring")
+            reloaded = load_checkpoint(target, device)
+            scores["after_merge"] = _score(prepared, reloaded)
+            gptq_logits = _logits(reloaded, ids)
+            del reloaded
+            merge_diff = {
+                "merged_gptq_vs_unmerged_max_abs": _max_diff(gptq_logits, unmerged_logits),
+                "merged_gptq_vs_merged_dense_max_abs": _max_diff(gptq_logits, merged_logits),
+                "merged_dense_vs_unmerged_max_abs": _max_diff(merged_logits, unmerged_logits),
+            }
+            if fmt == "gptq":
+                scores["package"] = scores["after_merge"]
+                parity = _probe(ids, gptq_logits, "gptqmodel")
+                parity.update(merge_diff)
+            else:
+                stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit)")
+                onnx = _onnx_module()
+                extra["onnx"] = onnx.write_onnx(target, staging, progress=False)
+                reference = torch.as_tensor(onnx.onnx_logits(staging, ids.numpy()))[0].float()
+                parity = _probe(ids, reference, "onnxruntime")
+                parity["vs_merged_gptq_max_abs"] = _max_diff(reference, gptq_logits)
+                parity.update(merge_diff)
+        finally:
+            if scratch is not None:
+                shutil.rmtree(scratch, ignore_errors=True)
+
+    per_module = _written_bits(qcfg, loaded.units, config)
+    return _manifest(run, fmt, prepared, scores, parity, qcfg, per_module, extra)
+
+
+def _written_bits(qcfg: dict[str, Any], units: Any, config: Config) -> dict[str, int]:
+    """Per-module bits the written quantize config resolves to; must equal the run's config."""
+    from edgeqra.exporters.gptq import module_bits
+
+    names = [lin.name for unit in units for lin in unit.linears]
+    got = module_bits(qcfg, names)
+    want = {lin.name: c.bits for unit, c in zip(units, config, strict=True) for lin in unit.linears}
+    wrong = sorted(n for n in names if got[n] != want[n])
+    if wrong:  # a bug in the writer, never the user's input
+        raise RuntimeError(
+            f"written quantize config disagrees with the run's config on {len(wrong)} modules, "
+            f"e.g. {wrong[0]}: {got[wrong[0]]} vs {want[wrong[0]]}"
+        )
+    return got
+
+
+def _manifest(
+    run: RunDir,
+    fmt: str,
+    prepared: Any,
+    scores: dict[str, Any],
+    parity: dict[str, Any],
+    qcfg: dict[str, Any],
+    per_module: dict[str, int],
+    extra: dict[str, Any],
+) -> dict[str, Any]:
+    """Everything the package states about itself (``files`` is added last)."""
+    import edgeqra
+    from edgeqra.bank import model_digest
+
+    journal = run.path / "journal.jsonl"
+    search = dict(run.summary.get("search", {}))
+    front = search.pop("front", [])
+    job = run.job
+    units = [
+        {"unit": u.index, "name": u.name, "bits": c.bits, "rank": c.rank, "params": u.params}
+        for u, c in zip(prepared.loaded.units, run.config, strict=True)
+    ]
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "format": fmt,
+        "edgeqra_version": edgeqra.__version__,
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "run_dir": str(run.path.resolve()),
+        "model": {
+            "source": job.eval.model,
+            "sha256": model_digest(prepared.loaded.path),
+            "architecture": type(prepared.loaded.model).__name__,
+        },
+        "task": job.eval.task,
+        "profile": run.summary.get("profile"),
+        "budget_bytes": run.chosen.get("budget_bytes"),
+        "config": {
+            "spec": str(run.config),
+            "short": run.config.short(),
+            "average_bits": run.chosen.get("average_bits"),
+            "units": units,
+        },
+        "quantization": {
+            "group_size": qcfg.get("group_size"),
+            "sym": qcfg.get("sym"),
+            "desc_act": qcfg.get("desc_act"),
+            "checkpoint_format": qcfg.get("checkpoint_format"),
+            "default_bits": qcfg.get("bits"),
+            "dynamic": qcfg.get("dynamic"),
+            "module_bits": per_module,
+            "calibration_rows": list(prepared.calibration.shape),
+        },
+        "predicted_memory": run.chosen.get("predicted_memory"),
+        "scores": scores,
+        "search": {**search, "front_size": len(front)},
+        "journal": {
+            "sha256": _sha256(journal) if journal.is_file() else None,
+            "evaluations": len(journal.read_text().splitlines()) if journal.is_file() else 0,
+        },
+        "parity": parity,
+        **extra,
+    }
+
+
+# ----------------------------------------------------------------------------- model card
+
+_LOADING = {
+    "gptq": """```python
+from edgeqra.gptq import load_quantized          # GPTQModel.load, float32 on CPU
+from transformers import AutoTokenizer
+model = load_quantized("{name}")                 # or gptqmodel.GPTQModel.load("{name}")
+tok = AutoTokenizer.from_pretrained("{name}")
+print(tok.decode(model.generate(**tok("Hello", return_tensors="pt"), max_new_tokens=20)[0]))
+```""",
+    "adapter": """```python
+from edgeqra.gptq import load_quantized          # GPTQModel.load, float32 on CPU
+from peft import PeftModel
+from transformers import AutoTokenizer
+model = PeftModel.from_pretrained(load_quantized("{name}/base"), "{name}/adapter")
+tok = AutoTokenizer.from_pretrained("{name}/base")
+```""",
+    "onnx": """```python
+import numpy as np
+from edgeqra.exporters.onnx import greedy_generate  # onnxruntime on {name}/model.onnx, KV cache
+from transformers import AutoTokenizer
+tok = AutoTokenizer.from_pretrained("{name}")
+print(tok.decode(greedy_generate("{name}", np.array(tok("Hello")["input_ids"]), 20)))
+```""",
+}
+
+_WHAT = {
+    "gptq": "the tuned model with its LoRA adapters merged into the weights "
+    "(W' = Dequant(Q(W)) + (alpha/r)·B·A per unit), then GPTQ-quantized again at each "
+    "unit's bit-width on the run's calibration data: one mixed-precision GPTQ checkpoint.",
+    "adapter": "the exact form the search tuned: `base/` is the mixed-precision GPTQ "
+    "checkpoint holding the very quantized values of the search's GPTQ bank, `adapter/` "
+    "the PEFT LoRA adapter with one rank per unit (`rank_pattern`), not merged.",
+    "onnx": "the merged model (as in the `gptq` format) as an ONNX graph whose linear layers "
+    "are onnxruntime `MatMulNBits` nodes carrying the GPTQ values, each at its unit's width.",
+}
+
+
+def _fmt_score(entry: dict[str, Any] | None) -> str:
+    return "—" if not entry else f"{entry['score']:.4f}"
+
+
+def _write_card(root: Path, m: dict[str, Any]) -> None:
+    """The package's README.md: what it is, how to load it, the per-layer config, the scores."""
+    fmt, s = m["format"], m["scores"]
+    name = "PACKAGE_DIR"
+    lines = [
+        f"# {m['model']['source']} — edgeqra `{fmt}` export",
+        "",
+        f"This package is {_WHAT[fmt]}",
+        "",
+        f"- searched for the `{m['profile']}` profile under a budget of "
+        f"{(m['budget_bytes'] or 0) / 2**30:.3f} GiB (predicted: "
+        f"{(m['predicted_memory'] or {}).get('total', 0) / 2**30:.3f} GiB)",
+        f"- task `{m['task']}`, metric `{s['metric']}`; config `{m['config']['short']}` "
+        f"({m['config']['average_bits']:.2f} average bits)",
+        f"- edgeqra {m['edgeqra_version']}, model sha256 `{m['model']['sha256'][:16]}…`",
+        "",
+        "## Load it",
+        "",
+        _LOADING[fmt].format(name=name),
+        "",
+    ]
+    if fmt in ("gptq", "adapter"):
+        lines += [
+            "Load it with GPTQModel (`GPTQModel.load`), not with transformers: transformers "
+            "cannot load checkpoints with a per-module `dynamic` quantize config (shape "
+            "mismatches) and mis-loads even uniform GPTQModel checkpoints (garbage logits), "
+            "as measured in edgeqra's FINDINGS.md. GPTQModel picks a kernel per bit-width.",
+            "",
+        ]
+    lines += [
+        "Check the files and a short logit parity probe with `edgeqra verify PACKAGE_DIR`.",
+        "",
+        "## Scores (held-out split of the run)",
+        "",
+        "| measured | score |",
+        "|---|---|",
+        f"| the run's final score (search, float32) | {s['run_final']:.4f} |",
+        f"| unmerged: bank GPTQ base + adapter, in memory | {_fmt_score(s['before_merge'])} |",
+        f"| merged, GPTQ again per unit (reloaded) | {_fmt_score(s['after_merge'])} |",
+        f"| this package, reloaded with its loader | {_fmt_score(s['package'])} |",
+        "",
+        "## Per-layer config",
+        "",
+        "| unit | module prefix | bits | LoRA rank |",
+        "|---|---|---|---|",
+    ]
+    for u in m["config"]["units"]:
+        bits = "16 (dense)" if u["bits"] >= FP16_BITS else str(u["bits"])
+        lines.append(f"| {u['unit']} | `{u['name']}` | {bits} | {u['rank']} |")
+    lines += [
+        "",
+        f"GPTQ group size {m['quantization']['group_size']}, symmetric "
+        f"{m['quantization']['sym']}, act-order {m['quantization']['desc_act']}; "
+        f"{m['quantization']['calibration_rows'][0]} calibration rows of "
+        f"{m['quantization']['calibration_rows'][1]} tokens. `manifest.json` lists every "
+        "module's bits, the memory breakdown, the search summary and each file's sha256.",
+        "",
+    ]
+    (root / CARD).write_text("\n".join(lines))
+
+
+# ----------------------------------------------------------------------------- verify
+
+
+@dataclass(frozen=True)
+class Check:
+    """One verification check."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass(frozen=True)
+class VerifyReport:
+    """All checks of one package; ``ok`` when every one passed."""
+
+    path: Path
+    format: str
+    checks: tuple[Check, ...]
+
+    @property
+    def ok(self) -> bool:
+        return all(c.ok for c in self.checks)
+
+    def failures(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+
+def _package_logits(root: Path, fmt: str, ids: torch.Tensor) -> torch.Tensor:
+    """(seq, vocab) logits of the package on ``ids``, through the format's own loader."""
+    if fmt == "onnx":
+        return torch.as_tensor(_onnx_module().onnx_logits(root, ids.numpy()))[0].float()
+    from edgeqra.exporters.gptq import load_adapter_form, load_checkpoint
+
+    if fmt == "adapter":
+        adapter = root / "adapter" if (root / "adapter").is_dir() else None
+        model = load_adapter_form(root / "base", adapter)
+    else:
+        model = load_checkpoint(root)
+    return _logits(model, ids)
+
+
+def verify_package(path: Path, *, parity: bool = True) -> VerifyReport:
+    """Re-hash every file against the manifest, then re-run the logit parity probe.
+
+    A missing, changed or unlisted file fails naming the file (and the probe is skipped:
+    the weights are not the exported ones). The probe reloads the package with its format's
+    loader and compares the logits at the stored vocab ids with the stored reference:
+    ``|got - ref| <= atol + rtol·|ref|`` (manifest ``parity.atol`` / ``parity.rtol``), and
+    the arg-max token at every position must agree.
+    """
+    root = Path(path)
+    if not (root / MANIFEST).is_file():
+        raise PackageError(f"`{root}` has no {MANIFEST}; pass a folder `edgeqra export` wrote")
+    manifest = _read_json(root / MANIFEST)
+    listed = manifest.get("files") or {}
+    checks: list[Check] = []
+    for rel, want in sorted(listed.items()):
+        file = root / rel
+        if not file.is_file():
+            checks.append(Check(f"file {rel}", False, "missing"))
+            continue
+        got = _sha256(file)
+        ok = got == want["sha256"]
+        detail = "sha256 ok" if ok else f"sha256 {got[:12]}… != manifest {want['sha256'][:12]}…"
+        checks.append(Check(f"file {rel}", ok, detail))
+    for file in _package_files(root):
+        rel = file.relative_to(root).as_posix()
+        if rel not in listed:
+            checks.append(Check(f"file {rel}", False, "not listed in the manifest"))
+    fmt = manifest.get("format", "?")
+    if not parity:
+        return VerifyReport(root, fmt, tuple(checks))
+    if not all(c.ok for c in checks):
+        checks.append(Check("parity", False, "skipped: the files are not the exported ones"))
+        return VerifyReport(root, fmt, tuple(checks))
+    probe = manifest["parity"]
+    ids = torch.tensor(probe["input_ids"], dtype=torch.long)  # (1, seq)
+    ref = torch.tensor(probe["reference"], dtype=torch.float32)  # (seq, k)
+    try:
+        logits = _package_logits(root, fmt, ids)  # (seq, vocab)
+    except Exception as exc:  # noqa: BLE001 - any load failure is a failed check, reported
+        checks.append(Check("parity", False, f"cannot load with its loader: {exc}"))
+        return VerifyReport(root, fmt, tuple(checks))
+    got = logits[:, probe["vocab_ids"]]
+    excess = float(((got - ref).abs() - probe["atol"] - probe["rtol"] * ref.abs()).max())
+    diff = float((got - ref).abs().max())
+    same_argmax = logits.argmax(-1).tolist() == probe["argmax"]
+    ok = excess <= 0 and same_argmax
+    detail = (
+        f"max |Δlogit| {diff:.2e} (tolerance {probe['atol']:g} + {probe['rtol']:g}·|ref|) "
+        f"over {ids.shape[1]} tokens × {len(probe['vocab_ids'])} vocab ids via "
+        f"{probe['loader']}; arg-max {'same' if same_argmax else 'DIFFERENT'}"
+    )
+    checks.append(Check("parity", ok, detail))
+    return VerifyReport(root, fmt, tuple(checks))
+
+
+# ----------------------------------------------------------------------------- job runs
+
+
+def export_run(
+    run_dir: Path, formats: tuple[str, ...], *, on_stage: Stage | None = None
+) -> dict[str, str]:
+    """A job's ``export = [...]``: each format to ``RUN_DIR/export-FMT``, recorded in summary.json.
+
+    The job owns its run directory, so packages from an earlier run of it are replaced.
+    Returns {format: package path relative to the run directory}.
+    """
+    run_dir = Path(run_dir)
+    paths: dict[str, str] = {}
+    for fmt in formats:
+        result = export_package(run_dir, fmt, force=True, on_stage=on_stage)
+        paths[fmt] = result.path.relative_to(run_dir).as_posix()
+    summary_path = run_dir / "summary.json"
+    summary = _read_json(summary_path)
+    summary["exports"] = paths
+    _write_json(summary_path, summary)
+    return paths

@@ -1,0 +1,352 @@
+"""`edgeqra export` / `verify` on a tiny random Llama run: each format reloads and matches.
+
+The run directory is built from the pipeline's own pieces (prepare → evaluate with
+``save_adapter`` → chosen.json / summary.json / journal), as a finished search leaves it,
+without the search loop (tests/test_cli_search.py covers that). Its config mixes a 4-bit,
+a 3-bit and a 16-bit unit and two LoRA ranks.
+
+Tolerances, stated once:
+* adapter form vs the in-memory model the search scored (bank W_hat + adapter): both are
+  float32 with the same dequantized values (GPTQModel's torch kernel dequantizes the fp16
+  scales exactly), so only matmul order differs: max |Δlogit| ≤ 1e-4; scores equal to 1e-6.
+* merged GPTQ vs the in-memory models: re-quantizing W + (α/r)BA costs accuracy; the
+  difference is printed and only bounded loosely (finite, < 2.0 on logits of scale ~0.5).
+* verify's probe: same loader again, ≤ 1e-3 + 1e-3·|ref| (``package.PARITY_*``).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import shutil
+import tarfile
+
+import edgeqra.exporters.gptq
+import pytest
+import torch
+from conftest import tiny_model
+from edgeqra.exporters import package
+from edgeqra.exporters.gptq import (
+    WEIGHTS,
+    load_adapter_form,
+    load_checkpoint,
+    merge_adapter,
+    module_bits,
+)
+
+from edgeqra.cli import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, main
+from edgeqra.evaluate import EvalSettings
+from edgeqra.pipeline import EvalJob, SearchJob, open_run_dir, prepare
+from edgeqra.search.driver import SearchSettings
+from edgeqra.space import Config
+from edgeqra.tune import TuneSettings
+
+CONFIG = "4/8,3/4,16/8"
+STEPS = 4
+ADAPTER_ATOL = 1e-4
+MERGED_BOUND = 2.0
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    """One bank cache for the module (the run and every export share it)."""
+    mp = pytest.MonkeyPatch()
+    mp.setenv("EDGEQRA_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    yield
+    mp.undo()
+
+
+@pytest.fixture(scope="module")
+def run(env, tmp_path_factory, tokenizer):
+    """A finished run directory of CONFIG, plus the prepared pipeline it came from."""
+    root = tmp_path_factory.mktemp("export")
+    folder = root / "model"
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    job = SearchJob(
+        eval=EvalJob(
+            model=str(folder),
+            task="arc_easy",
+            bits=(3, 4),
+            ranks=(0, 4, 8),
+            group_size=32,
+            calib_samples=8,
+            calib_seq_len=64,
+            tune=TuneSettings(steps=STEPS, lr=5e-3),
+            eval=EvalSettings(n_train=16, n_eval=8, seq_len=96),
+            device="cpu",
+            profile="t4-16gb",
+        ),
+        search=SearchSettings(steps=STEPS, max_evals=1),
+    )
+    out = root / "run"
+    open_run_dir(out, job, resume=False)
+    prepared = prepare(job.eval, needed_bits=(3, 4), progress=False)
+    config = Config.parse(CONFIG)
+    final = prepared.evaluator.evaluate(config, STEPS, save_adapter=out / "adapter")
+    (out / "journal.jsonl").write_text(json.dumps(final.to_json()) + "\n")
+    (out / "chosen.json").write_text(
+        json.dumps({"config": config.to_json(), "spec": str(config), "short": config.short(),
+                    "average_bits": config.average_bits(prepared.spec.unit_params),
+                    "predicted_memory": {"total": 1000, "components": {}}, "budget_bytes": 2000,
+                    "search_score": final.score})
+    )  # fmt: skip
+    search = {"best": final.to_json(), "front": [final.to_json()], "evaluations": 1,
+              "fresh_evaluations": 1, "tuning_steps": STEPS, "seconds": 1.0,
+              "stopped": "test", "epochs": 1.0}  # fmt: skip
+    summary = {
+        "schema_version": 1,
+        "profile": "t4-16gb",
+        "budget_bytes": 2000,
+        "budget_gib": 2000 / 2**30,
+        "model": str(folder),
+        "task": "arc_easy",
+        "metric": final.metric,
+        "device": "cpu",
+        "chosen": {"config": str(config), "short": config.short(), "average_bits": 7.0,
+                   "predicted_memory_bytes": 1000, "fits": True, "final": final.to_json(),
+                   "adapter": "adapter"},
+        "baselines": {},
+        "search": search,
+    }  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary))
+    return out, prepared, config, final
+
+
+def _in_memory(prepared, config, adapter, ids, *, merged: bool = False) -> torch.Tensor:
+    """Logits (seq, vocab) of the bank-assembled model + adapter, as the search scored it."""
+    from peft import PeftModel
+
+    model = prepared.loaded.model
+    prepared.bank.assemble(model, config)
+    peft_model = PeftModel.from_pretrained(model, str(adapter))
+    with torch.no_grad():
+        if merged:
+            logits = peft_model.merge_and_unload()(ids).logits[0]
+        else:
+            logits = peft_model(ids).logits[0]
+            peft_model.unload()
+    return logits
+
+
+def _report(capsys, message: str) -> None:
+    """Print a measured difference even while capsys captures the CLI's output."""
+    with capsys.disabled():
+        print(message)
+
+
+def _units_bits(prepared, config) -> dict[str, int]:
+    return {
+        lin.name: c.bits
+        for unit, c in zip(prepared.loaded.units, config, strict=True)
+        for lin in unit.linears
+    }
+
+
+def test_merge_adds_scaled_low_rank_product(run):
+    """merge_adapter on the dense assembled model gives W_hat + (alpha/r)·B·A per module."""
+    from safetensors.torch import load_file
+
+    out, prepared, config, _ = run
+    model = prepared.loaded.model
+    prepared.bank.assemble(model, config)
+    name = "model.layers.1.self_attn.q_proj"  # unit 1: 3-bit, rank 4 (a rank_pattern entry)
+    w_hat = model.get_submodule(name).weight.detach().clone()
+    lora = load_file(str(out / "adapter" / "adapter_model.safetensors"))
+    a = lora[f"base_model.model.{name}.lora_A.weight"]  # (r, d_in)
+    b = lora[f"base_model.model.{name}.lora_B.weight"]  # (d_out, r)
+    assert a.shape[0] == 4
+    merged = merge_adapter(model, out / "adapter")
+    expected = w_hat + (2.0 * 4 / 4) * b @ a  # lora_alpha = alpha_ratio * r = 2r
+    torch.testing.assert_close(merged.get_submodule(name).weight, expected, atol=1e-6, rtol=1e-5)
+    assert float((b @ a).abs().max()) > 1e-4  # the adapter trained: the merge changes W
+
+
+def test_adapter_export_is_the_exact_search_model(run, capsys):
+    out, prepared, config, final = run
+    paths = package.export_run(out, ("adapter",))
+    pkg = out / paths["adapter"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["exports"] == {"adapter": "export-adapter"}
+    jsonschema = pytest.importorskip("jsonschema")
+    schema = json.loads(
+        (
+            package.Path(package.__file__).parents[1] / "edgeqra/schemas/summary.schema.json"
+        ).read_text()
+    )
+    jsonschema.validate(summary, schema)
+
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    # Per-module bits in the written quantize config are the run's config (16 = left dense).
+    qcfg = json.loads((pkg / "base" / "quantize_config.json").read_text())
+    assert module_bits(qcfg, list(_units_bits(prepared, config))) == _units_bits(prepared, config)
+    assert manifest["quantization"]["module_bits"] == _units_bits(prepared, config)
+    # The base holds the bank's very packed tensors (what the search's W_hat came from).
+    from safetensors.torch import load_file
+
+    written = load_file(str(pkg / "base" / WEIGHTS))
+    for unit, choice in zip(prepared.loaded.units, config, strict=True):
+        if choice.bits < 16:
+            for key, tensor in prepared.bank.packed(unit.index, choice.bits).items():
+                assert torch.equal(written[key], tensor), key
+        else:
+            assert f"{unit.linears[0].name}.weight" in written
+    adapter_cfg = json.loads((pkg / "adapter" / "adapter_config.json").read_text())
+    assert adapter_cfg["rank_pattern"] and adapter_cfg["r"] == 8
+
+    # Reloaded with GPTQModel + PEFT it is the model the search scored.
+    ids = torch.tensor(manifest["parity"]["input_ids"])
+    reloaded = load_adapter_form(pkg / "base", pkg / "adapter")
+    with torch.no_grad():
+        got = reloaded(ids).logits[0]
+    want = _in_memory(prepared, config, out / "adapter", ids)
+    diff = float((got - want).abs().max())
+    print(f"adapter form vs in-memory search model: max |Δlogit| {diff:.2e}")
+    assert diff <= ADAPTER_ATOL
+    scores = manifest["scores"]
+    assert scores["run_final"] == final.score
+    assert abs(scores["before_merge"]["score"] - final.score) <= 1e-6
+    assert abs(scores["package"]["score"] - final.score) <= 1e-6
+    assert abs(scores["package"]["loss"] - final.loss) <= 1e-4
+    assert manifest["parity"]["vs_unmerged_in_memory_max_abs"] <= ADAPTER_ATOL
+
+    # Every file is hashed, the probe passes, the model card carries the per-layer table.
+    assert set(manifest["files"]) == {
+        p.relative_to(pkg).as_posix() for p in pkg.rglob("*") if p.is_file()
+    } - {"manifest.json"}
+    report = package.verify_package(pkg)
+    assert report.ok, report.failures()
+    card = (pkg / "README.md").read_text()
+    assert "| 1 | `model.layers.1` | 3 | 4 |" in card and "16 (dense)" in card
+    assert "transformers" in card and "PeftModel.from_pretrained" in card
+
+
+def test_gptq_export_merges_requantizes_and_verifies(run, capsys):
+    out, prepared, config, final = run
+    pkg = out / "gptq-pkg"
+    assert main(["export", str(out), "--format", "gptq", "--out", str(pkg), "--archive",
+                 "--json"]) == EXIT_OK  # fmt: skip
+    printed = json.loads(capsys.readouterr().out)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    scores = manifest["scores"]
+    assert printed["scores"] == scores
+    assert abs(scores["before_merge"]["score"] - final.score) <= 1e-6
+    assert scores["after_merge"] is not None and scores["package"] == scores["after_merge"]
+    _report(
+        capsys,
+        f"score before merge {scores['before_merge']['score']:.4f} "
+        f"(loss {scores['before_merge']['loss']:.4f}), after merge + GPTQ "
+        f"{scores['after_merge']['score']:.4f} (loss {scores['after_merge']['loss']:.4f})",
+    )
+
+    # Mixed bits as the run chose them; the 16-bit unit is skipped (`-:`) and stays dense.
+    qcfg = json.loads((pkg / "config.json").read_text())["quantization_config"]
+    assert module_bits(qcfg, list(_units_bits(prepared, config))) == _units_bits(prepared, config)
+    assert any(k.startswith("-:") and "layers\\.2" in k for k in qcfg["dynamic"])
+    for name in ("tokenizer.json", "generation_config.json", "README.md", WEIGHTS):
+        assert (pkg / name).is_file(), name
+    # Same tensor names as the adapter form's base (both are GPTQModel checkpoints of CONFIG).
+    base = out / "export-adapter" / "base" / WEIGHTS
+    if base.is_file():
+        from safetensors import safe_open
+
+        with safe_open(str(pkg / WEIGHTS), "pt") as a, safe_open(str(base), "pt") as b:
+            assert set(a.keys()) == set(b.keys())
+
+    # Reload with GPTQModel: logits vs the in-memory models, reported, loosely bounded.
+    model = load_checkpoint(pkg)
+    assert type(model.model.layers[2].mlp.up_proj).__name__ == "Linear"
+    assert type(model.model.layers[1].mlp.up_proj).__name__ != "Linear"
+    ids = torch.tensor(manifest["parity"]["input_ids"])
+    with torch.no_grad():
+        got = model(ids).logits[0]
+    vs_merged = float((got - _in_memory(prepared, config, out / "adapter", ids, merged=True))
+                      .abs().max())  # fmt: skip
+    vs_unmerged = float((got - _in_memory(prepared, config, out / "adapter", ids)).abs().max())
+    _report(
+        capsys,
+        f"merged GPTQ vs merged dense {vs_merged:.3e}, vs unmerged search model {vs_unmerged:.3e}",
+    )
+    assert 0 < vs_merged < MERGED_BOUND and 0 < vs_unmerged < MERGED_BOUND
+    assert manifest["parity"]["merged_gptq_vs_unmerged_max_abs"] == pytest.approx(
+        vs_unmerged, abs=1e-4
+    )
+
+    # The archive holds exactly the package.
+    with tarfile.open(out / "gptq-pkg.tar.gz") as tar:
+        members = {m.name for m in tar.getmembers() if m.isfile()}
+    assert members == {f"gptq-pkg/{p}" for p in manifest["files"]} | {"gptq-pkg/manifest.json"}
+
+    # verify: passes, then a flipped byte is caught and named (exit 2).
+    assert main(["verify", str(pkg)]) == EXIT_OK
+    capsys.readouterr()
+    target = pkg / WEIGHTS
+    data = bytearray(target.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    target.write_bytes(bytes(data))
+    assert main(["verify", str(pkg)]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert WEIGHTS in err and "failed verification" in err
+
+    # Refuses to overwrite without --force, before any work.
+    assert main(["export", str(out), "--format", "gptq", "--out", str(pkg)]) == EXIT_INPUT
+    assert "--force" in capsys.readouterr().err
+
+
+def test_interrupted_export_leaves_nothing(run, monkeypatch, capsys):
+    out, *_ = run
+    target = out / "interrupted"
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("injected failure after the weights were written")
+
+    # Fails right after the base checkpoint's safetensors are on disk (mid-write).
+    monkeypatch.setattr(edgeqra.exporters.gptq, "_copy_side_files", boom)
+    code = main(["export", str(out), "--format", "adapter", "--out", str(target)])
+    assert code == EXIT_INTERNAL
+    assert "injected failure" in capsys.readouterr().err
+    assert not target.exists()
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".interrupted")]
+
+
+def test_job_files_take_export_formats():
+    from edgeqra.job import from_mapping
+
+    spec = from_mapping({"profile": "t4-16gb", "export": ["gptq", "adapter"]})
+    assert spec.export == ("gptq", "adapter")
+
+
+def test_incomplete_run_dir_names_what_is_missing(run, tmp_path, capsys):
+    out, *_ = run
+    broken = tmp_path / "broken"
+    shutil.copytree(out, broken, ignore=shutil.ignore_patterns("adapter", "chosen.json", "export*"))
+    assert main(["export", str(broken), "--format", "gptq"]) == EXIT_INPUT
+    err = capsys.readouterr().err
+    assert "incomplete" in err and "chosen.json" in err and "adapter" in err
+    assert err.count("error") == 1
+    assert not (broken / "export-gptq").exists()
+    assert main(["export", str(tmp_path / "nope"), "--format", "gptq"]) == EXIT_INPUT
+    assert "does not exist" in capsys.readouterr().err
+    assert main(["verify", str(tmp_path)]) == EXIT_INPUT
+    assert "manifest.json" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("edgeqra.exporters.onnx") is None,
+    reason="the ONNX writer (exporters/onnx.py) is not in this tree",
+)
+def test_onnx_export_matches_the_merged_checkpoint(run):
+    from edgeqra.exporters.onnx import onnx_logits
+
+    out, *_ = run
+    result = package.export_package(out, "onnx", out / "onnx-pkg")
+    manifest = result.manifest
+    assert (result.path / "model.onnx").is_file()
+    assert manifest["onnx"] and manifest["scores"]["after_merge"] is not None
+    # onnxruntime vs the merged GPTQ checkpoint reloaded by GPTQModel (same merged values).
+    print(f"onnx vs merged GPTQ: max |Δlogit| {manifest['parity']['vs_merged_gptq_max_abs']:.2e}")
+    assert manifest["parity"]["vs_merged_gptq_max_abs"] < 1e-2
+    ids = torch.tensor(manifest["parity"]["input_ids"])
+    assert onnx_logits(result.path, ids.numpy()).shape[:2] == tuple(ids.shape)
+    assert package.verify_package(result.path).ok
