@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from edgeqra.bank import Bank, BankSpec, build_bank
+from edgeqra.bank import Bank, BankSpec, bank_key, build_bank
 from edgeqra.data import calibration_batches, load_task
 from edgeqra.errors import BudgetError, ConfigError
 from edgeqra.evaluate import EvalSettings, Evaluator, Result
@@ -36,6 +36,13 @@ from edgeqra.search.driver import (
     run_search,
 )
 from edgeqra.search.evolution import EvolutionSettings
+from edgeqra.search.executors import (
+    EvalWorkerJob,
+    Executor,
+    ExecutorSettings,
+    check_available,
+    make_executor,
+)
 from edgeqra.search.journal import Journal
 from edgeqra.sensitivity import initial_population, measure_sensitivity, seed_config
 from edgeqra.space import DEFAULT_BITS, DEFAULT_RANKS, FP16_BITS, Config, SearchSpace, repair
@@ -138,6 +145,7 @@ def prepare(
     needed_bits: tuple[int, ...] | None = None,
     budget_gb: float | None = None,
     progress: bool = True,
+    cached_bank: Path | None = None,
 ) -> Prepared:
     """Load the model and data, build (or reuse) the bank for ``needed_bits``, make the evaluator.
 
@@ -147,6 +155,8 @@ def prepare(
             FP16-only evaluation passes ``()`` and builds no bank.
         budget_gb: overrides the profile's usable budget (GiB).
         progress: rich progress bars for the bank build.
+        cached_bank: a bank folder the driver built (search workers): it must be complete
+            and have this model's and calibration's key; it is used, never built.
     """
     device = resolve_device(job.device)
     profile = load_profile(job.profile) if job.profile else None
@@ -173,14 +183,20 @@ def prepare(
             seq_len=job.calib_seq_len,
             seed=job.tune.seed,
         )
-        bank = build_bank(
-            loaded.path,
-            loaded.units,
-            calibration,
-            BankSpec(bits=bits, group_size=job.group_size, seed=job.tune.seed),
-            progress=progress,
-            device=device,
-        )
+        bank_spec = BankSpec(bits=bits, group_size=job.group_size, seed=job.tune.seed)
+        if cached_bank is not None:
+            bank = Bank(Path(cached_bank), loaded.units, bank_spec)
+            key = bank_key(loaded.path, calibration, bank_spec)
+            if not bank.complete or Path(cached_bank).name != key:
+                raise ConfigError(
+                    f"worker: the bank at `{cached_bank}` is incomplete or was built from other "
+                    f"weights/calibration (key {key}); workers must share the driver's "
+                    "EDGEQRA_CACHE folder (a shared filesystem on a cluster)"
+                )
+        else:
+            bank = build_bank(
+                loaded.path, loaded.units, calibration, bank_spec, progress=progress, device=device
+            )
     spec = ModelSpec.from_model(loaded.model)
     evaluator = Evaluator(
         loaded,
@@ -210,6 +226,7 @@ class SearchJob:
     final_steps: int | None = None  # full-length tuning of the chosen config (None = search.steps)
     alpha: float | None = None  # trade-off α·norm(score) − (1−α)·norm(memory); None = best score
     baselines: bool = True  # score the uniform baselines that fit at full length, for the summary
+    executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where evaluations run
 
     def __post_init__(self) -> None:
         if self.eval.profile is None:
@@ -240,8 +257,9 @@ class SearchJob:
         se.update(
             evolution=EvolutionSettings(**se["evolution"]), bayes=BayesSettings(**se["bayes"])
         )
-        rest = {k: v for k, v in data.items() if k not in ("eval", "search")}
-        return cls(eval=EvalJob(**ev), search=SearchSettings(**se), **rest)
+        rest = {k: v for k, v in data.items() if k not in ("eval", "search", "executor")}
+        executor = ExecutorSettings(**data.get("executor", {}))  # absent before issue 8
+        return cls(eval=EvalJob(**ev), search=SearchSettings(**se), executor=executor, **rest)
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -332,6 +350,7 @@ def run_search_job(
     """
     settings = job.search
     check_budget(job)  # seconds, before minutes of model loading and GPTQ
+    check_available(job.executor)  # e.g. Ray not installed: say so now
     prepared = prepare(job.eval, budget_gb=job.budget_gb, progress=progress)
     space, spec, profile = prepared.space, prepared.spec, prepared.profile
     if profile is None or prepared.budget_bytes is None:  # SearchJob.__post_init__ checks
@@ -382,8 +401,52 @@ def run_search_job(
         )
 
     journal = Journal(out / "journal.jsonl")
+    executor = make_executor(
+        job.executor,
+        local=prepared.evaluator.evaluate,
+        job=lambda: EvalWorkerJob(
+            job.eval,
+            job.budget_gb,
+            None if prepared.bank is None else str(prepared.bank.root),
+            str(cache_dir()),
+        ),
+        device=prepared.device,
+    )
+    with executor:
+        summary = _search_and_tune(
+            job, out, prepared, executor, journal, memory, fix, initial, importance, on_event
+        )
+    return summary
+
+
+def _search_and_tune(
+    job: SearchJob,
+    out: Path,
+    prepared: Prepared,
+    executor: Executor,
+    journal: Journal,
+    memory: Callable[[Config], int],
+    fix: Callable[[Config], Config],
+    initial: list[Config],
+    importance: tuple[float, ...] | None,
+    on_event: Callable[[SearchEvent], None] | None,
+) -> dict[str, object]:
+    """The search on ``executor``, final tuning in the driver, baselines, summary."""
+    settings = job.search
+    space, spec, profile = prepared.space, prepared.spec, prepared.profile
+    budget = prepared.budget_bytes
+    group = job.eval.group_size
+    baselines = baseline_configs(space.n_units, space.bits, job.baseline_rank)
+    fitting_all = [c for c in baselines.values() if memory(c) <= budget]
+    fitting = [c for c in fitting_all if c.bits[0] in space.bits]  # seeds must lie in the space
+    seeds = fitting if settings.seed_baselines else []
     evaluations = Evaluations(
-        prepared.evaluator.evaluate, journal, lambda c: memory(c) <= budget, settings, on_event
+        prepared.evaluator.evaluate,
+        journal,
+        lambda c: memory(c) <= budget,
+        settings,
+        on_event,
+        executor=executor,
     )
     # The fitting baseline with the most bits (QLoRA-style uniform b-bit) anchors the
     # search at full length; see run_search.
@@ -428,10 +491,15 @@ def run_search_job(
             lambda c: memory(c) <= budget,
             dataclasses.replace(settings, max_evals=10**9, time_limit=None),
             on_event,
+            executor=executor,
         )
-        for label, base in baselines.items():
-            if base in fitting_all:
-                reference[label] = unlimited(base, final_steps, "baseline").to_json()
+        labels = [label for label, base in baselines.items() if base in fitting_all]
+        results = unlimited.many([(baselines[x], final_steps) for x in labels], "baseline")
+        for label, result in zip(labels, results, strict=True):
+            if result is None:
+                log.warning("baseline %s failed on every attempt; left out of the summary", label)
+            else:
+                reference[label] = result.to_json()
 
     n_train = len(prepared.evaluator.batches)
     summary = {  # schema: edgeqra/schemas/summary.schema.json (bump the version on changes)

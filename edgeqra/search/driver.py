@@ -6,11 +6,14 @@ weights; stage 2 is :func:`edgeqra.search.evolution.evolve`; stage 3 is
 through :class:`Evaluations`, which answers from the journal what it already holds (so a
 resumed search replays its own trajectory without tuning anything twice), refuses an
 infeasible config, and stops the search when the evaluation or wall-time budget is spent.
+Batches (:meth:`Evaluations.many`) go to an executor (:mod:`edgeqra.search.executors`),
+which may run them in parallel; see there why the answers stay those of a sequential run.
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -19,6 +22,7 @@ from edgeqra.errors import ConfigError
 from edgeqra.evaluate import Result
 from edgeqra.search.bayes import BayesSettings, refine
 from edgeqra.search.evolution import EvolutionSettings, evolve, run_rungs
+from edgeqra.search.executors import Done, Executor, LocalExecutor, Running, Task, WorkerInfo
 from edgeqra.search.fidelity import Schedule
 from edgeqra.search.journal import Journal
 from edgeqra.search.pareto import non_dominated_sort
@@ -68,7 +72,9 @@ class SearchSettings:
 
 @dataclass(frozen=True)
 class SearchEvent:
-    """A progress report for the CLI/TUI: one per evaluation and per stage change."""
+    """A progress report for the CLI/TUI: one per evaluation and per stage change; with a
+    parallel executor also one per dispatch, retry and failure (``running`` says what each
+    worker is evaluating)."""
 
     stage: str
     evaluations: int
@@ -78,6 +84,9 @@ class SearchEvent:
     result: Result | None = None
     cached: bool = False
     message: str = ""
+    running: tuple[Running, ...] = ()  # evaluations in flight, one per busy worker
+    worker: str = ""  # the worker that produced `result` (or failed)
+    failed: bool = False  # `message` is an evaluation's error (a retry, or its last attempt)
 
 
 class Exhausted(Exception):
@@ -85,7 +94,12 @@ class Exhausted(Exception):
 
 
 class Evaluations:
-    """The one door to ``evaluate``: journal lookups, feasibility guard, budgets, events."""
+    """The one door to ``evaluate``: journal lookups, feasibility guard, budgets, events.
+
+    ``evaluate`` runs in process (the local executor) unless ``executor`` is given. A
+    failed evaluation (a parallel executor gave up after its retries) is journaled as such
+    and answered as ``None``: the search drops it.
+    """
 
     def __init__(
         self,
@@ -94,41 +108,142 @@ class Evaluations:
         feasible: Callable[[Config], bool],
         settings: SearchSettings,
         on_event: Callable[[SearchEvent], None] | None = None,
+        *,
+        executor: Executor | None = None,
     ) -> None:
         self._evaluate = evaluate
+        self.executor = executor or LocalExecutor(evaluate)
         self.journal = journal
         self.feasible = feasible
         self.settings = settings
         self.on_event = on_event
-        self.count = 0  # evaluations this search asked for (hits included)
+        self.count = 0  # evaluations this search asked for (hits and failures included)
         self.fresh = 0  # of which really run now
+        self.failed = 0  # of which failed on every attempt
         self.steps = 0  # tuning steps really run now
         self.started = time.monotonic()
         self.full: dict[Config, Result] = {}  # full-fidelity results, for the front
 
-    def __call__(self, config: Config, fidelity: int, stage: str) -> Result:
+    def __call__(self, config: Config, fidelity: int, stage: str) -> Result | None:
         """The result of ``config`` at ``fidelity``: from the journal, else evaluated now."""
-        if not self.feasible(config):  # repair upstream makes this unreachable; guard it
-            raise RuntimeError(
-                f"internal error: infeasible config {config.short()} reached evaluate"
+        return self.many([(config, fidelity)], stage)[0]
+
+    def many(self, requests: Sequence[tuple[Config, int]], stage: str) -> list[Result | None]:
+        """Results of independent requests, in request order; misses go to the executor.
+
+        The budget is counted in request order exactly as one call per request would count
+        it (journal hits always answered, the first miss past ``max_evals`` stops), and
+        full-fidelity results enter the front in request order, so a batch run in parallel
+        leaves the search where a sequential one would. Raises :class:`Exhausted` after
+        the admitted requests are done when the budget cut the batch short.
+        """
+        out: list[Result | None] = [None] * len(requests)
+        tasks: list[Task] = []
+        stop: str | None = None
+        for index, (config, fidelity) in enumerate(requests):
+            if not self.feasible(config):  # repair upstream makes this unreachable; guard it
+                raise RuntimeError(
+                    f"internal error: infeasible config {config.short()} reached evaluate"
+                )
+            known = self.journal.get(str(config), fidelity)
+            if known is not None:
+                out[index] = known
+                self._record(config, known, stage, cached=True)
+                continue
+            failure = self.journal.failure(str(config), fidelity)
+            if failure is not None:  # it failed before: a resumed search does not retry it
+                self.count += 1
+                self.emit(stage, message=f"failed before: {failure.error}", failed=True)
+                continue
+            if self.count + len(tasks) >= self.settings.max_evals:
+                stop = "evaluations"
+                break
+            tasks.append(Task(index, config, fidelity))
+        if tasks:
+            stop = self._run(tasks, stage, out) or stop
+        if stop is not None:
+            raise Exhausted(stop)
+        return out
+
+    def _admit(self) -> bool:
+        limit = self.settings.time_limit
+        return limit is None or time.monotonic() - self.started < limit
+
+    def _run(self, tasks: list[Task], stage: str, out: list[Result | None]) -> str | None:
+        """Run ``tasks`` on the executor, journal each outcome as it arrives."""
+        parallel = self.executor.width > 1
+        started: list[int] = []
+
+        def admit() -> bool:
+            ok = self._admit()
+            if ok:
+                started.append(1)
+            return ok
+
+        def changed() -> None:
+            if parallel:
+                self.emit(stage)
+
+        def retry(task: Task, error: str, worker: WorkerInfo) -> None:
+            self.emit(
+                stage,
+                message=f"{task.config.short()} @ {task.fidelity} steps failed on "
+                f"{worker.label} (attempt {task.attempt}): {error}; retrying",
+                worker=worker.label,
+                failed=True,
             )
-        result = self.journal.get(str(config), fidelity)
-        cached = result is not None
-        if result is None:
-            if self.count >= self.settings.max_evals:
-                raise Exhausted("evaluations")
-            limit = self.settings.time_limit
-            if limit is not None and time.monotonic() - self.started >= limit:
-                raise Exhausted("time limit")
-            result = self._evaluate(config, fidelity)
-            self.journal.append(result, stage=stage)
+
+        new_full: list[tuple[int, Config]] = []
+        for done in self.executor.run(tasks, admit=admit, on_change=changed, on_retry=retry):
+            self._journal(done, stage)
+            config = done.task.config
+            if done.result is None:
+                self.emit(
+                    stage,
+                    message=f"{config.short()} @ {done.task.fidelity} steps failed after "
+                    f"{done.task.attempt} attempts: {done.error}",
+                    worker=done.worker.label,
+                    failed=True,
+                )
+                continue
+            out[done.task.index] = done.result
+            if done.task.fidelity == self.settings.steps and config not in self.full:
+                new_full.append((done.task.index, config))
+            self._record(config, done.result, stage, cached=False, worker=done.worker.label)
+        # Back into request order: `best()` breaks ties by insertion order, as in a
+        # sequential run.
+        for _, config in sorted(new_full, key=lambda item: item[0]):
+            self.full[config] = self.full.pop(config)
+        return "time limit" if len(started) < len(tasks) else None
+
+    def _journal(self, done: Done, stage: str) -> None:
+        """Write one outcome (the driver is the journal's only writer)."""
+        worker = done.worker.to_json()
+        if done.result is None:
+            self.journal.append_failure(
+                str(done.task.config),
+                done.task.fidelity,
+                done.error or "unknown error",
+                attempts=done.task.attempt,
+                stage=stage,
+                worker=worker,
+                wall=done.wall,
+            )
+            self.count += 1
             self.fresh += 1
-            self.steps += fidelity
+            self.failed += 1
+            return
+        self.journal.append(done.result, stage=stage, worker=worker, wall=done.wall)
+        self.fresh += 1
+        self.steps += done.task.fidelity
+
+    def _record(
+        self, config: Config, result: Result, stage: str, *, cached: bool, worker: str = ""
+    ) -> None:
         self.count += 1
-        if fidelity == self.settings.steps:
+        if result.fidelity == self.settings.steps:
             self.full[config] = result
-        self.emit(stage, result=result, cached=cached)
-        return result
+        self.emit(stage, result=result, cached=cached, worker=worker)
 
     def best(self) -> Result | None:
         """Best full-fidelity result so far; ties go to less memory (so it lies on the front)."""
@@ -137,7 +252,14 @@ class Evaluations:
         )
 
     def emit(
-        self, stage: str, *, result: Result | None = None, cached: bool = False, message: str = ""
+        self,
+        stage: str,
+        *,
+        result: Result | None = None,
+        cached: bool = False,
+        message: str = "",
+        worker: str = "",
+        failed: bool = False,
     ) -> None:
         """Send a progress event (no-op without a listener)."""
         if self.on_event is None:
@@ -153,6 +275,9 @@ class Evaluations:
                 result,
                 cached,
                 message,
+                self.executor.in_flight(),
+                worker,
+                failed,
             )
         )
 
@@ -177,6 +302,7 @@ class SearchOutcome:
     tuning_steps: int
     seconds: float
     stopped: str
+    failed: int = 0
 
     def to_json(self) -> dict[str, object]:
         """JSON-ready summary."""
@@ -185,6 +311,7 @@ class SearchOutcome:
             "front": [r.to_json() for r in self.front],
             "evaluations": self.evaluations,
             "fresh_evaluations": self.fresh,
+            "failed_evaluations": self.failed,
             "tuning_steps": self.tuning_steps,
             "seconds": self.seconds,
             "stopped": self.stopped,
@@ -216,8 +343,7 @@ def run_search(
     stopped = "finished"
     try:
         evaluations.emit("initial population", message=f"{len(initial)} configs")
-        for anchor in anchors:
-            evaluations(anchor, schedule.rungs[-1], "initial population")
+        evaluations.many([(a, schedule.rungs[-1]) for a in anchors], "initial population")
         if settings.use_evolution:
             evaluations.emit("evolution", message=f"rungs {list(schedule.rungs)}")
             stopped = evolve(
@@ -239,8 +365,13 @@ def run_search(
         if settings.use_bayes and evaluations.full:
             evaluations.emit("bayes", message="GP + expected improvement in a trust region")
             history = [(c, r.score) for c, r in evaluations.full.items()]
+
+            def score(config: Config) -> float:
+                result = evaluations(config, settings.steps, "bayes")
+                return math.nan if result is None else result.score  # refine skips NaN
+
             refine(
-                lambda c: evaluations(c, settings.steps, "bayes").score,
+                score,
                 history,
                 space,
                 evaluations.feasible,
@@ -265,4 +396,5 @@ def run_search(
         tuning_steps=evaluations.steps,
         seconds=time.monotonic() - evaluations.started,
         stopped=stopped,
+        failed=evaluations.failed,
     )

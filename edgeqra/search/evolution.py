@@ -38,7 +38,7 @@ __all__ = ["EvolutionSettings", "evolve", "run_rungs"]
 
 log = logging.getLogger(__name__)
 
-Evaluate = Callable[[Config, int, str], Result]  # (config, fidelity, stage) -> Result
+Evaluate = Callable[[Config, int, str], Result | None]  # (config, fidelity, stage) -> Result
 
 
 @dataclass(frozen=True)
@@ -87,21 +87,34 @@ def _value(config: Config) -> tuple[tuple[int, int], ...]:
     return tuple((c.bits, c.rank) for c in config)
 
 
+def _batch(evaluate: Evaluate, requests: list[tuple[Config, int]], stage: str):
+    """One rung's results in request order: through ``evaluate.many`` (a parallel executor
+    may run them at once) when it has one, else one call each."""
+    many = getattr(evaluate, "many", None)
+    if many is not None:
+        return many(requests, stage)
+    return [evaluate(c, f, stage) for c, f in requests]
+
+
 def run_rungs(
     configs: Sequence[Config], evaluate: Evaluate, schedule: Schedule, stage: str
 ) -> dict[Config, Result]:
     """Successive halving over ``configs``: all at the lowest rung, the best 1/eta promoted.
 
-    Returns each config's result at the *lowest* rung (the screening objective).
+    A rung's evaluations are independent of each other, so each rung is one batch. Returns
+    each config's result at the *lowest* rung (the screening objective); a config whose
+    evaluation failed (``None``) is left out and never promoted.
     """
     low: dict[Config, Result] = {}
     alive = list(dict.fromkeys(configs))
     for level, fidelity in enumerate(schedule.rungs):
-        results = [evaluate(c, fidelity, stage) for c in alive]
+        answers = _batch(evaluate, [(c, fidelity) for c in alive], stage)
+        measured = [(c, r) for c, r in zip(alive, answers, strict=True) if r is not None]
         if level == 0:
-            low = dict(zip(alive, results, strict=True))
+            low = dict(measured)
         if level + 1 < len(schedule.rungs):
-            alive = [alive[i] for i in promote([r.score for r in results], schedule.eta)]
+            scores = [r.score for _, r in measured]
+            alive = [measured[i][0] for i in promote(scores, schedule.eta)]
     return low
 
 
@@ -179,7 +192,12 @@ def evolve(
                 optimizer.tell(child, list(pop.objectives([config])[0]))
 
     measure(initial, "initial population")
-    pop.members = list(dict.fromkeys(initial))
+    pop.members = [c for c in dict.fromkeys(initial) if c in pop.seen]  # failed ones dropped
+    if not pop.seen:
+        raise ConfigError(
+            "every evaluation of the initial population failed; the journal's `error` "
+            "fields say why"
+        )
     reference = _reference(pop)
     best_hv = hypervolume_2d(pop.objectives(list(pop.seen)), reference)
     stagnant = 0
@@ -191,7 +209,7 @@ def evolve(
             children = [children[i] for i in order]
         children = children[: settings.children]
         measure(children, "evolution")
-        pool = list(dict.fromkeys(pop.members + children))
+        pool = [c for c in dict.fromkeys(pop.members + children) if c in pop.seen]
         pop.members = [pool[i] for i in select(pop.objectives(pool), settings.population)]
         hv = hypervolume_2d(pop.objectives(list(pop.seen)), reference)
         log.info("generation %d: hypervolume %.5f (front %d)", generation, hv, len(pool))

@@ -1,0 +1,296 @@
+"""Executors: parallel runs give the sequential journal, faults are retried or journaled, a
+killed driver resumes without re-evaluating.
+
+The search runs on the synthetic objective of tests/test_search.py (a pure function of the
+config: any difference between executors is a scheduling bug, not noise). Workers rebuild it
+from a picklable :class:`SyntheticJob`, as real workers rebuild the evaluator from the job.
+The model-backed end-to-end runs (tiny random Llama, real bank) are at the bottom.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from test_search import SETTINGS, Synthetic
+
+from edgeqra.errors import EdgeQRAError
+from edgeqra.search.driver import Evaluations, run_search
+from edgeqra.search.executors import (
+    FAULT_ENV,
+    ExecutorError,
+    ExecutorKind,
+    ExecutorSettings,
+    LocalExecutor,
+    ProcessExecutor,
+    check_available,
+    make_executor,
+)
+from edgeqra.search.journal import Journal
+from edgeqra.space import Config, SearchSpace, repair
+
+TESTS = Path(__file__).parent
+N_UNITS = 6
+BUDGET = N_UNITS * (400 + 80)  # uniform 4-bit rank 8 fits exactly
+ANCHOR = Config.uniform(N_UNITS, 4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class SyntheticJob:
+    """Workers build the synthetic objective; ``delay`` seconds per evaluation."""
+
+    delay: float = 0.0
+
+    def build(self, slot: int):
+        synthetic = Synthetic(SearchSpace(N_UNITS))
+
+        def evaluate(config, fidelity):
+            time.sleep(self.delay)
+            return synthetic.evaluate(config, fidelity)
+
+        return evaluate, "cpu"
+
+
+def search(run_dir: Path, executor=None, *, events=None, delay: float = 0.0):
+    """The seeded synthetic search of test_search (anchored) on ``executor``; returns
+    (outcome, evaluations)."""
+    space = SearchSpace(N_UNITS)
+    synthetic = Synthetic(space)
+    journal = Journal(run_dir / "journal.jsonl")
+    if executor is None:
+        executor = LocalExecutor(SyntheticJob(delay).build(0)[0])
+    evaluations = Evaluations(
+        synthetic.evaluate,
+        journal,
+        lambda c: synthetic.memory(c) <= BUDGET,
+        SETTINGS,
+        None if events is None else events.append,
+        executor=executor,
+    )
+
+    def fix(c):
+        return repair(c, space, synthetic.memory, BUDGET)
+
+    rng = random.Random(SETTINGS.seed)
+    initial = list(dict.fromkeys(fix(space.sample(rng)) for _ in range(6)))
+    outcome = run_search(evaluations, space, initial, fix, BUDGET, anchors=[ANCHOR])
+    return outcome, evaluations
+
+
+def lines(run_dir: Path) -> list[dict]:
+    """The journal's JSON lines."""
+    return [json.loads(x) for x in (run_dir / "journal.jsonl").read_text().splitlines()]
+
+
+def as_set(run_dir: Path) -> set[tuple[str, int, float]]:
+    """The journal's results as a set of (config, fidelity, score); failures left out."""
+    return {(x["config"], x["fidelity"], x["score"]) for x in lines(run_dir) if "status" not in x}
+
+
+@pytest.fixture(scope="module")
+def sequential(tmp_path_factory):
+    """The local (today's) run: the reference every executor must reproduce."""
+    run_dir = tmp_path_factory.mktemp("sequential")
+    outcome, evaluations = search(run_dir)
+    return run_dir, outcome, evaluations
+
+
+@pytest.fixture(scope="module")
+def ray_runtime():
+    """One local Ray runtime with 2 CPUs for the whole module (test modules importable)."""
+    ray = pytest.importorskip("ray")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": os.pathsep.join([str(TESTS), *sys.path])}},
+    )
+    yield ray
+    ray.shutdown()
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def test_settings_validate_and_name_the_fix():
+    assert ExecutorSettings("processes").kind is ExecutorKind.PROCESSES
+    with pytest.raises(EdgeQRAError, match="`executor` 'threads'"):
+        ExecutorSettings("threads")
+    with pytest.raises(EdgeQRAError, match="`workers` must be >= 1"):
+        ExecutorSettings("processes", workers=0)
+    with pytest.raises(EdgeQRAError, match="needs `executor` ray"):
+        ExecutorSettings("processes", ray_address="auto")
+    with pytest.raises(EdgeQRAError, match="--executor processes"):
+        ExecutorSettings("local", workers=2)
+
+
+def test_ray_missing_says_how_to_install(monkeypatch):
+    monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` raises ImportError
+    with pytest.raises(ExecutorError, match=r"pip install 'edgeqra\[ray\]'"):
+        check_available(ExecutorSettings("ray"))
+    check_available(ExecutorSettings("processes"))  # no Ray needed
+
+
+# ----------------------------------------------------------------------------- same answers
+
+
+def test_local_executor_is_todays_search(sequential, tmp_path):
+    """The executor seam changed nothing: same calls, in the same order, as test_search."""
+    _, outcome, evaluations = sequential
+    run_dir = tmp_path / "again"
+    again, _ = search(run_dir)
+    assert [(x["config"], x["fidelity"]) for x in lines(run_dir)] == [
+        (x["config"], x["fidelity"]) for x in lines(sequential[0])
+    ]
+    assert again.best == outcome.best and evaluations.count <= SETTINGS.max_evals
+    assert {x["worker"]["pid"] for x in lines(run_dir)} == {os.getpid()}
+
+
+def test_processes_journal_equals_sequential(sequential, tmp_path):
+    seq_dir, outcome, evaluations = sequential
+    events = []
+    with ProcessExecutor(SyntheticJob(delay=0.02), 2) as executor:
+        parallel, par = search(tmp_path, executor, events=events)
+    assert as_set(tmp_path) == as_set(seq_dir)
+    assert len(lines(tmp_path)) == len(lines(seq_dir))  # nothing evaluated twice
+    assert parallel.best == outcome.best and parallel.front == outcome.front
+    assert par.count == evaluations.count
+    # Two worker processes shared the work, and the progress saw both busy at once.
+    pids = {x["worker"]["pid"] for x in lines(tmp_path)}
+    assert len(pids) == 2 and os.getpid() not in pids
+    assert max(len(e.running) for e in events) == 2
+    assert all(x["wall"] >= 0.02 for x in lines(tmp_path))
+
+
+def test_ray_journal_equals_sequential(sequential, ray_runtime, tmp_path):
+    seq_dir, outcome, _ = sequential
+    events = []
+    executor = make_executor(
+        ExecutorSettings("ray", workers=2), local=None, job=SyntheticJob(delay=0.02)
+    )
+    with executor:
+        parallel, _ = search(tmp_path, executor, events=events)
+    assert ray_runtime.is_initialized()  # joined the runtime it found, left it running
+    assert as_set(tmp_path) == as_set(seq_dir)
+    assert len(lines(tmp_path)) == len(lines(seq_dir))
+    assert parallel.best == outcome.best
+    assert len({x["worker"]["pid"] for x in lines(tmp_path)}) == 2
+    assert max(len(e.running) for e in events) == 2
+
+
+# ----------------------------------------------------------------------------- faults
+
+
+def _fault(monkeypatch, mode: str, attempts: int) -> None:
+    """Make the anchor's full-length evaluation fail on its first ``attempts`` tries."""
+    spec = {"mode": mode, "config": str(ANCHOR), "fidelity": SETTINGS.steps, "attempts": attempts}
+    monkeypatch.setenv(FAULT_ENV, json.dumps(spec))
+
+
+@pytest.mark.parametrize("mode", ["exit", "raise"])
+def test_processes_fault_is_retried_on_another_worker(mode, sequential, monkeypatch, tmp_path):
+    _fault(monkeypatch, mode, attempts=1)
+    events = []
+    with ProcessExecutor(SyntheticJob(), 2, attempts=3) as executor:
+        outcome, _ = search(tmp_path, executor, events=events)
+    retries = [e for e in events if e.failed]
+    assert len(retries) == 1 and "attempt 1" in retries[0].message
+    assert ("died" in retries[0].message) == (mode == "exit")
+    assert as_set(tmp_path) == as_set(sequential[0])  # the search went on, same answers
+    assert outcome.best == sequential[1].best
+    anchor = [x for x in lines(tmp_path) if x["config"] == str(ANCHOR)]
+    # The retry ran on the other slot (the failed one was replaced, but elsewhere first).
+    assert anchor[0]["worker"]["slot"] != int(retries[0].worker[1:].split()[0])
+
+
+@pytest.mark.slow  # ~60 s on the 2-core machine: a replaced Ray actor re-imports everything
+def test_ray_fault_is_retried(ray_runtime, sequential, monkeypatch, tmp_path):
+    _fault(monkeypatch, "exit", attempts=1)
+    events = []
+    executor = make_executor(ExecutorSettings("ray", workers=2), local=None, job=SyntheticJob())
+    with executor:
+        search(tmp_path, executor, events=events)
+    assert sum(e.failed for e in events) == 1
+    assert as_set(tmp_path) == as_set(sequential[0])
+
+
+def test_exhausted_retries_are_journaled_as_failed_and_resume_skips_them(monkeypatch, tmp_path):
+    _fault(monkeypatch, "raise", attempts=99)
+    with ProcessExecutor(SyntheticJob(), 2, attempts=2) as executor:
+        outcome, evaluations = search(tmp_path, executor)
+    failed = [x for x in lines(tmp_path) if x.get("status") == "failed"]
+    assert len(failed) == 1 and evaluations.failed == 1
+    assert failed[0]["config"] == str(ANCHOR) and failed[0]["attempts"] == 2
+    assert "injected fault on attempt 2" in failed[0]["error"]
+    assert "score" not in failed[0]  # nothing can read it as a result
+    assert outcome.best.config != str(ANCHOR)  # the search went on without it
+    journal = Journal(tmp_path / "journal.jsonl")
+    assert journal.get(str(ANCHOR), SETTINGS.steps) is None
+    assert journal.failure(str(ANCHOR), SETTINGS.steps).attempts == 2
+    # Resumed (in process now): the failure is known, nothing is evaluated again.
+    monkeypatch.delenv(FAULT_ENV)
+    resumed, again = search(tmp_path)
+    assert again.fresh == 0 and resumed.best == outcome.best
+    assert len(lines(tmp_path)) == len(journal) + len(journal.failures)
+
+
+# ----------------------------------------------------------------------------- killed driver
+
+_DRIVER = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_executors import SyntheticJob, search
+from edgeqra.search.executors import ProcessExecutor
+if __name__ == "__main__":
+    with ProcessExecutor(SyntheticJob(delay=0.15), 2) as executor:
+        search(Path({run_dir!r}), executor)
+"""
+
+
+def test_killed_driver_resumes_without_reevaluating(sequential, tmp_path):
+    script = tmp_path / "driver.py"
+    script.write_text(_DRIVER.format(tests=str(TESTS), run_dir=str(tmp_path)))
+    driver = subprocess.Popen([sys.executable, str(script)])  # noqa: S603 - our own script
+    journal = tmp_path / "journal.jsonl"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and driver.poll() is None:
+        if journal.exists() and len(journal.read_text().splitlines()) >= 10:
+            break
+        time.sleep(0.05)
+    assert driver.poll() is None, "the driver finished before it could be killed"
+    driver.send_signal(signal.SIGKILL)  # no cleanup, no finally: as an OOM kill
+    driver.wait()
+    before = lines(tmp_path)
+    assert 10 <= len(before) < len(lines(sequential[0]))
+    # Orphaned workers notice the driver is gone and exit on their own.
+    pids = {x["worker"]["pid"] for x in before}
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and any(_alive(p) for p in pids):
+        time.sleep(0.1)
+    assert not any(_alive(p) for p in pids)
+
+    with ProcessExecutor(SyntheticJob(), 2) as executor:
+        outcome, evaluations = search(tmp_path, executor)
+    after = lines(tmp_path)
+    keys = [(x["config"], x["fidelity"]) for x in after]
+    assert len(keys) == len(set(keys))  # nothing journaled before was evaluated again
+    assert evaluations.fresh == len(after) - len(before)
+    assert as_set(tmp_path) == as_set(sequential[0]) and outcome.best == sequential[1].best
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().split()[2] != "Z"
+    except FileNotFoundError:
+        return False
