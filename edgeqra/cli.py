@@ -1,7 +1,8 @@
 """The ``edgeqra`` command: thin argument parsing over the library, rich output, ``--json``.
 
 Exit codes: 0 success, 1 internal error, 2 bad input (an :class:`EdgeQRAError`, one red
-line), 3 nothing fits the memory budget.
+line), 3 nothing fits the memory budget, 4 ``plan --measure`` without a CUDA GPU (the
+prediction is printed, nothing was measured).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ __all__ = ["main"]
 
 GiB = 1 << 30
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
+EXIT_NO_GPU = 4  # `plan --measure` asked for a measurement this machine cannot make
 
 
 def _gib(n: int) -> str:
@@ -130,16 +132,18 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
 
     with out.status(f"reading model `{args.model}`…"):
         path = resolve_model(args.model)
-        spec = ModelSpec.from_config(
-            AutoConfig.from_pretrained(
-                path, local_files_only=True, trust_remote_code=args.trust_remote_code
-            )
+        hf_config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=args.trust_remote_code
         )
+        spec = ModelSpec.from_config(hf_config)
     mode = BudgetMode(args.mode) if args.mode else None
     plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
     if args.json:
-        print(json.dumps({"model": args.model, **plan.to_json()}, indent=2))
-        return EXIT_OK
+        extra: dict[str, object] = {}
+        if args.measure:
+            extra["measured"], extra["measure_error"] = _plan_measurement(hf_config, plan, args)
+        print(json.dumps({"model": args.model, **plan.to_json(), **extra}, indent=2))
+        return EXIT_NO_GPU if args.measure and extra["measured"] is None else EXIT_OK
     title = (
         f"{args.model} on {profile.display_name} — {plan.mode.value} budget "
         f"{_gib(profile.budget_bytes)} GiB (batch/context or micro-batch/seq from the profile)"
@@ -168,7 +172,74 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
             f"Largest average bit-width that fits at rank {args.rank}: "
             f"[bold]{plan.best.average_bits:.2f}[/] bits ({plan.best.config.short()})"
         )
+    if not args.measure:
+        return EXIT_OK
+    with out.status(f"measuring {plan.planned.config.short()} on this GPU (random weights)…"):
+        measured, reason = _plan_measurement(hf_config, plan, args)
+    if measured is None:
+        Console(stderr=True).print(f"[yellow]{escape(reason or '')}[/]", soft_wrap=True)
+        return EXIT_NO_GPU
+    _print_measurement(measured, plan, out)
     return EXIT_OK
+
+
+def _plan_measurement(hf_config, plan, args: argparse.Namespace) -> tuple[dict | None, str | None]:
+    """Run a short real step of the planned config on the GPU: (record, None) or (None, why)."""
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    if not torch.cuda.is_available():
+        return None, (
+            "`plan --measure` needs a CUDA GPU and none is visible (torch.cuda.is_available() "
+            f"is False); nothing was measured, the table is the memory model's prediction "
+            f"only (exit code {EXIT_NO_GPU})"
+        )
+    from edgeqra.measure import measure_config
+
+    modes = ["inference", "finetune"] if plan.mode.value == "both" else [plan.mode.value]
+    # GPTQModel prints banners to stdout; keep stdout for the table / --json.
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeqra-measure-") as tmp,
+        contextlib.redirect_stdout(sys.stderr),
+    ):
+        record = measure_config(
+            hf_config,
+            plan.planned.config,
+            plan.profile,
+            work_dir=Path(tmp),
+            modes=modes,
+            checkpointing=(plan.profile.finetune.gradient_checkpointing,),
+            group_size=args.group_size,
+            kernels=plan.profile.kernels,
+        )
+    return record, None
+
+
+def _print_measurement(record: dict, plan, out: Console) -> None:
+    """Predicted next to measured, per phase (GiB)."""
+    table = Table(title=f"{record['config']}: predicted vs measured on this GPU (random weights)")
+    for col in ("phase", "predicted", "peak allocated", "error", "pred + reserve", "process"):
+        table.add_column(col, justify="right")
+    for ph in record["phases"]:
+        if "measured" not in ph:
+            table.add_row(
+                ph["mode"], "[red]failed[/]", escape(ph.get("error", ""))[:40], "", "", ""
+            )
+            continue
+        m = ph["measured"]
+        table.add_row(
+            ph["mode"],
+            _gib(ph["predicted_without_reserve"]),
+            _gib(m["peak_allocated"]),
+            f"{ph['error_allocated_pct']:+.1f} %",
+            _gib(ph["predicted_total"]),
+            _gib(m["process_peak"]),
+        )
+    out.print(table)
+    kernels = "; ".join(f"{mode}: {k}" for mode, k in record["kernels"].items())
+    out.print(f"kernels by bit-width: {kernels or 'none (16-bit)'}", highlight=False)
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -602,6 +673,13 @@ def _parser() -> argparse.ArgumentParser:
         help="which workload the budget is checked for (default: the profile's)",
     )
     p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    p.add_argument(
+        "--measure",
+        action="store_true",
+        help="GPU only: build the planned config with random weights of the model's shapes, "
+        "run a short real inference / LoRA step and print predicted vs measured peak memory "
+        f"(exit {EXIT_NO_GPU} without a CUDA GPU)",
+    )
     p.set_defaults(func=_cmd_plan)
 
     tuning = argparse.ArgumentParser(add_help=False)  # what fixes one evaluation

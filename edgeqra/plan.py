@@ -56,6 +56,11 @@ class Plan:
     best: PlanRow | None
     minimum: PlanRow  # the smallest config in the space (lowest bits, no adapters)
 
+    @property
+    def planned(self) -> PlanRow:
+        """The row ``plan --measure`` checks: the largest fitting config, else the minimum."""
+        return self.best or self.minimum
+
     def to_json(self) -> dict[str, object]:
         """JSON-ready dict."""
         return {

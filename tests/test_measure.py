@@ -1,0 +1,114 @@
+"""Memory measurement: CPU checks of the weight term, `plan --measure` exit codes, GPU runs.
+
+The GPU tests skip cleanly without CUDA; the CPU ones check what can be checked without one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import AutoConfig, LlamaConfig
+
+from edgeqra.cli import EXIT_NO_GPU, EXIT_OK, main
+from edgeqra.measure import dry_run, measure_config, percent_error
+from edgeqra.profiles import load_profile
+from edgeqra.space import Config
+
+ARCH = Path(__file__).resolve().parents[1] / "examples" / "architectures"
+NO_CUDA = not torch.cuda.is_available()
+
+
+def _tiny() -> LlamaConfig:
+    return LlamaConfig(
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=256,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+
+
+def test_percent_error_sign():
+    assert percent_error(110, 100) == pytest.approx(10.0)  # over-estimate: positive (safe)
+    assert percent_error(90, 100) == pytest.approx(-10.0)
+
+
+@pytest.mark.parametrize("pairs", [[(16, 8)] * 3, [(2, 4), (3, 0), (8, 32)]])
+def test_dry_run_built_bytes_equal_the_weight_term(tmp_path, pairs):
+    sizes = dry_run(_tiny(), Config.from_pairs(pairs), work_dir=tmp_path, group_size=64)
+    assert sizes["plan_quantized"] == sizes["predicted_quantized"] == sizes["built_quantized"]
+    assert sizes["plan_dense"] == sizes["predicted_dense"] == sizes["built_dense"]
+
+
+def test_dry_run_shapes_only_on_the_8b_architecture():
+    """Llama-3.1-8B mixed config: the checkpoint's tensors (from shapes) = the weight term."""
+    hf = AutoConfig.from_pretrained(ARCH / "llama-3.1-8b")
+    config = Config.from_pairs([(b, 8) for b in (2, 3, 4, 8) * 8])
+    sizes = dry_run(hf, config)
+    assert "built_quantized" not in sizes
+    assert sizes["plan_quantized"] == sizes["predicted_quantized"] > 2 * 2**30
+    assert sizes["plan_dense"] == sizes["predicted_dense"]
+
+
+def test_smollm2_architecture_matches_findings():
+    """The config-only SmolLM2 folder has the published shapes (FINDINGS.md)."""
+    from edgeqra.memory import ModelSpec
+
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(ARCH / "smollm2-135m"))
+    assert spec.n_units == 30 and spec.hidden_size == 576 and spec.num_kv_heads == 3
+    assert sum(spec.unit_params) + spec.other_numel == 134_515_008
+
+
+@pytest.mark.skipif(not NO_CUDA, reason="checks the no-GPU path")
+@pytest.mark.parametrize("as_json", [False, True])
+def test_plan_measure_without_gpu_exits_4_with_the_reason(capsys, as_json):
+    argv = ["plan", "--profile", "t4-16gb", "--model", str(ARCH / "smollm2-135m"), "--measure"]
+    assert main([*argv, "--json"] if as_json else argv) == EXIT_NO_GPU
+    captured = capsys.readouterr()
+    if as_json:
+        data = json.loads(captured.out)
+        assert data["measured"] is None and "needs a CUDA GPU" in data["measure_error"]
+        assert data["rows"]  # the prediction is still there
+    else:
+        assert "needs a CUDA GPU" in captured.err
+        assert "GPTQ 4-bit" in captured.out or "4-bit" in captured.out
+
+
+def test_plan_without_measure_is_unchanged(capsys):
+    argv = ["plan", "--profile", "t4-16gb", "--model", str(ARCH / "smollm2-135m"), "--json"]
+    assert main(argv) == EXIT_OK
+    assert "measured" not in json.loads(capsys.readouterr().out)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_measure_config_on_gpu(tmp_path):
+    record = measure_config(
+        _tiny(),
+        Config.from_pairs([(4, 8), (3, 0), (8, 4)]),
+        load_profile("rtx-4090-24gb"),
+        work_dir=tmp_path,
+        kernels=("triton", "torch"),
+    )
+    phases = record["phases"]
+    assert [p["mode"] for p in phases] == ["inference", "finetune", "finetune"]
+    for phase in phases:
+        assert "measured" in phase, phase.get("error")
+        m = phase["measured"]
+        assert m["peak_allocated"] >= m["start_allocated"] > 0
+        assert m["process_peak"] >= m["peak_reserved"] >= m["peak_allocated"]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_plan_measure_on_gpu(capsys):
+    argv = ["plan", "--profile", "t4-16gb", "--model", str(ARCH / "smollm2-135m"), "--measure"]
+    assert main([*argv, "--json"]) == EXIT_OK
+    data = json.loads(capsys.readouterr().out)
+    assert data["measured"]["phases"] and data["measure_error"] is None
