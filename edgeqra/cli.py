@@ -353,6 +353,7 @@ def _eval_job(args: argparse.Namespace, *, steps: int):
 
 def _cmd_search(args: argparse.Namespace, out: Console) -> int:
     """Joint bit/rank search under the profile's budget; everything lands in a run directory."""
+    import dataclasses
     import time
     from pathlib import Path
 
@@ -361,14 +362,20 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
     from edgeqra.search.bayes import BayesSettings
     from edgeqra.search.driver import SearchSettings
     from edgeqra.search.evolution import EvolutionSettings
+    from edgeqra.search.executors import check_available
 
     if args.resume:
         run_dir = Path(args.resume)
         job = open_run_dir(run_dir, None, resume=True)
+        if _executor_given(args):  # resume elsewhere (e.g. on the cluster): same answers
+            job = dataclasses.replace(job, executor=_executor_settings(args, job.executor))
+        check_available(job.executor)
     else:
         if not args.profile:
             raise EdgeQRAError("`search` needs `--profile NAME` (or `--resume RUN_DIR`)")
         load_profile(args.profile)  # fail fast on a bad profile name
+        executor = _executor_settings(args)
+        check_available(executor)  # e.g. Ray missing: say so before any work
         settings = SearchSettings(
             steps=args.steps,
             eta=args.eta,
@@ -394,6 +401,7 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
             final_steps=args.final_steps,
             alpha=args.alpha,
             baselines=args.baselines,
+            executor=executor,
         )
         run_dir = Path(args.out or Path("runs") / time.strftime("search-%Y%m%d-%H%M%S"))
         open_run_dir(run_dir, job, resume=False)
@@ -401,6 +409,32 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
     summary = _run_search(job, run_dir, quiet=args.json)
     _print_summary(summary, run_dir, job, out, as_json=args.json)
     return EXIT_OK
+
+
+def _executor_given(args: argparse.Namespace) -> bool:
+    """Whether any executor option was on the command line."""
+    return any(
+        getattr(args, k) is not None for k in ("executor", "workers", "ray_address", "attempts")
+    )
+
+
+def _executor_settings(args: argparse.Namespace, base=None):
+    """ExecutorSettings from --executor/--workers/--ray-address/--attempts over ``base``."""
+    from edgeqra.search.executors import ExecutorSettings
+
+    base = base or ExecutorSettings()
+    kind = args.executor or ("ray" if args.ray_address else base.kind)
+    return ExecutorSettings(
+        kind=kind,
+        workers=args.workers if args.workers is not None else base.workers,
+        ray_address=args.ray_address if args.ray_address is not None else base.ray_address,
+        attempts=args.attempts if args.attempts is not None else base.attempts,
+    )
+
+
+def _running(event) -> str:
+    """What each busy worker evaluates, e.g. ``w0 cpu: 4/8x6@8  w1 cpu: …``."""
+    return "  ".join(f"{r.worker}: {r.config.short()}@{r.fidelity}" for r in event.running)
 
 
 def _run_search(job, run_dir, *, quiet: bool) -> dict[str, object]:
@@ -422,18 +456,25 @@ def _run_search(job, run_dir, *, quiet: bool) -> dict[str, object]:
         transient=True,
     ) as bar:
         task = bar.add_task("preparing", total=job.search.max_evals)
+        parallel = job.executor.kind != "local"
+        # The second line of the live display: one "worker: config@steps" per busy worker.
+        flight = bar.add_task("", total=None, visible=False)
 
         def on_event(event) -> None:
             best = "—" if event.best_score is None else f"{event.best_score:.4f}"
+            busy = f" · {len(event.running)} running" if parallel else ""
             bar.update(
                 task,
                 completed=min(event.evaluations, job.search.max_evals),
-                description=f"{event.stage} · best {best} · front {event.front_size}",
+                description=f"{event.stage} · best {best} · front {event.front_size}{busy}",
             )
+            bar.update(flight, description=_running(event) if parallel else "", visible=parallel)
             r = event.result
             if r is not None and not quiet:
                 mem = "" if r.memory_bytes is None else f"{_gib(r.memory_bytes)} GiB"
                 hit = " (journal)" if event.cached else f" {r.seconds:.1f} s"
+                if parallel and event.worker:
+                    hit += f" [{event.worker}]"
                 bar.console.print(
                     f"  {event.stage:<18} steps {r.fidelity:>4}  score {r.score:.4f}  {mem}"
                     f"{hit}  {escape(Config.parse(r.config).short())}",
@@ -742,6 +783,23 @@ def _parser() -> argparse.ArgumentParser:
             default=True,
             help=f"run {what} (turn off for ablations)",
         )
+    p.add_argument(
+        "--executor",
+        choices=["local", "processes", "ray"],
+        help="where evaluations run: in process (default), worker processes (one per GPU, "
+        "or N on CPU), or Ray (`pip install 'edgeqra[ray]'`); the answers are the same",
+    )
+    p.add_argument(
+        "--workers", type=int, help="parallel workers (default: one per visible GPU, 2 on CPU)"
+    )
+    p.add_argument(
+        "--ray-address",
+        metavar="ADDR",
+        help="join this Ray cluster (e.g. `auto` or `ray://head:10001`) instead of starting one",
+    )
+    p.add_argument(
+        "--attempts", type=int, help="tries per evaluation before it is journaled failed (3)"
+    )
     p.set_defaults(func=_cmd_search)
 
     p = sub.add_parser(

@@ -38,6 +38,7 @@ from edgeqra.pipeline import EvalJob, SearchJob
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import SearchSettings
 from edgeqra.search.evolution import EvolutionSettings
+from edgeqra.search.executors import ExecutorSettings
 from edgeqra.tune import TuneSettings
 
 # Export formats a job may ask for (`edgeqra.exporters`); one this installation cannot write
@@ -84,6 +85,10 @@ KEYS: dict[str, tuple[object, object]] = {
     "search.alpha": (_FLOAT, None),
     "search.baseline_rank": (_INT, 8),
     "search.baselines": (_BOOL, True),
+    "search.executor": (_STR, "local"),
+    "search.workers": (_INT, None),
+    "search.ray_address": (_STR, None),
+    "search.attempts": (_INT, 3),
 }
 _TABLES = sorted({k.split(".")[0] for k in KEYS if "." in k})
 
@@ -219,6 +224,12 @@ def from_mapping(data: Mapping[str, Any]) -> JobSpec:
         final_steps=v["tuning.final_steps"],
         alpha=v["search.alpha"],
         baselines=v["search.baselines"],
+        executor=ExecutorSettings(
+            kind=v["search.executor"],
+            workers=v["search.workers"],
+            ray_address=v["search.ray_address"],
+            attempts=v["search.attempts"],
+        ),
     )  # type: ignore[arg-type]
     # `out` is taken as the CLI's --out is (relative to where edgeqra runs), so the same job
     # file works from a repository root in CI and from the TUI.
@@ -280,6 +291,10 @@ def to_mapping(spec: JobSpec) -> dict[str, object]:
         "search.alpha": job.alpha,
         "search.baseline_rank": job.baseline_rank,
         "search.baselines": job.baselines,
+        "search.executor": job.executor.kind.value,
+        "search.workers": job.executor.workers,
+        "search.ray_address": job.executor.ray_address,
+        "search.attempts": job.executor.attempts,
     }
     if set(values) != set(KEYS):  # a key added to KEYS but not here would be dropped silently
         raise RuntimeError(f"job keys out of sync: {set(values) ^ set(KEYS)}")
