@@ -294,3 +294,104 @@ def _alive(pid: int) -> bool:
             return fh.read().split()[2] != "Z"
     except FileNotFoundError:
         return False
+
+
+# ----------------------------------------------------------------------------- real evaluator
+
+
+def test_cli_ray_missing_exits_2_before_any_work(monkeypatch, capsys, tmp_path):
+    from edgeqra.cli import EXIT_INPUT, main
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    out = tmp_path / "run"
+    argv = ["search", "--profile", "t4-16gb", "--executor", "ray", "--out", str(out)]
+    assert main(argv) == EXIT_INPUT
+    assert "pip install 'edgeqra[ray]'" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory, tokenizer):
+    """A tiny Llama folder, a shared cache, and the search's CLI arguments."""
+    from conftest import tiny_model
+    from test_cli_search import GROUP, PROFILE
+    from transformers import AutoConfig
+
+    from edgeqra.memory import ModelSpec, estimate_for_profile
+    from edgeqra.profiles import load_profile
+
+    folder = tmp_path_factory.mktemp("tinyexec")
+    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(folder))
+    config = Config.uniform(spec.n_units, 4, 8)
+    budget = estimate_for_profile(spec, config, load_profile(PROFILE), group_size=GROUP).total
+    argv = ["search", "--model", str(folder), "--profile", PROFILE]
+    argv += ["--budget-gb", f"{budget / 2**30 + 1e-6:.9f}", "--task", "arc_easy", "--steps", "2"]
+    argv += ["--evals", "10", "--population", "4", "--children", "4", "--generations", "1"]
+    argv += ["--n-train", "8", "--n-eval", "4", "--seq-len", "64", "--calib-samples", "4"]
+    argv += ["--group-size", str(GROUP), "--device", "cpu", "--json"]
+    return folder, tmp_path_factory.mktemp("cache"), argv
+
+
+def _cli_search(tiny_run, monkeypatch, out: Path, *extra: str) -> dict:
+    from edgeqra.cli import EXIT_OK, main
+
+    _, cache, argv = tiny_run
+    monkeypatch.setenv("EDGEQRA_CACHE", str(cache))
+    assert main([*argv, "--out", str(out), *extra]) == EXIT_OK
+    return json.loads(out.joinpath("summary.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def tiny_sequential(tiny_run, tmp_path_factory):
+    """The local run on the tiny model (builds the bank in the shared cache)."""
+    import torch
+
+    monkeypatch = pytest.MonkeyPatch()
+    out = tmp_path_factory.mktemp("tinyseq") / "run"
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as each of the 2 CPU workers (2 cores): bit-identical floats
+    try:
+        summary = _cli_search(tiny_run, monkeypatch, out)
+    finally:
+        torch.set_num_threads(threads)
+        monkeypatch.undo()
+    return out, summary
+
+
+@pytest.mark.parametrize(
+    "executor",
+    ["processes", pytest.param("ray", marks=pytest.mark.slow)],  # ray: actor imports, ~2 min
+)
+def test_model_search_parallel_equals_sequential(
+    executor, tiny_run, tiny_sequential, monkeypatch, tmp_path, request
+):
+    if executor == "ray":
+        request.getfixturevalue("ray_runtime")
+    seq_dir, seq = tiny_sequential
+    out = tmp_path / "run"
+    summary = _cli_search(tiny_run, monkeypatch, out, "--executor", executor, "--workers", "2")
+    assert as_set(out) == as_set(seq_dir)  # scores equal exactly, not within a tolerance
+    assert summary["chosen"]["config"] == seq["chosen"]["config"]
+    assert summary["baselines"] == seq["baselines"] or {
+        k: v["score"] for k, v in summary["baselines"].items()
+    } == {k: v["score"] for k, v in seq["baselines"].items()}
+    workers = {(x["worker"]["host"], x["worker"]["pid"]) for x in lines(out)}
+    assert len(workers) == 2 and all(x["worker"]["device"] == "cpu" for x in lines(out))
+    # One bank in the cache: the driver built it, both workers used it (a worker that finds
+    # no complete bank with its own key refuses to start, see the next test).
+    assert len(list((tiny_run[1] / "banks").iterdir())) == 1
+
+
+def test_worker_refuses_a_missing_bank(tiny_run, tiny_sequential, monkeypatch, tmp_path):
+    from edgeqra.errors import ConfigError
+    from edgeqra.pipeline import SearchJob, prepare
+
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tiny_run[1]))
+    job = SearchJob.from_json(json.loads((tiny_sequential[0] / "job.json").read_text()))
+    bank = next((tiny_run[1] / "banks").iterdir())
+    with pytest.raises(ConfigError, match="EDGEQRA_CACHE"):
+        prepare(job.eval, budget_gb=job.budget_gb, progress=False, cached_bank=tmp_path / "x")
+    prepared = prepare(job.eval, budget_gb=job.budget_gb, progress=False, cached_bank=bank)
+    assert prepared.bank.root == bank and prepared.bank.complete
