@@ -1,5 +1,5 @@
-"""The TUI driven headless with Textual's pilot: profile → plan → search → cancel → resume,
-save the job, and run the saved job with `edgeqra run`."""
+"""The TUI driven headless with Textual's pilot: profile → plan → search → cancel → resume →
+export, save the job, and run the saved job (with its export) with `edgeqra run`."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from pathlib import Path
 
 from edgeqra.tui.app import (
     EdgeQRAApp,
+    ExportScreen,
     HelpScreen,
     PlanScreen,
     ProfileScreen,
@@ -92,7 +93,8 @@ def test_tui_profile_plan_search_cancel_resume_save(
             done = len((out / "journal.jsonl").read_text().splitlines())
             assert done >= 3
             assert screen.best is not None and str(screen.query_one("#strip").render())
-            await pilot.press("e")  # export: not in this version, says so, does nothing
+            await pilot.press("e")  # export before the search finished: says so, stays
+            assert isinstance(app.screen, SearchScreen)
             await pilot.press("ctrl+s")
             await until(pilot, job_path.is_file)
             # Resume from the journal, to the end.
@@ -103,13 +105,30 @@ def test_tui_profile_plan_search_cancel_resume_save(
                 screen.summary["search"]["fresh_evaluations"]
                 < screen.summary["search"]["evaluations"]
             )  # the cancelled part came from the journal
+            # Export: the gptq format is ticked by default; x runs it in a worker.
+            await pilot.press("e")
+            await until(pilot, lambda: isinstance(app.screen, ExportScreen))
+            export = app.screen
+            assert export.selected() == ["gptq"]
+            await pilot.press("x")
+            await until(pilot, lambda: not export.running and "gptq" in export.packages, 300)
+            manifest = json.loads((export.packages["gptq"] / "manifest.json").read_text())
+            assert manifest["config"]["spec"] == screen.summary["chosen"]["config"]
+            assert app.draft["export"] == ["gptq"]
+            await pilot.press("x")  # again: the package exists, refused without the box
+            await until(pilot, lambda: not export.running)
+            assert "exists" in " ".join(line.text for line in export.query_one("#manifest").lines)
+            await pilot.press("ctrl+s")  # the saved job now exports too
 
     asyncio.run(drive())
     # The saved job is what the screens chose, and `edgeqra run` accepts it.
     saved = load_job(job_path)
     assert saved.search.eval.profile == PROFILE and saved.search.eval.model == str(tiny_folder)
+    assert saved.export == ("gptq",)
     assert main(["run", str(job_path), "--out", str(tmp_path / "again"), "--json"]) == EXIT_OK
-    assert json.loads(capsys.readouterr().out)["chosen"]["fits"]
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["chosen"]["fits"]
+    assert (tmp_path / "again" / summary["exports"]["gptq"] / "manifest.json").is_file()
 
 
 def test_heat_strip_is_one_column_per_layer():

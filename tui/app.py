@@ -1,4 +1,4 @@
-"""The edgeqra terminal UI: pick a profile → plan → search live → (export), save as a job.
+"""The edgeqra terminal UI: pick a profile → plan → search live → export, save as a job.
 
 A thin face over the library: the app's only state is a draft job file (the mapping that
 :mod:`edgeqra.job` reads and writes), so whatever the screens set is exactly what
@@ -6,7 +6,10 @@ A thin face over the library: the app's only state is a draft job file (the mapp
 :func:`edgeqra.plan.make_plan` and :func:`edgeqra.pipeline.run_search_job` in thread
 workers so the UI never freezes; the search reports through its ``on_event`` callback.
 Cancelling raises inside that callback: the journal already holds every finished
-evaluation, so "resume" continues without repeating any.
+evaluation, so "resume" continues without repeating any. The export screen calls
+:func:`edgeqra.exporters.export_package` on the finished run directory, one format at a time,
+in a worker too, and shows each package's manifest; the formats it picks go into the draft,
+so a saved job exports the same way under ``edgeqra run``.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from textual.binding import Binding
 from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen, Screen
 from textual.widgets import (
+    Checkbox,
     DataTable,
     Footer,
     Header,
@@ -30,6 +34,7 @@ from textual.widgets import (
     Label,
     ProgressBar,
     RichLog,
+    SelectionList,
     Static,
 )
 from textual_plotext import PlotextPlot
@@ -61,7 +66,8 @@ HELP = """\
 
 [b]profiles[/b]  type: filter · ↑ ↓: move · enter: pick
 [b]plan[/b]      tab: edit model, task, budget (enter applies) · s: search
-[b]search[/b]    c: cancel · r: resume from the journal · e: export (not yet)
+[b]search[/b]    c: cancel · r: resume from the journal · e: export (when done)
+[b]export[/b]    space: toggle a format · tab: archive / replace boxes · x: export
 [b]anywhere[/b]  ctrl+s: save the choices as a job file · escape: back
           ? (f1 in a text field): this help · ctrl+q: quit
 
@@ -428,15 +434,126 @@ class SearchScreen(Screen[None]):
         self.start(resume=True)
 
     def action_export(self) -> None:
-        self.notify(
-            "export is not in this version: the exporters (gptq, adapter, onnx) are not "
-            "written yet; the run directory holds the adapter and summary.json",
-            severity="warning",
-        )
+        if self.running:
+            self.notify("the search is running; wait for it or cancel it", severity="warning")
+            return
+        out = Path(self.app.draft.get("out", "runs/tui"))  # type: ignore[attr-defined]
+        if self.summary is None and not (out / "summary.json").is_file():
+            self.notify(
+                "nothing to export yet: the search has not finished (r resumes it)",
+                severity="warning",
+            )
+            return
+        self.app.push_screen(ExportScreen(out))
+
+
+# What each format is, one line (the model card says the rest).
+FORMAT_HELP = {
+    "gptq": "adapters merged, GPTQ again per unit (GPTQModel)",
+    "adapter": "the searched GPTQ base + PEFT adapter, exact",
+    "onnx": "merged, MatMulNBits per layer (onnxruntime)",
+}
+
+
+class ExportScreen(Screen[None]):
+    """Pick formats, export the finished run in a worker, show each package's manifest."""
+
+    BINDINGS = [
+        Binding("x", "export", "Export"),
+        Binding("escape", "app.pop_screen", "Back"),
+    ]
+
+    def __init__(self, run_dir: Path) -> None:
+        super().__init__()
+        self.run_dir = run_dir
+        self.running = False
+        self.packages: dict[str, Path] = {}  # format -> package folder written
+
+    def compose(self) -> ComposeResult:
+        from edgeqra.exporters import available_formats
+
+        chosen = set(self.app.draft.get("export") or ["gptq"])  # type: ignore[attr-defined]
+        yield Header()
+        yield Label(f"run directory [b]{self.run_dir}[/b]", id="run")
+        with Horizontal():
+            with Vertical(id="choices"):
+                yield SelectionList[str](
+                    *[
+                        (f"{fmt:<8}{FORMAT_HELP[fmt]}", fmt, fmt in chosen)
+                        for fmt in available_formats()
+                    ],
+                    id="formats",
+                )
+                yield Checkbox("also write a .tar.gz", id="archive")
+                yield Checkbox("replace existing packages", id="force")
+            yield RichLog(id="manifest", wrap=True, markup=True)
+        yield Footer()
+
+    def on_mount(self) -> None:
+        self.query_one("#formats", SelectionList).focus()
+        self._log("space toggles a format, [b]x[/b] exports (minutes on a CPU for SmolLM2)")
+
+    def _log(self, message: str) -> None:
+        self.query_one("#manifest", RichLog).write(message)
+
+    def selected(self) -> list[str]:
+        """The ticked formats, in the list's order."""
+        return list(self.query_one("#formats", SelectionList).selected)
+
+    def action_export(self) -> None:
+        if self.running:
+            self.notify("an export is running", severity="warning")
+            return
+        formats = self.selected()
+        if not formats:
+            self.notify("tick at least one format (space)", severity="warning")
+            return
+        self.app.draft["export"] = formats  # type: ignore[attr-defined]
+        self.running = True
+        archive = self.query_one("#archive", Checkbox).value
+        force = self.query_one("#force", Checkbox).value
+        self._export(formats, archive, force)
+
+    @work(thread=True, exclusive=True, group="export")
+    def _export(self, formats: list[str], archive: bool, force: bool) -> None:
+        from edgeqra.exporters import export_package
+
+        call = self.app.call_from_thread
+        for fmt in formats:
+            try:
+                result = export_package(
+                    self.run_dir,
+                    fmt,
+                    archive=archive,
+                    force=force,
+                    on_stage=lambda msg, fmt=fmt: call(self._log, f"[b]{fmt}[/b]: {msg}"),
+                )
+            except EdgeQRAError as exc:
+                call(self._log, f"[red]{fmt}: {exc}[/red]")
+                continue
+            call(self._show, fmt, result)
+        call(self._done)
+
+    def _show(self, fmt: str, result: Any) -> None:
+        self.packages[fmt] = result.path
+        m = result.manifest
+        files = m.get("files", {})
+        size = sum(int(f.get("bytes", 0)) for f in files.values()) / 2**20
+        self._log(f"[green]{fmt}[/green] written to [b]{result.path}[/b]")
+        if result.archive is not None:
+            self._log(f"  archive {result.archive}")
+        self._log(f"  {len(files)} files, {size:.1f} MiB; config {m['config']['short']}")
+        for label, entry in (m.get("scores") or {}).items():
+            if isinstance(entry, dict) and "score" in entry:
+                self._log(f"  score {label}: {entry['score']:.4f}")
+
+    def _done(self) -> None:
+        self.running = False
+        self._log(f"done: {len(self.packages)} package(s); `edgeqra verify DIR` checks one")
 
 
 class EdgeQRAApp(App[None]):
-    """Profile → plan → search; ctrl+s saves the choices as a job file for ``edgeqra run``."""
+    """Profile → plan → search → export; ctrl+s saves the choices as a job for ``edgeqra run``."""
 
     TITLE = "edgeqra"
     SUB_TITLE = "joint per-layer bits and LoRA ranks under a device budget"
@@ -451,6 +568,10 @@ class EdgeQRAApp(App[None]):
     #side { width: 45%; }
     #strip { height: 3; overflow-x: auto; }
     #help { width: 78; height: auto; padding: 0 1; border: thick $primary; }
+    #run { height: 1; padding: 0 1; }
+    #choices { width: 50%; }
+    #formats { height: auto; }
+    #manifest { width: 50%; }
     HelpScreen { align: center middle; }
     """
     # Priority bindings fire even while a text field has focus, except for printable keys,
