@@ -242,6 +242,23 @@ def test_exhausted_retries_are_journaled_as_failed_and_resume_skips_them(monkeyp
     assert len(lines(tmp_path)) == len(journal) + len(journal.failures)
 
 
+@dataclasses.dataclass(frozen=True)
+class BrokenJob:
+    """A worker job whose evaluator cannot be built (a bad model path, say)."""
+
+    def build(self, slot: int):
+        from edgeqra.errors import ModelError
+
+        raise ModelError("model `nowhere` not found; pass a HF folder")
+
+
+def test_worker_that_cannot_start_stops_the_search_with_its_error(tmp_path):
+    with ProcessExecutor(BrokenJob(), 2) as executor, pytest.raises(ExecutorError) as info:
+        search(tmp_path, executor)
+    assert "could not start: model `nowhere` not found" in str(info.value)
+    assert not (tmp_path / "journal.jsonl").exists()  # nothing was recorded as a result
+
+
 # ----------------------------------------------------------------------------- killed driver
 
 _DRIVER = """

@@ -66,6 +66,7 @@ import contextlib
 import dataclasses
 import json
 import logging
+import math
 import multiprocessing as mp
 import os
 import socket
@@ -694,8 +695,8 @@ class RayExecutor(_PoolExecutor):
         if workers is None:
             workers = n_gpus or 2
         super().__init__(workers, attempts)
-        if n_gpus:  # one GPU per worker, or an equal share when there are more workers
-            options = {"num_gpus": min(1.0, n_gpus / workers), "num_cpus": 1}
+        if n_gpus:  # one GPU per worker, or 1/k of one when k workers must share each GPU
+            options = {"num_gpus": 1.0 / math.ceil(workers / n_gpus), "num_cpus": 1}
             self._threads = None
         else:
             cpus = max(1, int(resources.get("CPU", 1)) // workers)

@@ -1,0 +1,180 @@
+"""Evaluations per hour with 1 vs 2 (or more) workers, per executor (issue 8).
+
+One batch of ``--evals`` seeded, feasible configs at one fidelity goes through each
+executor (the batch a successive-halving rung hands it); the figure is the steady-state
+throughput, worker start-up (model load in each worker) timed apart. Every executor must
+return the same scores as the local one; the script checks it and says so.
+
+CPU (the dev machine; a small random Llama with SmolLM2's tokenizer, bank built in seconds):
+
+    python bench/scaling.py --tiny --device cpu --evals 8 --steps 4
+
+GPU (not run yet): 1 vs 2 workers on one GPU, then on two GPUs:
+
+    CUDA_VISIBLE_DEVICES=0 python bench/scaling.py --executors local processes:1 processes:2 ray:1 ray:2
+    CUDA_VISIBLE_DEVICES=0,1 python bench/scaling.py --executors local processes:2 ray:2
+
+``processes:N`` / ``ray:N`` start N workers; on one GPU they share it (Ray gives each
+``num_gpus=1/N``), on several GPUs worker i takes GPU i mod count.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import socket
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from edgeqra.evaluate import EvalSettings
+from edgeqra.models import cache_dir, resolve_model
+from edgeqra.pipeline import EvalJob, prepare
+from edgeqra.search.executors import EvalWorkerJob, ExecutorSettings, Task, make_executor
+from edgeqra.space import Config
+from edgeqra.tune import TuneSettings
+
+
+def tiny_folder(root: Path) -> Path:
+    """A seeded random 4-layer Llama (hidden 256) with SmolLM2's tokenizer, saved once."""
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    folder = root / "scaling-tiny-llama"
+    if (folder / "config.json").is_file():
+        return folder
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    config = LlamaConfig(
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=len(tokenizer),
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def configs(n_units: int, bits: tuple[int, ...], ranks: tuple[int, ...], n: int, seed: int):
+    """``n`` distinct seeded random configs."""
+    rng = random.Random(seed)
+    out: dict[Config, None] = {}
+    while len(out) < n:
+        out[Config.from_pairs([(rng.choice(bits), rng.choice(ranks)) for _ in range(n_units)])] = (
+            None
+        )
+    return list(out)
+
+
+def measure(executor, tasks: list[Task]) -> tuple[float, dict[str, float]]:
+    """Seconds for the batch and each config's score."""
+    start = time.perf_counter()
+    scores = {}
+    for done in executor.run(tasks):
+        if done.result is None:
+            raise RuntimeError(f"{done.task.config.short()} failed: {done.error}")
+        scores[str(done.task.config)] = done.result.score
+    return time.perf_counter() - start, scores
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--tiny", action="store_true", help="a small random Llama instead")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--evals", type=int, default=8, help="configs in the batch")
+    parser.add_argument("--steps", type=int, default=8, help="tuning steps per evaluation")
+    parser.add_argument("--bits", default="4,8")
+    parser.add_argument("--n-train", type=int, default=64)
+    parser.add_argument("--n-eval", type=int, default=40)
+    parser.add_argument("--seq-len", type=int, default=128)
+    parser.add_argument("--calib-samples", type=int, default=8)
+    parser.add_argument(
+        "--executors",
+        nargs="+",
+        default=["local", "processes:1", "processes:2", "ray:1", "ray:2"],
+        help="local, processes:N, ray:N",
+    )
+    parser.add_argument("--json", type=Path, help="also write the figures here")
+    args = parser.parse_args()
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+    model = str(tiny_folder(cache_dir())) if args.tiny else args.model
+    bits = tuple(int(b) for b in args.bits.split(","))
+    job = EvalJob(
+        model=model,
+        task="arc_easy",
+        bits=bits,
+        ranks=(4, 8, 16),
+        group_size=32 if args.tiny else 64,
+        calib_samples=args.calib_samples,
+        tune=TuneSettings(steps=args.steps, batch_size=4, seed=0),
+        eval=EvalSettings(n_train=args.n_train, n_eval=args.n_eval, seq_len=args.seq_len),
+        device=args.device,
+    )
+    start = time.perf_counter()
+    prepared = prepare(job, progress=False)  # the driver builds the bank once
+    print(f"driver prepare (model, data, bank): {time.perf_counter() - start:.1f} s")
+    worker_job = EvalWorkerJob(job, None, str(prepared.bank.root), str(cache_dir()))
+    batch = configs(prepared.space.n_units, bits, job.ranks, args.evals, seed=0)
+    tasks = [Task(i, c, args.steps) for i, c in enumerate(batch)]
+
+    rows, reference = [], None
+    for name in args.executors:
+        kind, _, n = name.partition(":")
+        settings = ExecutorSettings(kind, workers=int(n) if n else None)
+        start = time.perf_counter()
+        executor = make_executor(
+            settings, local=prepared.evaluator.evaluate, job=worker_job, device=prepared.device
+        )
+        with executor:
+            # Start-up: one task per worker (each builds its evaluator, then evaluates).
+            warm = [Task(i, c, args.steps) for i, c in enumerate(batch[: executor.width])]
+            measure(executor, warm)
+            startup = time.perf_counter() - start
+            seconds, scores = measure(executor, tasks)
+        same = reference is None or scores == reference
+        reference = reference or scores
+        row = {
+            "executor": name,
+            "workers": executor.width,
+            "startup_s": round(startup, 1),
+            "batch_s": round(seconds, 1),
+            "evals_per_hour": round(3600 * len(tasks) / seconds),
+            "same_scores_as_first": same,
+        }
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    base = rows[0]["evals_per_hour"]
+    print()
+    print(f"| executor | workers | start-up s | {len(tasks)} evals s | evals/hour | speed-up |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        print(
+            f"| {r['executor']} | {r['workers']} | {r['startup_s']} | {r['batch_s']} | "
+            f"{r['evals_per_hour']} | {r['evals_per_hour'] / base:.2f}x |"
+        )
+    machine = {
+        "host": socket.gethostname(),
+        "cpus": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "python": platform.python_version(),
+        "argv": sys.argv,
+    }
+    print(json.dumps(machine))
+    if args.json:
+        args.json.write_text(json.dumps({"machine": machine, "rows": rows}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
