@@ -350,3 +350,25 @@ def test_onnx_export_matches_the_merged_checkpoint(run):
     ids = torch.tensor(manifest["parity"]["input_ids"])
     assert onnx_logits(result.path, ids.numpy()).shape[:2] == tuple(ids.shape)
     assert package.verify_package(result.path).ok
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_gptq_package_loads_with_cuda_kernels_and_generates(run):
+    """On a GPU, GPTQModel picks its CUDA kernels (fp16) for the package and generates."""
+    from edgeqra.gptq import load_quantized
+
+    out, *_ = run
+    result = package.export_package(out, "gptq", out / "gpu-pkg")
+    probe = result.manifest["parity"]
+    model = load_quantized(result.path, device="cuda", dtype=torch.float16)
+    kernels = {type(m).__name__ for m in model.modules() if hasattr(m, "qweight")}
+    print(f"GPTQModel kernels on CUDA: {sorted(kernels)}")
+    assert kernels
+    ids = torch.tensor(probe["input_ids"], device="cuda")
+    with torch.no_grad():
+        logits = model(ids).logits[0].float().cpu()[:, probe["vocab_ids"]]
+        generated = model.generate(ids, max_new_tokens=8, min_new_tokens=8, do_sample=False)
+    assert generated.shape[1] == ids.shape[1] + 8
+    # fp16 kernels vs the float32 CPU reference: rounding only (logits of scale ~0.5 here).
+    assert float((logits - torch.tensor(probe["reference"])).abs().max()) < 5e-2
