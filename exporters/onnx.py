@@ -44,7 +44,7 @@ from torch import nn
 
 from edgeqra.errors import ConfigError, ModelError
 
-__all__ = ["greedy_generate", "onnx_logits", "write_onnx"]
+__all__ = ["float_model", "greedy_generate", "onnx_logits", "write_onnx"]
 
 log = logging.getLogger(__name__)
 
@@ -247,8 +247,11 @@ def _gptq_modules(gptq_dir: Path) -> Iterator[PackedLinear]:
         )
 
 
-def _float_model(gptq_dir: Path) -> nn.Module:
-    """The HF model of config.json in float32 with the checkpoint's dense tensors and W_hat."""
+def float_model(gptq_dir: Path) -> nn.Module:
+    """The float32 HF model of config.json: the checkpoint's dense tensors, W_hat in every linear.
+
+    The torch reference of the export (what the ONNX graph is traced from).
+    """
     import transformers
 
     from edgeqra.gptq import _restore_dense_tensors, dequantized_weights
@@ -307,29 +310,40 @@ def _export_float(model: nn.Module):
 
     sample_batch, sample_seq, sample_past = 2, 5, 3  # dynamic dims must not be sampled at 0/1
     vocab = model.config.vocab_size
-    ids = torch.randint(0, vocab, (sample_batch, sample_seq), generator=torch.Generator())
+    ids = torch.randint(
+        0, vocab, (sample_batch, sample_seq), generator=torch.Generator().manual_seed(0)
+    )
     mask = torch.ones(sample_batch, sample_past + sample_seq, dtype=torch.long)
     past = torch.zeros(_cache_shape(model.config, sample_batch, sample_past))
     dim = torch.export.Dim
     batch, seq, total = dim("batch"), dim("seq"), dim("total")
     past_len = dim("past", min=0)  # prefill runs with an empty cache
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        program = torch.onnx.export(
-            _CachedLM(model).eval(),
-            (ids, mask, past, past.clone()),
-            dynamo=True,
-            input_names=list(_INPUTS),
-            output_names=list(_OUTPUTS),
-            dynamic_shapes={
-                "input_ids": {0: batch, 1: seq},
-                "attention_mask": {0: batch, 1: total},
-                "past_keys": {1: batch, 3: past_len},
-                "past_values": {1: batch, 3: past_len},
-            },
-            optimize=True,
-            verbose=False,
-        )
+    # onnxscript's rewriter logs every rule at INFO; keep a root INFO logger readable.
+    chatty = [logging.getLogger(n) for n in ("onnxscript", "onnx_ir", "torch.onnx")]
+    levels = [c.level for c in chatty]
+    for c in chatty:
+        c.setLevel(max(c.getEffectiveLevel(), logging.WARNING))
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            program = torch.onnx.export(
+                _CachedLM(model).eval(),
+                (ids, mask, past, past.clone()),
+                dynamo=True,
+                input_names=list(_INPUTS),
+                output_names=list(_OUTPUTS),
+                dynamic_shapes={
+                    "input_ids": {0: batch, 1: seq},
+                    "attention_mask": {0: batch, 1: total},
+                    "past_keys": {1: batch, 3: past_len},
+                    "past_values": {1: batch, 3: past_len},
+                },
+                optimize=True,
+                verbose=False,
+            )
+    finally:
+        for c, level in zip(chatty, levels, strict=True):
+            c.setLevel(level)
     return program.model
 
 
@@ -348,7 +362,9 @@ def _module_of(node, names: set[str]) -> str | None:
     return hits[-1] if hits else None
 
 
-def _swap_matmuls(model, packed: dict[str, PackedLinear], w_hat: dict[str, torch.Tensor]) -> dict:
+def _swap_matmuls(
+    model, packed: dict[str, PackedLinear], w_hat: dict[str, torch.Tensor], accuracy_level: int
+) -> dict:
     """Replace each quantized linear's MatMul by MatMulNBits; returns {module: node name}.
 
     A MatMul is taken for module M only if its name scope says M *and* its constant weight
@@ -394,6 +410,11 @@ def _swap_matmuls(model, packed: dict[str, PackedLinear], w_hat: dict[str, torch
                 "N": ir.AttrInt64("N", p.n),
                 "bits": ir.AttrInt64("bits", p.bits_stored),
                 "block_size": ir.AttrInt64("block_size", p.block_size),
+                **(
+                    {"accuracy_level": ir.AttrInt64("accuracy_level", accuracy_level)}
+                    if accuracy_level
+                    else {}
+                ),
             },
             name=f"{tag}.MatMulNBits",
             metadata_props={
@@ -579,13 +600,19 @@ def _three_bit_info(packed: dict[str, PackedLinear]) -> dict:
     }
 
 
-def write_onnx(gptq_dir: Path, dest: Path, *, progress: bool = True) -> dict:
+def write_onnx(
+    gptq_dir: Path, dest: Path, *, progress: bool = True, accuracy_level: int = 0
+) -> dict:
     """Export a GPTQModel checkpoint to ``dest/model.onnx`` (+ ``model.onnx.data``) and tokenizer.
 
     ``dest`` must exist and be empty (the packager writes into a temp dir and renames it).
     Returns JSON-ready info for the manifest: per-node stored vs requested bits, the 3-bit
     storage choice and its byte cost, block sizes, opset, versions, the onnxruntime-vs-torch
     max |Δlogits| on a fixed input, and the file list.
+
+    ``accuracy_level`` is MatMulNBits' compute type for the activations: 0 (default) computes
+    in float32; 4 lets onnxruntime quantize A to int8 per block (faster on CPUs with int8 dot
+    products, small extra error, measured by the parity check). The weights are the same.
     """
     import onnx_ir as ir
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -593,6 +620,10 @@ def write_onnx(gptq_dir: Path, dest: Path, *, progress: bool = True) -> dict:
     gptq_dir, dest = Path(gptq_dir), Path(dest)
     if not (gptq_dir / "config.json").is_file():
         raise ModelError(f"`gptq_dir` {gptq_dir} has no config.json; pass a GPTQ checkpoint")
+    if accuracy_level not in (0, 1, 4):
+        raise ConfigError(
+            f"`accuracy_level`={accuracy_level} is not supported; use 0 or 1 (float32) or 4 (int8)"
+        )
     if not dest.is_dir() or any(dest.iterdir()):
         raise ConfigError(f"`dest` {dest} must be an existing empty folder")
 
@@ -623,7 +654,7 @@ def write_onnx(gptq_dir: Path, dest: Path, *, progress: bool = True) -> dict:
         if unsupported:
             raise ConfigError(f"stored bit-widths {unsupported} are not run by onnxruntime")
         advance(1)
-        model = _float_model(gptq_dir)
+        model = float_model(gptq_dir)
         from edgeqra.gptq import dequantized_weights
 
         w_hat = dequantized_weights(gptq_dir)
@@ -635,7 +666,7 @@ def write_onnx(gptq_dir: Path, dest: Path, *, progress: bool = True) -> dict:
         onnx_model = _export_float(model)
         export_s = time.perf_counter() - t_export
         advance(3)
-        swapped = _swap_matmuls(onnx_model, packed, w_hat)
+        swapped = _swap_matmuls(onnx_model, packed, w_hat, accuracy_level)
         del w_hat
         advance(4)
         ir.save(onnx_model, dest / MODEL_FILE, external_data=DATA_FILE)
@@ -678,7 +709,7 @@ def write_onnx(gptq_dir: Path, dest: Path, *, progress: bool = True) -> dict:
         "block_sizes": sorted({n["block_size"] for n in nodes}),
         "three_bit": _three_bit_info(packed),
         "values": "GPTQ integers, scales and zero points (no re-quantization)",
-        "accuracy_level": 0,
+        "accuracy_level": accuracy_level,
         "kv_cache": True,
         "inputs": list(_INPUTS),
         "outputs": list(_OUTPUTS),
