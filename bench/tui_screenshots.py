@@ -1,10 +1,14 @@
 """SVG screenshots of each TUI screen at 80×24, driven headless by Textual's pilot.
 
     python bench/tui_screenshots.py --out docs/screenshots
+    python bench/tui_screenshots.py --out docs/screenshots --export-run runs/quickstart
 
 Uses the embedded SmolLM2-135M-Instruct and the quick-start settings (Jetson Orin Nano,
 budget 0.86 GiB); the search screen is captured after a few evaluations, then the search is
 cancelled. Minutes on a CPU with a warm cache (the bank and sensitivity of the quick-start).
+``--export-run`` takes a finished run directory (e.g. of ``edgeqra run
+examples/quickstart.toml``) and shoots the export screen after exporting it (``--format``,
+replacing that run's earlier package of the format).
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from pathlib import Path
 from edgeqra.tui.app import (
     DEFAULT_DRAFT,
     EdgeQRAApp,
+    ExportScreen,
     HelpScreen,
     PlanScreen,
     ProfileScreen,
@@ -71,13 +76,36 @@ async def shoot(out: Path, points: int, timeout: float) -> list[Path]:
     return shots
 
 
+async def shoot_export(out: Path, run_dir: Path, fmt: str, timeout: float) -> Path:
+    """The export screen after exporting ``run_dir`` in ``fmt``."""
+    draft = copy.deepcopy(DEFAULT_DRAFT)
+    draft.update(out=str(run_dir), export=[fmt])
+    with tempfile.TemporaryDirectory() as tmp:
+        app = EdgeQRAApp(draft, job_path=Path(tmp) / "job.toml")
+        async with app.run_test(size=(80, 24)) as pilot:
+            await until(pilot, lambda: isinstance(app.screen, ProfileScreen), 10)
+            app.push_screen(ExportScreen(run_dir))
+            await until(pilot, lambda: isinstance(app.screen, ExportScreen), 10)
+            screen = app.screen
+            screen.query_one("#force").value = True
+            await pilot.press("x")
+            await until(pilot, lambda: not screen.running and fmt in screen.packages, timeout)
+            await pilot.pause(0.5)
+            return Path(app.save_screenshot("4-export.svg", str(out)))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--out", type=Path, default=Path("docs/screenshots"))
     p.add_argument("--points", type=int, default=6, help="evaluations before the search shot")
     p.add_argument("--timeout", type=float, default=900.0)
+    p.add_argument("--export-run", type=Path, help="a finished run directory: shoot only export")
+    p.add_argument("--format", default="gptq", help="the format the export shot writes")
     args = p.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.export_run is not None:
+        print(asyncio.run(shoot_export(args.out, args.export_run, args.format, args.timeout)))
+        return
     for path in asyncio.run(shoot(args.out, args.points, args.timeout)):
         print(path)
 
