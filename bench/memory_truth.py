@@ -7,12 +7,14 @@ weight values). Each config is measured for inference (the profile's batch × co
 prefill plus a few decode steps) and LoRA fine-tuning (micro-batch × sequence length, with
 and without gradient checkpointing); see ``edgeqra/measure.py`` for what is read and how.
 
-GPU (one H200 call per architecture group, each well inside 9 minutes):
+GPU (one H200 call per architecture group; ``bench/gpu/README.md`` has the exact calls):
 
     python bench/memory_truth.py --arch small --out $OUT/memory_truth_small.json
-    python bench/memory_truth.py --arch qwen2.5-7b --out $OUT/memory_truth_qwen7b.json
-    python bench/memory_truth.py --arch llama-3.1-8b --configs fp16,u8,u4,u3,u2 --out ...
-    python bench/memory_truth.py --arch llama-3.1-8b --configs m0,m1,m2,m3,m4,m5 --out ...
+    python bench/memory_truth.py --arch qwen2.5-7b --out $OUT/memory_truth_qwen2.5-7b.json
+    python bench/memory_truth.py --arch llama-3.1-8b --out $OUT/memory_truth_llama-3.1-8b.json
+
+``--time-limit`` (default 530 s) stops starting configs so that the table still prints
+inside a 10-minute call; the ones left are listed, to rerun with ``--configs``.
 
 CPU (no GPU): ``--dry-run`` prints the predictions and checks the weight term against the
 tensors of each built checkpoint (always, from shapes) and, for architectures up to
@@ -65,8 +67,10 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--kernels",
-        default="marlin,triton,torch",
-        help="GPTQModel kernels allowed (profile names); fine-tuning takes the trainable ones",
+        default="triton,torch",
+        help="GPTQModel kernels allowed (profile names). The default runs both phases on the "
+        "trainable kernels (one load per config, no CUDA JIT build); add marlin to measure "
+        "its inference path (a second load per config, ~2 min JIT build per fresh machine)",
     )
     p.add_argument("--modes", default="inference,finetune")
     p.add_argument("--group-size", type=int, default=64)

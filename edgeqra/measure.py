@@ -224,10 +224,18 @@ def build_model(
     units = find_units(meta_model(hf_config))
     model = attach_lora(base, units, config, TuneSettings(steps=0, seed=seed))
     if not trainable:
-        for name, param in model.named_parameters():
-            if ".lora_" in name:
-                param.data = param.data.to(dtype)
+        _cast_adapters(model, dtype)
     return model, chosen
+
+
+_INFERENCE_ONLY = frozenset({"marlin", "machete", "exllama_v2"})  # SUPPORTS_TRAINING = False
+
+
+def _cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
+    """Put every LoRA tensor in ``dtype`` (values do not matter for memory)."""
+    for name, param in model.named_parameters():
+        if ".lora_" in name and param.dtype != dtype:
+            param.data = param.data.to(dtype)
 
 
 def _release() -> None:
@@ -265,25 +273,32 @@ def measure_config(
         "phases": [],
     }
     phases: list[dict[str, object]] = record["phases"]  # type: ignore[assignment]
+    # Without inference-only kernels both phases get the same modules: load once.
+    share = kernels is not None and not set(kernels) & _INFERENCE_ONLY
+    model = None
     for mode in modes:
         trainable = mode == "finetune"
         t0 = time.perf_counter()
-        try:
-            model, chosen = build_model(
-                hf_config,
-                config,
-                trainable=trainable,
-                work_dir=work_dir,
-                device=device,
-                group_size=group_size,
-                kernels=kernels,
-                seed=seed,
-            )
-        except Exception as exc:  # noqa: BLE001 - record and go on with the grid
-            log.exception("building %s for %s failed", config.short(), mode)
-            phases.append({"mode": mode, "error": f"build: {type(exc).__name__}: {exc}"})
-            _release()
-            continue
+        if model is None or not share:
+            try:
+                model, chosen = build_model(
+                    hf_config,
+                    config,
+                    trainable=trainable or share,
+                    work_dir=work_dir,
+                    device=device,
+                    group_size=group_size,
+                    kernels=kernels,
+                    seed=seed,
+                )
+            except Exception as exc:  # noqa: BLE001 - record and go on with the grid
+                log.exception("building %s for %s failed", config.short(), mode)
+                phases.append({"mode": mode, "error": f"build: {type(exc).__name__}: {exc}"})
+                model = None
+                _release()
+                continue
+        # Adapters: fp32 to train (PEFT's default), the compute dtype for inference.
+        _cast_adapters(model, torch.float32 if trainable else torch.bfloat16)
         record["kernels"][mode] = {str(b): k for b, k in chosen.items()}  # type: ignore[index]
         record[f"allocated_after_build_{mode}"] = torch.cuda.memory_allocated(device)
         record[f"build_seconds_{mode}"] = round(time.perf_counter() - t0, 2)
@@ -329,8 +344,11 @@ def measure_config(
                     percent_error(predicted.total, reading.process_peak), 2
                 )
             phases.append(entry)
-        del model
-        _release()
+        if not share:
+            model = None
+            _release()
+    model = None
+    _release()
     return record
 
 

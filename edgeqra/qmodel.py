@@ -283,7 +283,8 @@ def load_gptq(
                 "kernel runs every bit-width; add `torch`"
             )
         if dtype == torch.float32:
-            return load_quantized(checkpoint_dir, device, dtype=torch.float32)
+            with _quiet():  # GPTQModel prints its config dumps to stdout
+                return load_quantized(checkpoint_dir, device, dtype=torch.float32)
         backend = BACKEND.TORCH
     else:
         if not torch.cuda.is_available():
