@@ -136,15 +136,17 @@ def measure_inference(
     prompt = max(work.context - decode_tokens, 1)
     g = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, vocab, (work.batch, prompt), generator=g).to(device)
-    kwargs = dict(do_sample=False, pad_token_id=0, eos_token_id=None)
+    kwargs = dict(
+        do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids)
+    )
     with torch.no_grad():
-        # Warm-up on a short prompt: kernel compilation stays out of the measured phase.
-        model.generate(input_ids=ids[:1, :16], max_new_tokens=2, min_new_tokens=2, **kwargs)
+        # Warm-up at the measured shapes: Triton compiles and autotunes per shape, and that
+        # stays out of the measured phase.
+        model.generate(input_ids=ids, max_new_tokens=2, min_new_tokens=2, **kwargs)
         readings: list[Reading] = []
         with _phase(device, readings):
             model.generate(
                 input_ids=ids,
-                attention_mask=torch.ones_like(ids),
                 max_new_tokens=decode_tokens,
                 min_new_tokens=decode_tokens,
                 **kwargs,
