@@ -132,7 +132,7 @@ def test_quantized_lora_trains_only_adapters_through_quantlinear(dense, checkpoi
     before = _packed_state(base)
     log = train(q.model, batches, settings)
     # Random init: loss ~ ln(512) = 6.24; memorising 4 rows of a quantized base takes it
-    # well below (measured 6.2 -> ~3 in 25 steps); 1.0 is the margin asserted.
+    # below (measured on the CPU dev machine: 6.25 -> 4.91 in 25 steps); 1.0 is asserted.
     assert not log.diverged and len(log.losses) == 25
     assert log.losses[0] == pytest.approx(math.log(VOCAB), abs=0.3)
     assert log.losses[-1] < log.losses[0] - 1.0
@@ -199,7 +199,7 @@ def test_built_model_bytes_equal_the_memory_model(tmp_path):
     assert got["quantized"] == predicted["quantized_weights"]
     assert got["dense"] == predicted["unquantized_weights"]
     # Not in the memory model: TorchLinear's shift tables (2 small int32 tensors per module)
-    # and rotary inv_freq; measured 1.8 KiB here, under 0.3 % of the weights.
+    # and rotary inv_freq; measured 1,696 B here, 0.20 % of the weights (bound 0.3 %).
     assert 0 < got["other"] < 0.003 * (got["quantized"] + got["dense"])
     plan = checkpoint_plan(hf, config, group_size=GROUP)
     on_disk = sum(
