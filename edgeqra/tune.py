@@ -46,8 +46,8 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 __all__ = [
-    "TARGETS",
     "QuantizedLoRA",
+    "TARGETS",
     "TrainBatches",
     "TrainLog",
     "TuneSettings",
