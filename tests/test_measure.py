@@ -112,3 +112,35 @@ def test_plan_measure_on_gpu(capsys):
     assert main([*argv, "--json"]) == EXIT_OK
     data = json.loads(capsys.readouterr().out)
     assert data["measured"]["phases"] and data["measure_error"] is None
+
+
+def _bench(name: str):
+    """Import a bench/ script as a module (bench/ is not a package)."""
+    import importlib.util
+
+    path = ARCH.parents[1] / "bench" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"bench_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_memory_truth_grid_is_seeded_and_complete():
+    bench = _bench("memory_truth")
+    a = bench.grid(30, 6, seed=0, arch="smollm2-135m")
+    assert list(a) == ["fp16", "u8", "u4", "u3", "u2", "m0", "m1", "m2", "m3", "m4", "m5"]
+    assert a == bench.grid(30, 6, seed=0, arch="smollm2-135m")
+    assert a["m0"] != bench.grid(30, 6, seed=1, arch="smollm2-135m")["m0"]
+    assert len({str(c) for c in a.values()}) == 11  # six distinct mixed configs
+    assert all(len(c) == 30 for c in a.values())
+
+
+def test_memory_truth_dry_run_cli_on_8b_shapes(tmp_path, capsys):
+    bench = _bench("memory_truth")
+    out = tmp_path / "dry.json"
+    argv = ["--dry-run", "--arch", "llama-3.1-8b", "--configs", "u3,m1", "--build-max-params", "0"]
+    bench.main([*argv, "--out", str(out)])
+    rows = json.loads(out.read_text())["results"]["llama-3.1-8b"]
+    assert [r["label"] for r in rows] == ["u3", "m1"]
+    assert all(r["plan_quantized"] == r["predicted_quantized"] for r in rows)
+    assert "weight-term mismatches: 0" in capsys.readouterr().out

@@ -10,6 +10,7 @@
 #
 # Extra arguments go to bench/memory_truth.py (e.g. --profile, --kernels, --configs).
 set -uo pipefail
+start=$(date +%s)
 cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/edgeqra-out}
 mkdir -p "$OUT"
@@ -43,5 +44,9 @@ nvidia-smi --query-gpu=name,memory.used,memory.total --format=csv
 arch=${1:-small}
 shift || true
 tag=${arch//,/_}
-python3 bench/memory_truth.py --arch "$arch" --out "$OUT/memory_truth_${tag}.json" "$@" 2>&1 \
+# The grid's time limit is what is left of a 600 s call after the install, less ~60 s for
+# Python imports and the last config's table (BUDGET overrides; a later --time-limit wins).
+limit=$(( ${BUDGET:-540} - ($(date +%s) - start) ))
+python3 bench/memory_truth.py --arch "$arch" --time-limit "$limit" \
+  --out "$OUT/memory_truth_${tag}.json" "$@" 2>&1 \
   | grep -v -E '^(INFO|WARN|W[0-9]{4})' | tee "$OUT/memory_truth_${tag}.log"
