@@ -228,25 +228,28 @@ def _backend_values(names: Sequence[str]) -> set[str]:
 
 
 @contextlib.contextmanager
-def allowed_kernels(names: Sequence[str] | None) -> Iterator[None]:
+def allowed_kernels(names: Sequence[str] | None, *, trainable_only: bool = False) -> Iterator[None]:
     """Restrict GPTQModel's AUTO kernel choice to ``names`` while a model loads.
 
     GPTQModel 7.6 has no public switch for this: AUTO walks ``AUTO_BACKEND_KERNEL_MAPPING``
     in priority order, and validating a candidate JIT-compiles its CUDA extension (minutes
-    for Marlin or Machete) even when a later one is used. So the candidates are filtered in
-    place and restored afterwards. ``None`` leaves GPTQModel's full list.
+    for Marlin or Machete) before it checks bits or trainability, even when a later one is
+    used. So the candidates are filtered in place and restored afterwards. ``None`` keeps
+    every kernel; ``trainable_only`` also drops kernels without ``SUPPORTS_TRAINING``.
     """
-    if names is None:
+    if names is None and not trainable_only:
         yield
         return
     from gptqmodel.quantization import FORMAT, METHOD
     from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
 
-    keep = _backend_values(names)
+    keep = None if names is None else _backend_values(names)
     table = AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ]
     saved = list(table.items())
-    for backend, _ in saved:
-        if backend.value not in keep:
+    for backend, cls in saved:
+        if (keep is not None and backend.value not in keep) or (
+            trainable_only and not getattr(cls, "SUPPORTS_TRAINING", False)
+        ):
             del table[backend]
     try:
         yield
@@ -268,6 +271,7 @@ def load_gptq(
     CPU: the torch kernel for every module (float32 upcasts it after an fp16 load, as
     ``gptq.load_quantized`` does). CUDA: GPTQModel's ``AUTO_TRAINABLE`` (``trainable``) or
     ``AUTO`` choice per module among ``kernels``; ``kernels_by_bits`` says what it picked.
+    A trainable load never validates (hence never JIT-builds) an inference-only kernel.
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import BACKEND, GPTQModel
@@ -294,7 +298,8 @@ def load_gptq(
         raise ConfigError(f"`dtype`={dtype} is not supported here; use bfloat16 or float16")
     with tempfile.TemporaryDirectory(prefix="edgeqra-gptq-load-") as tmp:
         source = _staged(checkpoint_dir, Path(tmp))
-        with allowed_kernels(kernels if on_cuda else None), _quiet():
+        restrict = allowed_kernels(kernels, trainable_only=trainable) if on_cuda else None
+        with restrict or contextlib.nullcontext(), _quiet():
             qmodel = GPTQModel.load(str(source), device=device, dtype=dtype, backend=backend)
     model = qmodel.model
     model.eval()

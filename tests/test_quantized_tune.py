@@ -236,6 +236,11 @@ def test_allowed_kernels_restricts_auto_and_restores(checkpoint):
     assert kernels(None)[4] == "TorchAtenLinear"
     assert kernels(["torch"]) == {b: "TorchLinear" for b in (2, 3, 4, 8)}
     assert list(table) == order  # restored
+    with allowed_kernels(None, trainable_only=True):
+        # Marlin, Machete, ExLlamaV2, BitBLAS, ... are gone: they would JIT-build for nothing.
+        assert table and all(cls.SUPPORTS_TRAINING for cls in table.values())
+        assert len(table) < len(order)
+    assert list(table) == order
     with pytest.raises(ConfigError, match="cuda_magic"):
         with allowed_kernels(["cuda_magic"]):
             pass
