@@ -5,7 +5,7 @@ executor (the batch a successive-halving rung hands it); the figure is the stead
 throughput, worker start-up (model load in each worker) timed apart. Every executor must
 return the same scores as the local one; the script checks it and says so.
 
-CPU (the dev machine; a small random Llama with SmolLM2's tokenizer, bank built in seconds):
+CPU (the dev machine; a small random Llama, bank built in seconds):
 
     python bench/scaling.py --tiny --device cpu --evals 8 --steps 4
 
@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from edgeqra.evaluate import EvalSettings
-from edgeqra.models import cache_dir, resolve_model
+from edgeqra.models import cache_dir
 from edgeqra.pipeline import EvalJob, prepare
 from edgeqra.search.executors import EvalWorkerJob, ExecutorSettings, Task, make_executor
 from edgeqra.space import Config
@@ -41,22 +41,42 @@ from edgeqra.tune import TuneSettings
 
 
 def tiny_folder(root: Path) -> Path:
-    """A seeded random 4-layer Llama (hidden 256) with SmolLM2's tokenizer, saved once."""
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A seeded random 4-layer Llama (hidden 128) with a 512-token byte-level BPE, saved once.
+
+    Small enough that an evaluation takes seconds on a shared 2-core CPU (SmolLM2's 49k
+    vocabulary alone made one step 9 s there): the figure is about the executors.
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+    from edgeqra.data import load_task
 
     folder = root / "scaling-tiny-llama"
     if (folder / "config.json").is_file():
         return folder
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model("smollm2"))
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=512,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    task = load_task("arc_easy", seed=0, n_train=512, n_eval=50)
+    corpus = [e.prompt + e.completion for e in task.train]
+    tok.train_from_iterator(corpus, trainer=trainer)
+    tokenizer = PreTrainedTokenizerFast(
+        tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>"
+    )
     config = LlamaConfig(
-        hidden_size=256,
-        intermediate_size=512,
+        hidden_size=128,
+        intermediate_size=256,
         num_hidden_layers=4,
         num_attention_heads=4,
         num_key_value_heads=2,
         vocab_size=len(tokenizer),
         max_position_embeddings=512,
-        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(folder)
@@ -104,9 +124,18 @@ def main() -> None:
         default=["local", "processes:1", "processes:2", "ray:1", "ray:2"],
         help="local, processes:N, ray:N",
     )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch threads in the driver (local) and in every CPU worker; default: the "
+        "cores shared out evenly (on a shared, oversubscribed CPU use 1: OpenMP threads that "
+        "spin for a busy core made 2-thread matmuls ~10x slower than 1-thread ones there)",
+    )
     parser.add_argument("--json", type=Path, help="also write the figures here")
     args = parser.parse_args()
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     model = str(tiny_folder(cache_dir())) if args.tiny else args.model
     bits = tuple(int(b) for b in args.bits.split(","))
@@ -134,7 +163,11 @@ def main() -> None:
         settings = ExecutorSettings(kind, workers=int(n) if n else None)
         start = time.perf_counter()
         executor = make_executor(
-            settings, local=prepared.evaluator.evaluate, job=worker_job, device=prepared.device
+            settings,
+            local=prepared.evaluator.evaluate,
+            job=worker_job,
+            device=prepared.device,
+            threads=args.threads,
         )
         with executor:
             # Start-up: one task per worker (each builds its evaluator, then evaluates).

@@ -316,6 +316,7 @@ class _PoolExecutor(Executor):
         self.attempts = attempts
         self._info: dict[int, WorkerInfo] = {}
         self._busy: dict[int, tuple[Task, float, float]] = {}  # slot -> task, perf, monotonic
+        self._stale: set[int] = set()  # slots whose worker was stopped mid-task
         self._closed = False
 
     @abc.abstractmethod
@@ -366,6 +367,9 @@ class _PoolExecutor(Executor):
         queue = list(tasks)
         failed_on: dict[int, set[int]] = {}
         notify = on_change or (lambda: None)
+        for slot in sorted(self._stale):
+            self._start(slot)
+        self._stale.clear()
         try:
             while queue or self._busy:
                 stop = False
@@ -392,7 +396,8 @@ class _PoolExecutor(Executor):
                     self._info[slot] = payload
                     notify()
                     continue
-                if kind == "fatal":
+                if kind == "fatal":  # starting it again would fail the same way
+                    self._busy.clear()
                     raise ExecutorError(f"worker {slot} could not start: {payload}")
                 if slot not in self._busy:  # an idle worker died: replace it quietly
                     log.warning("idle worker %d went away (%s); restarting it", slot, payload)
@@ -425,12 +430,13 @@ class _PoolExecutor(Executor):
                     notify()
                     yield Done(task, None, str(payload), worker, wall)
         finally:
-            # Left early (the consumer raised or stopped): workers still busy would answer a
-            # later batch with a stale result, so they are replaced.
+            # Left early (the consumer raised or stopped): a worker still busy would answer a
+            # later batch with a stale result, so it is stopped now and replaced on next use.
             for slot in list(self._busy):
                 self._busy.pop(slot)
-                if not self._closed:
-                    self._restart(slot)
+                self._stop(slot)
+                self._info.pop(slot, None)
+                self._stale.add(slot)
 
     def close(self) -> None:
         if self._closed:
@@ -672,6 +678,7 @@ class RayExecutor(_PoolExecutor):
         address: str | None = None,
         gpu: bool = False,
         attempts: int = 3,
+        threads: int | None = None,
     ) -> None:
         ray = self._ray = _import_ray()
         self._started_ray = False
@@ -701,7 +708,7 @@ class RayExecutor(_PoolExecutor):
         else:
             cpus = max(1, int(resources.get("CPU", 1)) // workers)
             options = {"num_cpus": cpus}
-            self._threads = cpus
+            self._threads = threads or cpus
         self._actor_class = ray.remote(max_restarts=0, **options)(_WorkerCore)
         self._job_ref = ray.put(job)
         self._fault = os.environ.get(FAULT_ENV)
@@ -767,6 +774,7 @@ def make_executor(
     local: Callable[[Config, int], Result],
     job: Callable[[], WorkerJob] | WorkerJob,
     device: str = "cpu",
+    threads: int | None = None,
 ) -> Executor:
     """The executor ``settings`` asks for.
 
@@ -776,6 +784,7 @@ def make_executor(
         job: what workers build their evaluator from (or a thunk making it: only pool
             executors need it).
         device: the driver's resolved device (``cpu``/``cuda``): decides GPU workers.
+        threads: torch threads per CPU worker (default: the cores shared out evenly).
     """
     if settings.kind is ExecutorKind.LOCAL:
         return LocalExecutor(local, device)
@@ -784,11 +793,14 @@ def make_executor(
     if settings.kind is ExecutorKind.PROCESSES:
         gpus = visible_gpus() if gpu else []
         workers = settings.workers or (len(gpus) if gpus else 2)
-        return ProcessExecutor(worker_job, workers, gpus=gpus, attempts=settings.attempts)
+        return ProcessExecutor(
+            worker_job, workers, gpus=gpus, attempts=settings.attempts, threads=threads
+        )
     return RayExecutor(
         worker_job,
         settings.workers,
         address=settings.ray_address,
         gpu=gpu,
         attempts=settings.attempts,
+        threads=threads,
     )
