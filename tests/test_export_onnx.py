@@ -190,6 +190,7 @@ def test_greedy_generation_matches_torch_greedy(exported, dense_dequantized):
     dest, _ = exported
     prompt = [5, 17, 42, 7, 99, 3]
     ids = torch.tensor([prompt])
+    # (a random tiny model repeats its first greedy token; the cache test below has teeth)
     with torch.no_grad():  # full recompute each step: no cache on the torch side
         for _ in range(12):
             next_id = dense_dequantized(ids).logits[:, -1].argmax(-1, keepdim=True)
@@ -201,6 +202,36 @@ def test_greedy_generation_matches_torch_greedy(exported, dense_dequantized):
         greedy_generate(dest, prompt, 12, eos_token_id=stop)
         == ids[0, len(prompt) :][: first + 1].tolist()
     )
+
+
+def test_kv_cache_steps_match_full_recompute(exported, dense_dequantized):
+    """Teacher-forced decoding through the exported cache, step logits vs a full torch forward.
+
+    A random tiny model's greedy output repeats one token, so this is the test with teeth for
+    the cache: every step's logits, not only its argmax.
+    """
+    from edgeqra.exporters.onnx import _empty_cache, _session
+
+    dest, _ = exported
+    g = torch.Generator().manual_seed(4)
+    ids = torch.randint(0, 512, (2, 14), generator=g)  # 6 prompt tokens + 8 forced steps
+    with torch.no_grad():
+        expected = dense_dequantized(ids).logits.numpy()  # (2, 14, 512)
+    sess = _session(dest)
+    keys = values = _empty_cache(sess, 2)
+    got, start = [], 0
+    for end in (6, *range(7, 15)):  # prefill 6 tokens, then one token per step
+        feeds = {
+            "input_ids": ids[:, start:end].numpy(),
+            "attention_mask": np.ones((2, end), dtype=np.int64),
+            "past_keys": keys,
+            "past_values": values,
+        }
+        logits, keys, values = sess.run(None, feeds)
+        got.append(logits)
+        start = end
+    assert keys.shape[3] == 14
+    np.testing.assert_allclose(np.concatenate(got, 1), expected, atol=1e-4, rtol=0)
 
 
 def test_files_tokenizer_and_info(exported, checkpoint):

@@ -1,0 +1,278 @@
+"""ONNX export of a mixed-bit SmolLM2 GPTQ checkpoint: export time, sizes, parity, tokens/s.
+
+    python bench/onnx_speed.py --out /tmp/onnx_speed.json
+    python bench/onnx_speed.py --checkpoint DIR   # reuse a GPTQ checkpoint, skip quantizing
+
+Quantizes SmolLM2-135M-Instruct with GPTQModel at a fixed per-layer mix of 2/3/4/8 bits
+(group 64, C4 calibration windows), exports it with ``edgeqra.exporters.onnx.write_onnx``,
+then times greedy generation in onnxruntime (CPU, KV cache, MatMulNBits) against the float32
+torch model with the same dequantized weights (HF ``generate``, KV cache). Prints a markdown
+table (paste it into bench/RESULTS.md with the command and the machine).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+BITS_CYCLE = (4, 3, 4, 8, 2, 4)  # layer i gets BITS_CYCLE[i % 6]: all four widths, 4 most common
+
+
+def _folder_bytes(folder: Path, suffixes: tuple[str, ...]) -> int:
+    """Total size of the files in ``folder`` whose name ends with one of ``suffixes``."""
+    return sum(p.stat().st_size for p in folder.iterdir() if p.name.endswith(suffixes))
+
+
+def _quantize(dense: Path, out: Path, n_samples: int) -> tuple[Path, float]:
+    """GPTQ checkpoint of the dense model at BITS_CYCLE; returns (folder, seconds)."""
+    from transformers import AutoConfig, AutoTokenizer
+
+    from edgeqra.data import calibration_batches
+    from edgeqra.gptq import quantize_to_checkpoint
+
+    layers = AutoConfig.from_pretrained(dense).num_hidden_layers
+    bits = {f"model.layers.{i}": BITS_CYCLE[i % len(BITS_CYCLE)] for i in range(layers)}
+    tokenizer = AutoTokenizer.from_pretrained(dense)
+    calibration = calibration_batches(tokenizer, "c4", n_samples=n_samples, seq_len=256)
+    started = time.perf_counter()
+    quantize_to_checkpoint(dense, out, calibration, bits=bits, group_size=64)
+    return out, time.perf_counter() - started
+
+
+def _torch_tokens_per_s(model, prompt: torch.Tensor, new: int, repeats: int) -> tuple[float, list]:
+    """Median tokens/s of HF greedy generate (KV cache) and the tokens it produced."""
+    times, tokens = [], []
+    with torch.no_grad():
+        for _ in range(repeats):
+            started = time.perf_counter()
+            out = model.generate(
+                prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=new,
+                min_new_tokens=new,
+                do_sample=False,
+                pad_token_id=0,
+            )
+            times.append(time.perf_counter() - started)
+            tokens = out[0, prompt.shape[1] :].tolist()
+    return new / statistics.median(times), tokens
+
+
+def _ort_tokens_per_s(dest: Path, prompt: list[int], new: int, repeats: int) -> tuple[float, list]:
+    """Median tokens/s of onnxruntime greedy decoding (KV cache) and its tokens."""
+    from edgeqra.exporters.onnx import greedy_generate
+
+    greedy_generate(dest, prompt, 1)  # session creation outside the timing
+    times, tokens = [], []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        tokens = greedy_generate(dest, prompt, new)
+        times.append(time.perf_counter() - started)
+    return new / statistics.median(times), tokens
+
+
+def _kernel_us(bits: int, accuracy_level: int, k: int = 576, n: int = 1536) -> float:
+    """Median µs of one MatMulNBits (M=1, SmolLM2's up_proj shape, group 64) in onnxruntime."""
+    import numpy as np
+    import onnxruntime as ort
+    from edgeqra.exporters.onnx import pack_matmul_nbits
+    from onnx import helper, numpy_helper
+
+    rng = np.random.default_rng(bits)
+    codes = rng.integers(0, 2**bits, (k, n))
+    zeros = rng.integers(0, 2**bits, (k // 64, n))
+    scales = rng.random((k // 64, n)).astype(np.float32)
+    p = pack_matmul_nbits("m", codes, zeros, scales, bits=bits, group_size=64)
+    attrs = {"K": k, "N": n, "bits": p.bits_stored, "block_size": p.block_size}
+    if accuracy_level:
+        attrs["accuracy_level"] = accuracy_level
+    node = helper.make_node(
+        "MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", **attrs
+    )
+    graph = helper.make_graph(
+        [node],
+        "one",
+        [helper.make_tensor_value_info("A", 1, [1, k])],
+        [helper.make_tensor_value_info("Y", 1, [1, n])],
+        initializer=[
+            numpy_helper.from_array(p.b, "B"),
+            numpy_helper.from_array(p.scales, "S"),
+            numpy_helper.from_array(p.zero_points, "Z"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    sess = ort.InferenceSession(
+        helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+        providers=["CPUExecutionProvider"],
+    )
+    a = rng.standard_normal((1, k)).astype(np.float32)
+    times = []
+    for _ in range(105):
+        started = time.perf_counter()
+        sess.run(None, {"A": a})
+        times.append(time.perf_counter() - started)
+    return statistics.median(times[5:]) * 1e6
+
+
+def _prefix(a: list[int], b: list[int]) -> int:
+    """Length of the common prefix of two token lists."""
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
+
+
+def _int8_variant(dest: Path, out: Path) -> Path:
+    """A copy of the graph with MatMulNBits accuracy_level=4 (int8 activations), same weights."""
+    import onnx
+    from onnx import helper
+
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    for node in model.graph.node:
+        if node.op_type == "MatMulNBits":
+            node.attribute.append(helper.make_attribute("accuracy_level", 4))
+    out.mkdir()
+    onnx.save(model, str(out / "model.onnx"))
+    os.link(dest / "model.onnx.data", out / "model.onnx.data")  # onnxruntime refuses symlinks
+    return out
+
+
+def main() -> None:
+    """Quantize (or reuse), export, measure, print the table."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="smollm2")
+    parser.add_argument("--checkpoint", type=Path, help="existing GPTQ checkpoint to export")
+    parser.add_argument("--calib-samples", type=int, default=32)
+    parser.add_argument("--prompt-tokens", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--keep", type=Path, help="copy the ONNX folder here (must not exist)")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+
+    from edgeqra.exporters.onnx import float_model, onnx_logits, write_onnx
+    from transformers import AutoTokenizer
+
+    from edgeqra.models import resolve_model
+
+    dense = resolve_model(args.model)
+    figures: dict[str, object] = {"args": {k: str(v) for k, v in vars(args).items()}}
+    figures["machine"] = f"{platform.node()}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    with tempfile.TemporaryDirectory(prefix="edgeqra-onnx-bench-") as tmp:
+        if args.checkpoint:
+            checkpoint, quant_s = args.checkpoint, None
+        else:
+            checkpoint, quant_s = _quantize(dense, Path(tmp) / "gptq", args.calib_samples)
+        dest = Path(tmp) / "onnx"
+        dest.mkdir()
+        started = time.perf_counter()
+        info = write_onnx(checkpoint, dest, progress=False)
+        export_s = time.perf_counter() - started
+
+        tokenizer = AutoTokenizer.from_pretrained(dense)
+        text = "The history of the printing press begins in the fifteenth century, when " * 8
+        prompt = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.prompt_tokens]
+        model = float_model(checkpoint)
+        torch_tps, torch_tokens = _torch_tokens_per_s(model, prompt, args.new_tokens, args.repeats)
+        ort_tps, ort_tokens = _ort_tokens_per_s(
+            dest, prompt[0].tolist(), args.new_tokens, args.repeats
+        )
+        int8 = _int8_variant(dest, Path(tmp) / "onnx_int8")
+        int8_tps, int8_tokens = _ort_tokens_per_s(
+            int8, prompt[0].tolist(), args.new_tokens, args.repeats
+        )
+        g = torch.Generator().manual_seed(0)
+        ids = torch.randint(0, model.config.vocab_size, (2, 16), generator=g)
+        with torch.no_grad():
+            ref = model(ids, use_cache=False).logits.numpy()
+        int8_dlogits = float(abs(onnx_logits(int8, ids.numpy()) - ref).max())
+        same = _prefix(torch_tokens, ort_tokens)
+        if args.keep:
+            shutil.copytree(dest, args.keep)
+        kernels = {f"{b}-bit acc{a}": _kernel_us(b, a) for b in (2, 3, 4, 8) for a in (0, 4)}
+        figures.update(
+            quantize_s=quant_s,
+            export_s=export_s,
+            torch_export_s=info["torch_export_seconds"],
+            onnx_files={f["path"]: f["bytes"] for f in info["files"]},
+            onnx_bytes=_folder_bytes(dest, (".onnx", ".onnx.data")),
+            gptq_bytes=_folder_bytes(checkpoint, (".safetensors",)),
+            dense_bytes=_folder_bytes(dense, (".safetensors",)),
+            nodes=len(info["nodes"]),
+            bits_requested=info["bits_requested"],
+            bits_stored=info["bits_stored"],
+            three_bit=info["three_bit"],
+            parity=info["parity"],
+            torch_tokens_per_s=torch_tps,
+            ort_tokens_per_s=ort_tps,
+            greedy_tokens_equal_prefix=same,
+            kernel_us=kernels,
+            int8_tokens_per_s=int8_tps,
+            int8_max_abs_dlogits=int8_dlogits,
+            int8_greedy_tokens_equal_prefix=_prefix(torch_tokens, int8_tokens),
+            ort_text=tokenizer.decode(ort_tokens),
+        )
+    mib = 1 << 20
+    rows = [
+        ("GPTQ quantize (GPTQModel, CPU)", f"{quant_s:.0f} s" if quant_s else "reused"),
+        ("write_onnx total (float twin, export, swap, save, parity)", f"{export_s:.0f} s"),
+        ("  of which torch.onnx.export (dynamo)", f"{info['torch_export_seconds']:.0f} s"),
+        ("MatMulNBits nodes (bits stored)", f"{len(info['nodes'])} ({info['bits_stored']})"),
+        ("model.onnx + model.onnx.data", f"{figures['onnx_bytes'] / mib:.1f} MiB"),
+        ("GPTQ checkpoint safetensors", f"{figures['gptq_bytes'] / mib:.1f} MiB"),
+        ("dense fp32 safetensors", f"{figures['dense_bytes'] / mib:.1f} MiB"),
+        (
+            "3-bit modules stored at 4 bits: extra bytes",
+            f"{info['three_bit']['extra_bytes'] / mib:.2f} MiB",
+        ),
+        (
+            "max |Δlogits| ORT vs torch, prefill (2 × 16)",
+            f"{info['parity']['max_abs_dlogits']:.2e}",
+        ),
+        (
+            "max |Δlogits|, one cached decode step",
+            f"{info['parity']['max_abs_dlogits_cached_step']:.2e}",
+        ),
+        (
+            f"torch fp32 greedy, {args.prompt_tokens}+{args.new_tokens} tokens",
+            f"{torch_tps:.1f} tok/s",
+        ),
+        (
+            f"onnxruntime MatMulNBits greedy, {args.prompt_tokens}+{args.new_tokens}",
+            f"{ort_tps:.1f} tok/s",
+        ),
+        ("greedy tokens equal (ORT vs torch)", f"{same} / {args.new_tokens}"),
+        ("same graph, accuracy_level=4 (int8 activations): greedy", f"{int8_tps:.1f} tok/s"),
+        ("  its max |Δlogits| vs torch (2 × 16)", f"{int8_dlogits:.2e}"),
+        (
+            "  its greedy tokens equal to torch",
+            f"{figures['int8_greedy_tokens_equal_prefix']} / {args.new_tokens}",
+        ),
+    ]
+    print("| what | figure |\n|---|---|")
+    for what, figure in rows:
+        print(f"| {what} | {figure} |")
+    print("\nOne MatMulNBits 576 -> 1536, M=1, group 64 (µs, median of 100):\n")
+    print("| bits (stored) | accuracy_level 0 (fp32) | accuracy_level 4 (int8 A) |\n|---|---|---|")
+    for b in (2, 3, 4, 8):
+        print(
+            f"| {b} ({4 if b == 3 else b}) | {kernels[f'{b}-bit acc0']:.0f} | {kernels[f'{b}-bit acc4']:.0f} |"
+        )
+    print("\nORT continuation:", repr(figures["ort_text"]))
+    if args.out:
+        args.out.write_text(json.dumps(figures, indent=2))
+
+
+if __name__ == "__main__":
+    main()
