@@ -474,7 +474,7 @@ def _run_search(job, run_dir, *, quiet: bool) -> dict[str, object]:
                 mem = "" if r.memory_bytes is None else f"{_gib(r.memory_bytes)} GiB"
                 hit = " (journal)" if event.cached else f" {r.seconds:.1f} s"
                 if parallel and event.worker:
-                    hit += f" [{event.worker}]"
+                    hit += escape(f" [{event.worker}]")  # a literal bracket, not rich markup
                 bar.console.print(
                     f"  {event.stage:<18} steps {r.fidelity:>4}  score {r.score:.4f}  {mem}"
                     f"{hit}  {escape(Config.parse(r.config).short())}",

@@ -410,7 +410,7 @@ class _PoolExecutor(Executor):
                     notify()
                     yield Done(task, payload, None, worker, wall)
                     continue
-                log.warning(
+                log.info(  # the driver's SearchEvent reports it to the user
                     "worker %s: %s@%d attempt %d/%d failed: %s",
                     worker.label,
                     task.config.short(),
