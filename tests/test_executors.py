@@ -412,3 +412,30 @@ def test_worker_refuses_a_missing_bank(tiny_run, tiny_sequential, monkeypatch, t
         prepare(job.eval, budget_gb=job.budget_gb, progress=False, cached_bank=tmp_path / "x")
     prepared = prepare(job.eval, budget_gb=job.budget_gb, progress=False, cached_bank=bank)
     assert prepared.bank.root == bank and prepared.bank.complete
+
+
+# ----------------------------------------------------------------------------- job files, CLI
+
+
+def test_job_file_executor_keys_round_trip(tmp_path):
+    from edgeqra.job import from_mapping, to_mapping
+
+    data = {"profile": "t4-16gb", "search": {"executor": "ray", "workers": 4, "attempts": 2}}
+    data["search"]["ray_address"] = "auto"
+    spec = from_mapping(data)
+    assert spec.search.executor == ExecutorSettings("ray", 4, "auto", 2)
+    assert from_mapping(to_mapping(spec)).search.executor == spec.search.executor
+    assert from_mapping({"profile": "t4-16gb"}).search.executor == ExecutorSettings()
+    with pytest.raises(EdgeQRAError, match="`executor` 'threads'"):
+        from_mapping({"profile": "t4-16gb", "search": {"executor": "threads"}})
+
+
+def test_resume_flags_override_only_what_is_given():
+    from edgeqra.cli import _executor_settings, _parser
+
+    args = _parser().parse_args(["search", "--resume", "runs/x", "--workers", "4"])
+    assert _executor_settings(args, ExecutorSettings("ray", 2, "auto", 5)) == ExecutorSettings(
+        "ray", 4, "auto", 5
+    )
+    args = _parser().parse_args(["search", "--profile", "t4-16gb", "--ray-address", "auto"])
+    assert _executor_settings(args).kind is ExecutorKind.RAY  # an address implies Ray
