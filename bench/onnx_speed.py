@@ -145,6 +145,28 @@ def _int8_variant(dest: Path, out: Path) -> Path:
     return out
 
 
+def _export_rows(info: dict, quant_s: float | None, export_s: float) -> list[tuple[str, str]]:
+    """Table rows about the export itself (absent when timing an existing folder)."""
+    return [
+        ("GPTQ quantize (GPTQModel, CPU)", f"{quant_s:.0f} s" if quant_s else "reused"),
+        ("write_onnx total (float twin, export, swap, save, parity)", f"{export_s:.0f} s"),
+        ("  of which torch.onnx.export (dynamo)", f"{info['torch_export_seconds']:.0f} s"),
+        ("MatMulNBits nodes (bits stored)", f"{len(info['nodes'])} ({info['bits_stored']})"),
+        (
+            "3-bit modules stored at 4 bits: extra bytes",
+            f"{info['three_bit']['extra_bytes'] / (1 << 20):.2f} MiB",
+        ),
+        (
+            "max |Δlogits| ORT vs torch, prefill (2 × 16)",
+            f"{info['parity']['max_abs_dlogits']:.2e}",
+        ),
+        (
+            "max |Δlogits|, one cached decode step",
+            f"{info['parity']['max_abs_dlogits_cached_step']:.2e}",
+        ),
+    ]
+
+
 def main() -> None:
     """Quantize (or reuse), export, measure, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -157,8 +179,10 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="copy the ONNX folder here (must not exist)")
+    parser.add_argument("--onnx", type=Path, help="time an existing ONNX folder (no export)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    os.environ["EDGEQRA_ORT_THREADS"] = str(args.threads)  # same thread count on both sides
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
 
     from edgeqra.exporters.onnx import float_model, onnx_logits, write_onnx
@@ -174,11 +198,14 @@ def main() -> None:
             checkpoint, quant_s = args.checkpoint, None
         else:
             checkpoint, quant_s = _quantize(dense, Path(tmp) / "gptq", args.calib_samples)
-        dest = Path(tmp) / "onnx"
-        dest.mkdir()
-        started = time.perf_counter()
-        info = write_onnx(checkpoint, dest, progress=False)
-        export_s = time.perf_counter() - started
+        if args.onnx:  # timing only: the export figures come from the run that wrote it
+            dest, info, export_s = args.onnx, None, None
+        else:
+            dest = Path(tmp) / "onnx"
+            dest.mkdir()
+            started = time.perf_counter()
+            info = write_onnx(checkpoint, dest, progress=False)
+            export_s = time.perf_counter() - started
 
         tokenizer = AutoTokenizer.from_pretrained(dense)
         text = "The history of the printing press begins in the fifteenth century, when " * 8
@@ -201,19 +228,22 @@ def main() -> None:
         if args.keep:
             shutil.copytree(dest, args.keep)
         kernels = {f"{b}-bit acc{a}": _kernel_us(b, a) for b in (2, 3, 4, 8) for a in (0, 4)}
+        if info:
+            figures.update(
+                quantize_s=quant_s,
+                export_s=export_s,
+                torch_export_s=info["torch_export_seconds"],
+                onnx_files={f["path"]: f["bytes"] for f in info["files"]},
+                nodes=len(info["nodes"]),
+                bits_requested=info["bits_requested"],
+                bits_stored=info["bits_stored"],
+                three_bit=info["three_bit"],
+                parity=info["parity"],
+            )
         figures.update(
-            quantize_s=quant_s,
-            export_s=export_s,
-            torch_export_s=info["torch_export_seconds"],
-            onnx_files={f["path"]: f["bytes"] for f in info["files"]},
             onnx_bytes=_folder_bytes(dest, (".onnx", ".onnx.data")),
             gptq_bytes=_folder_bytes(checkpoint, (".safetensors",)),
             dense_bytes=_folder_bytes(dense, (".safetensors",)),
-            nodes=len(info["nodes"]),
-            bits_requested=info["bits_requested"],
-            bits_stored=info["bits_stored"],
-            three_bit=info["three_bit"],
-            parity=info["parity"],
             torch_tokens_per_s=torch_tps,
             ort_tokens_per_s=ort_tps,
             greedy_tokens_equal_prefix=same,
@@ -224,26 +254,15 @@ def main() -> None:
             ort_text=tokenizer.decode(ort_tokens),
         )
     mib = 1 << 20
-    rows = [
-        ("GPTQ quantize (GPTQModel, CPU)", f"{quant_s:.0f} s" if quant_s else "reused"),
-        ("write_onnx total (float twin, export, swap, save, parity)", f"{export_s:.0f} s"),
-        ("  of which torch.onnx.export (dynamo)", f"{info['torch_export_seconds']:.0f} s"),
-        ("MatMulNBits nodes (bits stored)", f"{len(info['nodes'])} ({info['bits_stored']})"),
+    rows = []
+    if info:
+        rows += _export_rows(info, quant_s, export_s)
+    rows += [
         ("model.onnx + model.onnx.data", f"{figures['onnx_bytes'] / mib:.1f} MiB"),
         ("GPTQ checkpoint safetensors", f"{figures['gptq_bytes'] / mib:.1f} MiB"),
         ("dense fp32 safetensors", f"{figures['dense_bytes'] / mib:.1f} MiB"),
-        (
-            "3-bit modules stored at 4 bits: extra bytes",
-            f"{info['three_bit']['extra_bytes'] / mib:.2f} MiB",
-        ),
-        (
-            "max |Δlogits| ORT vs torch, prefill (2 × 16)",
-            f"{info['parity']['max_abs_dlogits']:.2e}",
-        ),
-        (
-            "max |Δlogits|, one cached decode step",
-            f"{info['parity']['max_abs_dlogits_cached_step']:.2e}",
-        ),
+    ]
+    rows += [
         (
             f"torch fp32 greedy, {args.prompt_tokens}+{args.new_tokens} tokens",
             f"{torch_tps:.1f} tok/s",

@@ -24,7 +24,8 @@ an act-order ``g_idx`` would need a permuted activation and is refused with a cl
 The graph has a KV cache: inputs ``input_ids`` (batch, seq), ``attention_mask`` (batch,
 past + seq), ``past_keys`` / ``past_values`` (layers, batch, kv_heads, past, head_dim);
 outputs ``logits`` (batch, seq, vocab), ``present_keys`` / ``present_values`` (past + seq).
-A prefill passes past length 0.
+A prefill passes past length 0. ``EDGEQRA_ORT_THREADS`` sets onnxruntime's intra-op threads
+for :func:`onnx_logits` / :func:`greedy_generate` (unset: one per core).
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from __future__ import annotations
 import ast
 import importlib.metadata
 import logging
+import os
 import shutil
 import time
 from collections.abc import Iterator
@@ -440,7 +442,7 @@ def _swap_matmuls(
 
 # --- onnxruntime ----------------------------------------------------------------------------
 
-_SESSIONS: dict[tuple[str, int], object] = {}
+_SESSIONS: dict[tuple[str, int, int], object] = {}
 
 
 def _session(dest: Path):
@@ -450,10 +452,15 @@ def _session(dest: Path):
     path = Path(dest) / MODEL_FILE
     if not path.is_file():
         raise ModelError(f"{dest} has no {MODEL_FILE}; pass a folder written by `write_onnx`")
-    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    threads = int(os.environ.get("EDGEQRA_ORT_THREADS", "0"))
+    key = (str(path.resolve()), path.stat().st_mtime_ns, threads)
     if key not in _SESSIONS:
         _SESSIONS.clear()
-        _SESSIONS[key] = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads  # 0: onnxruntime's default (one per core)
+        _SESSIONS[key] = ort.InferenceSession(
+            str(path), options, providers=["CPUExecutionProvider"]
+        )
     return _SESSIONS[key]
 
 
