@@ -110,8 +110,11 @@ def _kernel_us(bits: int, accuracy_level: int, k: int = 576, n: int = 1536) -> f
         ],
     )
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = int(os.environ.get("EDGEQRA_ORT_THREADS", "0"))
     sess = ort.InferenceSession(
         helper.make_model(graph, opset_imports=opsets).SerializeToString(),
+        options,
         providers=["CPUExecutionProvider"],
     )
     a = rng.standard_normal((1, k)).astype(np.float32)
