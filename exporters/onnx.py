@@ -166,7 +166,10 @@ def pack_matmul_nbits(
             f"`{name}` has {bits}-bit weights; the ONNX export handles 2, 3, 4 and 8 bits"
         )
     stored = THREE_BIT_STORAGE if bits == 3 else bits
-    block = block_size_for(group_size, name)
+    if group_size >= k:  # one group per column (per-channel): any block size shares its scale
+        block = min(128, max(16, 1 << (k - 1).bit_length()))
+    else:
+        block = block_size_for(group_size, name)
     k_blocks = -(-k // block)
     group_of_block = (np.arange(k_blocks) * block) // group_size  # (k_blocks,)
     padded = np.zeros((k_blocks * block, n), dtype=np.uint8)  # (K padded, N); pad codes = 0

@@ -288,3 +288,8 @@ def test_packing_round_trip_with_a_partial_last_group(bits):
     np.testing.assert_array_equal(p.dequantized(), expected)
     assert p.b.shape == (n, 3, 32 * p.bits_stored // 8)
     assert p.zero_points.shape == (n, -(-3 * p.bits_stored // 8))
+    # Per-channel (one group over all of K, here not a power of two): one block of 128.
+    per_channel = pack_matmul_nbits("m", codes, zeros[:1], scales[:1], bits=bits, group_size=k)
+    assert per_channel.block_size == 128 and per_channel.scales.shape == (n, 1)
+    expected = (scales[:1] * (codes - zeros[:1]).astype(np.float32)).T
+    np.testing.assert_array_equal(per_channel.dequantized(), expected)
