@@ -6,7 +6,7 @@ scores its manifest recorded (the run's final score, before and after the merge)
 ``edgeqra verify`` takes, and for ONNX greedy tokens/s in onnxruntime against the same
 merged GPTQ checkpoint in torch (GPTQModel's torch kernel, float32, KV cache), both on CPU.
 
-    python bench/export_smollm2.py --out runs/export-bench   # ~30 min on 2 CPU cores
+    python bench/export_smollm2.py --out runs/export-bench   # ~40 min on 2 busy CPU cores
 
 Prints a markdown table and writes ``OUT/bench.json``.
 """
@@ -44,7 +44,7 @@ calib_samples = 16
 steps = 8
 
 [search]
-evals = 8
+evals = 2
 population = 4
 children = 4
 generations = 1
