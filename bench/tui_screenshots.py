@@ -87,6 +87,7 @@ async def shoot_export(out: Path, run_dir: Path, fmt: str, timeout: float) -> Pa
             app.push_screen(ExportScreen(run_dir))
             await until(pilot, lambda: isinstance(app.screen, ExportScreen), 10)
             screen = app.screen
+            await until(pilot, lambda: len(screen.query("#force")) == 1, 10)  # composed
             screen.query_one("#force").value = True
             await pilot.press("x")
             await until(pilot, lambda: not screen.running and fmt in screen.packages, timeout)

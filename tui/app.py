@@ -449,9 +449,9 @@ class SearchScreen(Screen[None]):
 
 # What each format is, one line (the model card says the rest).
 FORMAT_HELP = {
-    "gptq": "adapters merged, GPTQ again per unit (GPTQModel)",
-    "adapter": "the searched GPTQ base + PEFT adapter, exact",
-    "onnx": "merged, MatMulNBits per layer (onnxruntime)",
+    "gptq": "merged, GPTQ again",
+    "adapter": "exact: base + adapter",
+    "onnx": "merged, MatMulNBits",
 }
 
 
@@ -486,7 +486,9 @@ class ExportScreen(Screen[None]):
                 )
                 yield Checkbox("also write a .tar.gz", id="archive")
                 yield Checkbox("replace existing packages", id="force")
-            yield RichLog(id="manifest", wrap=True, markup=True)
+            # min_width: RichLog renders at least 78 columns wide by default, which clips in
+            # half of an 80-column terminal instead of wrapping.
+            yield RichLog(id="manifest", wrap=True, markup=True, min_width=20)
         yield Footer()
 
     def on_mount(self) -> None:
