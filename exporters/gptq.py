@@ -57,7 +57,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 WEIGHTS = "model.safetensors"
-_TOKENIZER_FILES = (
+# The files a tokenizer folder may hold (copied as they are; the ONNX writer uses it too).
+TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -65,6 +66,7 @@ _TOKENIZER_FILES = (
     "vocab.json",
     "merges.txt",
     "tokenizer.model",
+    "spiece.model",
     "chat_template.jinja",
 )
 _RUN_LOCAL_META = ("offload_to_disk_path",)  # temp folders of the export machine
@@ -124,7 +126,7 @@ def _copy_side_files(model_dir: Path, dest: Path, tokenizer: Any | None) -> None
     if tokenizer is not None:
         tokenizer.save_pretrained(dest)
     else:
-        for name in _TOKENIZER_FILES:
+        for name in TOKENIZER_FILES:
             if (model_dir / name).is_file():
                 shutil.copy2(model_dir / name, dest / name)
     # GPTQModel's save "auto-fixes" generation_config (it turned do_sample on for a model

@@ -42,6 +42,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from edgeqra.exporters.gptq import TOKENIZER_FILES
 from torch import nn
 
 from edgeqra.errors import ConfigError, ModelError
@@ -57,18 +58,7 @@ ORT_BITS = (2, 4, 8)  # what the onnxruntime CPU kernel of MatMulNBits executes
 THREE_BIT_STORAGE = 4
 PARITY_SEED = 0
 PARITY_SHAPE = (2, 16)  # (batch, seq) of the fixed parity input
-_TOKENIZER_FILES = (
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "spiece.model",
-    "chat_template.jinja",
-    "generation_config.json",
-)
+_SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")  # copied next to model.onnx
 _WRAPPER_ATTR = "lm"  # the wrapper's attribute: exported name scopes read "lm.model.layers..."
 _INPUTS = ("input_ids", "attention_mask", "past_keys", "past_values")
 _OUTPUTS = ("logits", "present_keys", "present_values")
@@ -683,7 +673,7 @@ def write_onnx(
         opset = int(onnx_model.opset_imports.get("", 0))
         del onnx_model
         copied = []
-        for name in _TOKENIZER_FILES:
+        for name in _SIDE_FILES:
             if (gptq_dir / name).is_file():
                 shutil.copy2(gptq_dir / name, dest / name)
                 copied.append(name)
