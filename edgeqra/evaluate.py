@@ -36,6 +36,7 @@ from torch import nn
 
 from edgeqra.bank import Bank
 from edgeqra.data import MCItem, TaskData, encode_pair, prefix_token, tokenize_examples
+from edgeqra.engine import EngineSettings, GraphLoRA, engine_supports
 from edgeqra.errors import ConfigError, DataError
 from edgeqra.models import LoadedModel
 from edgeqra.space import Config
@@ -149,10 +150,19 @@ def _right_pad(rows: Sequence[Sequence[int]], pad: int, device: torch.device):
     return ids.to(device), mask.to(device)
 
 
-def _check_batch_size(batch_size: int) -> None:
-    """Reject a batch size that is not a positive integer."""
+def _check_batch_size(batch_size: int | None) -> None:
+    """Reject a batch size that is not a positive integer (None = by device)."""
+    if batch_size is None:
+        return
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"`batch_size`={batch_size!r} must be a positive integer")
+        raise ValueError(f"`batch_size`={batch_size!r} must be a positive integer or None")
+
+
+def _batch_size(batch_size: int | None, device: torch.device, *, gpu: int, cpu: int) -> int:
+    """Sequences per forward: as given, else by device (a GPU is launch-bound at small batches)."""
+    if batch_size is not None:
+        return batch_size
+    return gpu if device.type == "cuda" else cpu
 
 
 # ---------------------------------------------------------------- multiple choice
@@ -183,7 +193,10 @@ def _score_requests(
 ) -> list[float]:
     """Summed log p(targets | inputs) per request, in the order given.
 
-    Longest first (lm-eval's order: an out-of-memory shows on the first batch), right-padded.
+    Longest first (lm-eval's order: an out-of-memory shows on the first batch), right-padded,
+    one forward per batch; the log-probabilities of every target of the batch are gathered
+    at once (logit − logsumexp at the target positions only) and summed per request on the
+    device, so a batch costs one host sync instead of one per request.
     """
     device = _device(model)
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].tokens), i))
@@ -198,11 +211,21 @@ def _score_requests(
         # Row r's targets are predicted at positions [len - n, len); keep only what any row needs.
         first = min(len(r.tokens) - r.n for r in rows)
         logits = _logits(model, ids, mask, keep=width - first)  # (batch, width - first, vocab)
-        for j, (i, r) in enumerate(zip(idx, rows, strict=True)):
+        row_of, col_of, targets = [], [], []
+        for j, r in enumerate(rows):
             end = len(r.tokens) - first
-            logp = F.log_softmax(logits[j, end - r.n : end].float(), dim=-1)  # (n, vocab)
-            target = torch.tensor(r.targets, dtype=torch.long, device=device)  # (n,)
-            out[i] = float(logp.gather(-1, target[:, None]).sum())
+            row_of.extend([j] * r.n)
+            col_of.extend(range(end - r.n, end))
+            targets.extend(r.targets)
+        row_t = torch.tensor(row_of, dtype=torch.long, device=device)  # (T,)
+        col_t = torch.tensor(col_of, dtype=torch.long, device=device)  # (T,)
+        target_t = torch.tensor(targets, dtype=torch.long, device=device)  # (T,)
+        picked = logits[row_t, col_t].float()  # (T, vocab)
+        logp = picked.gather(-1, target_t[:, None]).squeeze(-1) - picked.logsumexp(-1)  # (T,)
+        sums = torch.zeros(len(rows), dtype=logp.dtype, device=device)  # (batch,)
+        sums.index_add_(0, row_t, logp)
+        for i, value in zip(idx, sums.tolist(), strict=True):
+            out[i] = value
     return out
 
 
@@ -236,7 +259,7 @@ def mc_logliks(
     tokenizer: Any,
     items: Sequence[MCItem],
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     max_length: int | None = None,
 ) -> list[list[float]]:
     """Summed log-likelihood of each choice given its context, per item.
@@ -245,7 +268,7 @@ def mc_logliks(
         model: a causal LM (any device / dtype); its train/eval flags are restored.
         tokenizer: the model's tokenizer (split by :func:`edgeqra.data.encode_pair`).
         items: the MC items.
-        batch_size: pairs per forward pass.
+        batch_size: pairs per forward pass (None: 256 on a GPU, 16 on a CPU).
         max_length: longest model input; longer pairs lose context from the left
             (default: the model's max positions, capped by the tokenizer's limit).
 
@@ -259,14 +282,15 @@ def _mc_logliks_and_lengths(
     model: nn.Module,
     tokenizer: Any,
     items: Sequence[MCItem],
-    batch_size: int,
+    batch_size: int | None,
     max_length: int | None,
 ) -> tuple[list[list[float]], list[list[int]]]:
     """(log-likelihoods, scored token counts), both nested per item and choice."""
     _check_batch_size(batch_size)
     requests = _mc_requests(model, tokenizer, items, max_length)
     with _eval_mode(model):
-        flat = _score_requests(model, requests, _pad_id(tokenizer), batch_size)
+        size = _batch_size(batch_size, _device(model), gpu=256, cpu=16)
+        flat = _score_requests(model, requests, _pad_id(tokenizer), size)
     lls, lens, at = [], [], 0
     for item in items:
         k = len(item.choices)
@@ -292,7 +316,7 @@ def mc_scores(
     tokenizer: Any,
     items: Sequence[MCItem],
     *,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     max_length: int | None = None,
 ) -> Scores:
     """Accuracy (acc, acc_norm) and gold-continuation loss of `model` on MC items.
@@ -354,7 +378,7 @@ def text_scores(
     texts: Sequence[str],
     *,
     seq_len: int = 256,
-    batch_size: int = 8,
+    batch_size: int | None = None,
 ) -> Scores:
     """Token-weighted mean NLL (and perplexity) of held-out documents.
 
@@ -363,7 +387,7 @@ def text_scores(
         tokenizer: the model's tokenizer.
         texts: the documents; each is scored on its own (no context from another).
         seq_len: tokens predicted per window (the model sees seq_len of them as input).
-        batch_size: windows per forward pass.
+        batch_size: windows per forward pass (None: 32 on a GPU, 8 on a CPU).
     """
     _check_batch_size(batch_size)
     if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
@@ -377,6 +401,7 @@ def text_scores(
     if not windows:
         raise DataError("no text to score: every held-out document is empty")
     device, pad = _device(model), _pad_id(tokenizer)
+    batch_size = _batch_size(batch_size, device, gpu=32, cpu=8)
     order = sorted(range(len(windows)), key=lambda i: (-len(windows[i]), i))
     nll = 0.0
     tokens = 0
@@ -426,6 +451,9 @@ _AUTO_METRIC = {  # lm-eval's headline metric per task; text sources use the hel
     "winogrande": "acc",
 }
 METRICS = ("auto", "acc", "acc_norm", "loss")
+ENGINES = ("auto", "graph", "eager")
+"""Tuning engines: the captured padded-rank engine (``graph``; eager padded steps on CPU),
+the eager PEFT reference (``eager``), or ``auto`` (graph on a GPU, eager on a CPU)."""
 
 
 @dataclass(frozen=True)
@@ -436,14 +464,14 @@ class EvalSettings:
     n_eval: int | None = 200  # held-out items / documents, None = all
     seq_len: int = 256  # training rows and text-scoring windows
     metric: str = "auto"  # acc | acc_norm | loss | auto (lm-eval's headline metric of the task)
-    eval_batch_size: int = 16
+    eval_batch_size: int | None = None  # pairs per forward; None: 256 on a GPU, 16 on a CPU
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ConfigError(f"`metric` {self.metric!r} is not one of {list(METRICS)}")
         if self.seq_len < 8:
             raise ConfigError(f"`seq_len` {self.seq_len} is too short; use 128 or more")
-        if self.eval_batch_size < 1:
+        if self.eval_batch_size is not None and self.eval_batch_size < 1:
             raise ConfigError(f"`eval_batch_size` must be >= 1, got {self.eval_batch_size}")
 
     def metric_for(self, task: TaskData) -> str:
@@ -504,6 +532,8 @@ class Evaluator:
         *,
         memory: Callable[[Config], tuple[int, bool | None]] | None = None,
         progress: bool = False,
+        engine: str = "auto",
+        max_rank: int = 32,
     ) -> None:
         self.loaded = loaded
         self.task = task
@@ -513,11 +543,59 @@ class Evaluator:
         self.memory = memory
         self.progress = progress
         self.metric = eval_settings.metric_for(task)
+        if engine not in ENGINES:
+            raise ConfigError(f"`engine` {engine!r} is not one of {list(ENGINES)}")
+        self.engine = engine
+        self.max_rank = max_rank
+        self._graph: GraphLoRA | None = None
         if bank is not None:
             bank.remember_originals(loaded.model)
         self.batches = TrainBatches(
             *tokenize_examples(loaded.tokenizer, task.train, eval_settings.seq_len)
         )
+
+    def score(self, model: nn.Module) -> Scores:
+        """Score any model of this evaluator's tokenizer on its task's held-out split."""
+        return score_task(
+            model,
+            self.loaded.tokenizer,
+            self.task,
+            batch_size=self.eval_settings.eval_batch_size,
+            **({"seq_len": self.eval_settings.seq_len} if self.task.kind == "text" else {}),
+        )
+
+    def _graph_engine(self, config: Config, settings: TuneSettings) -> GraphLoRA | None:
+        """The captured engine for this call, or None for the eager reference path.
+
+        ``auto`` takes the engine on a GPU when the settings allow it; a config whose rank is
+        above the padded width rebuilds it wider. Switching to the eager path unloads it.
+        """
+        wanted = self.engine == "graph" or (
+            self.engine == "auto" and _device(self.loaded.model).type == "cuda"
+        )
+        top = max((c.rank for c in config), default=0)
+        if not wanted or not engine_supports(settings):
+            self.close()
+            return None
+        if self._graph is not None and (
+            top > self._graph.settings.max_rank
+            or self._graph.alpha_ratio != settings.alpha_ratio
+        ):
+            self.close()
+        if self._graph is None:
+            self._graph = GraphLoRA(
+                self.loaded.model,
+                self.loaded.units,
+                settings.alpha_ratio,
+                EngineSettings(max_rank=max(self.max_rank, top, 1)),
+            )
+        return self._graph
+
+    def close(self) -> None:
+        """Unload the engine's adapters so ``loaded.model`` is the bare base model again."""
+        if self._graph is not None:
+            self._graph.close()
+            self._graph = None
 
     def evaluate(
         self, config: Config, fidelity: int, *, save_adapter: Path | None = None
@@ -534,21 +612,22 @@ class Evaluator:
         if self.bank is not None:
             self.bank.assemble(model, config)
         settings = dataclasses.replace(self.tune_settings, steps=fidelity)
-        tuned, log_ = tune(
-            model, self.loaded.units, config, self.batches, settings, progress=self.progress
-        )
-        try:
-            if save_adapter is not None and hasattr(tuned, "peft_config"):
-                tuned.save_pretrained(str(save_adapter))
-            scores = score_task(
-                tuned,
-                self.loaded.tokenizer,
-                self.task,
-                batch_size=self.eval_settings.eval_batch_size,
-                **({"seq_len": self.eval_settings.seq_len} if self.task.kind == "text" else {}),
+        graph = self._graph_engine(config, settings)
+        if graph is not None:
+            log_ = graph.train(config, self.batches, settings)
+            if save_adapter is not None:
+                graph.save_adapter(config, settings, save_adapter)
+            scores = self.score(graph.model)
+        else:
+            tuned, log_ = tune(
+                model, self.loaded.units, config, self.batches, settings, progress=self.progress
             )
-        finally:
-            detach_lora(tuned)
+            try:
+                if save_adapter is not None and hasattr(tuned, "peft_config"):
+                    tuned.save_pretrained(str(save_adapter))
+                scores = self.score(tuned)
+            finally:
+                detach_lora(tuned)
         memory_bytes, fits = self.memory(config) if self.memory else (None, None)
         tail = log_.losses[-max(1, len(log_.losses) // 4) :]
         return Result(
