@@ -206,6 +206,7 @@ def prepare(
         job.eval,
         memory=_memory_fn(spec, job, profile, budget_bytes),
         progress=progress,
+        max_rank=max(max(job.ranks), 1),  # the engine pads every adapter to this rank
     )
     return Prepared(
         evaluator, loaded, spec, space, bank, profile, device, calibration, budget_bytes
