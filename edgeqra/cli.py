@@ -580,6 +580,15 @@ def _stages(*, quiet: bool):
         yield on_stage
 
 
+def _merge_settings(args: argparse.Namespace):
+    """The export's merge settings from its flags."""
+    from edgeqra.exporters.merge import MergeSettings
+
+    return MergeSettings(
+        method=args.merge, threshold=args.merge_threshold, over_threshold=args.over_threshold
+    )
+
+
 def _cmd_export(args: argparse.Namespace, out: Console) -> int:
     """Package a finished run in one format; print where it went and the scores."""
     from pathlib import Path
@@ -594,6 +603,7 @@ def _cmd_export(args: argparse.Namespace, out: Console) -> int:
             archive=args.archive,
             force=args.force,
             on_stage=on_stage,
+            merge=_merge_settings(args),
         )
     m = result.manifest
     data = {
@@ -621,7 +631,13 @@ def _cmd_export(args: argparse.Namespace, out: Console) -> int:
     table.add_row("files", f"{len(m['files'])}, {data['bytes'] / 2**20:.1f} MiB")
     table.add_row(f"run's final score ({s['metric']})", f"{s['run_final']:.4f}")
     table.add_row("before merge (bank base + adapter)", score(s["before_merge"]))
-    table.add_row("after merge (GPTQ again, reloaded)", score(s["after_merge"]))
+    table.add_row(f"after merge ({args.merge}, reloaded)", score(s["after_merge"]))
+    merge = m.get("merge") or {}
+    if merge.get("actions"):
+        table.add_row("merge, per layer", ", ".join(f"{n} {a}" for a, n in
+                                                    sorted(merge["actions"].items())))  # fmt: skip
+    if merge.get("flagged"):
+        table.add_row("layers above threshold", ", ".join(merge["flagged"]))
     table.add_row("this package, reloaded", score(s["package"]))
     for key, value in data["parity"].items():
         table.add_row(key.replace("_", " "), f"{value:.3e}")
@@ -833,6 +849,27 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="package folder (default RUN_DIR/export-FORMAT)")
     p.add_argument("--archive", action="store_true", help="also write PACKAGE.tar.gz")
     p.add_argument("--force", action="store_true", help="replace an existing package")
+    p.add_argument(
+        "--merge",
+        choices=["grid", "requantize"],
+        default="grid",
+        help="gptq/onnx: round W+BA onto the bank's own grid with GPTQ error feedback (grid, "
+        "default) or run GPTQModel again on the merged weights (requantize, the old way)",
+    )
+    p.add_argument(
+        "--merge-threshold",
+        type=float,
+        default=0.5,
+        help="a layer whose merge loses more than this fraction of its adapter's effect on "
+        "its outputs is flagged (default 0.5)",
+    )
+    p.add_argument(
+        "--over-threshold",
+        choices=["report", "unmerged", "upbits"],
+        default="report",
+        help="flagged layers: merge anyway (report), keep their adapter unmerged (package "
+        "loads as base + adapter), or merge at the next bit-width up if the budget allows",
+    )
     p.set_defaults(func=_cmd_export)
 
     p = sub.add_parser(

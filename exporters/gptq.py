@@ -24,7 +24,7 @@ import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,9 @@ __all__ = [
     "module_bits",
     "unit_bits",
     "write_base_checkpoint",
+    "write_grid_checkpoint",
     "write_merged_checkpoint",
+    "write_partial_adapter",
 ]
 
 log = logging.getLogger(__name__)
@@ -176,7 +178,37 @@ def write_base_checkpoint(
         dest: an existing, empty folder.
         tokenizer: saved into ``dest`` (default: the tokenizer files of ``model_dir``).
     """
-    bits = unit_bits(units, config)
+    packed = {
+        u.index: (c.bits, bank.packed(u.index, c.bits))
+        for u, c in zip(units, config, strict=True)
+        if c.bits < FP16_BITS
+    }
+    return write_grid_checkpoint(bank, model_dir, units, packed, {}, dest, tokenizer=tokenizer)
+
+
+def write_grid_checkpoint(
+    bank: Bank,
+    model_dir: Path,
+    units: Sequence[Unit],
+    packed: Mapping[int, tuple[int, Mapping[str, torch.Tensor]]],
+    dense: Mapping[str, torch.Tensor],
+    dest: Path,
+    *,
+    tokenizer: Any | None = None,
+) -> Path:
+    """A GPTQModel checkpoint from per-unit packed tensors on the bank's grids (no GPTQ run).
+
+    Args:
+        bank: the bank whose quantize configs (format, group size, sym) the tensors follow.
+        model_dir: the dense model folder (every tensor not replaced comes from it).
+        units: the model's units, in config order.
+        packed: {unit index: (bits, checkpoint tensors by key)}; units not in it stay dense.
+        dense: {module name: (d_out, d_in) weight} replacing a dense unit's linear weights
+            (a 16-bit unit's merged W*); the others keep the model folder's.
+        dest: an existing, empty folder.
+        tokenizer: saved into ``dest`` (default: the tokenizer files of ``model_dir``).
+    """
+    bits = {u.name: packed[u.index][0] if u.index in packed else 0 for u in units}
     default = _default_bits(bits)
     settings = {b: bank.quantize_config(b) for b in set(bits.values()) if b}
     shared = ("group_size", "sym", "desc_act", "checkpoint_format", "pack_dtype")
@@ -190,18 +222,46 @@ def write_base_checkpoint(
     qcfg = _clean_quantize_config(qcfg)
 
     tensors = _dense_tensors(model_dir)
-    for unit, choice in zip(units, config, strict=True):
-        if choice.bits >= FP16_BITS:
+    for unit in units:
+        if unit.index not in packed:
+            for lin in unit.linears:
+                if lin.name in dense:
+                    key = f"{lin.name}.weight"
+                    tensors[key] = dense[lin.name].to(tensors[key].dtype).contiguous()
             continue
-        packed = bank.packed(unit.index, choice.bits)
         for lin in unit.linears:
             tensors.pop(f"{lin.name}.weight")
             tensors.pop(f"{lin.name}.bias", None)  # GPTQModel stores it (fp16) with the codes
-        tensors.update(packed)
+        tensors.update(packed[unit.index][1])
     dest = Path(dest)
     save_file(tensors, str(dest / WEIGHTS), metadata={"format": "pt"})
     _write_quantization_config(model_dir, dest, qcfg)
     _copy_side_files(model_dir, dest, tokenizer)
+    return dest
+
+
+def write_partial_adapter(adapter_dir: Path, modules: Sequence[str], dest: Path) -> Path:
+    """The run's PEFT adapter restricted to ``modules`` (the units kept unmerged), into ``dest``.
+
+    ``target_modules`` becomes a full-match regex of exactly those names (as edgeqra.tune
+    writes it); ``rank_pattern`` / ``alpha_pattern`` keep their per-module entries.
+    """
+    import re
+
+    from safetensors.torch import load_file
+
+    adapter_dir, dest = Path(adapter_dir), Path(dest)
+    if not modules:
+        raise ConfigError("no module to keep unmerged; write no adapter")
+    dest.mkdir(parents=True, exist_ok=False)
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    cfg["target_modules"] = "(?:" + "|".join(re.escape(m) for m in sorted(modules)) + ")"
+    cfg["base_model_name_or_path"] = ".."  # the checkpoint this adapter sits in
+    (dest / "adapter_config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+    weights = load_file(str(adapter_dir / "adapter_model.safetensors"))
+    keep = tuple(f".{m}.lora_" for m in modules)
+    kept = {k: v for k, v in weights.items() if any(p in k for p in keep)}
+    save_file(kept, str(dest / "adapter_model.safetensors"), metadata={"format": "pt"})
     return dest
 
 
@@ -272,10 +332,23 @@ def write_merged_checkpoint(
     return dest
 
 
+UNMERGED_ADAPTER = "adapter"  # a merged package's subfolder: the units kept unmerged
+
+
 def load_checkpoint(path: Path, device: str = "cpu") -> nn.Module:
-    """A GPTQ checkpoint folder as a float32 HF model (GPTQModel's torch kernel, quietly)."""
+    """A GPTQ checkpoint folder as a float32 HF model (GPTQModel's torch kernel, quietly).
+
+    A merged package whose merge kept some units unmerged holds their adapter in
+    ``adapter/``: it is applied on top (PEFT, not merged), so the package loads as base + adapter.
+    """
     with quiet_gptqmodel():
-        return load_quantized(Path(path), device=device)
+        model = load_quantized(Path(path), device=device)
+    partial = Path(path) / UNMERGED_ADAPTER
+    if (partial / "adapter_config.json").is_file():
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, str(partial), is_trainable=False).eval()
+    return model
 
 
 def load_adapter_form(base: Path, adapter: Path | None, device: str = "cpu") -> nn.Module:

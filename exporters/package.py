@@ -330,6 +330,7 @@ def export_package(
     archive: bool = False,
     force: bool = False,
     on_stage: Stage | None = None,
+    merge: Any | None = None,
 ) -> ExportResult:
     """Write the ``fmt`` package of a finished run to ``out`` (default ``RUN_DIR/export-FMT``).
 
@@ -341,8 +342,13 @@ def export_package(
         archive: also write ``out``.tar.gz.
         force: replace an existing package / archive.
         on_stage: called with a short description as each stage starts (progress display).
+        merge: :class:`edgeqra.exporters.merge.MergeSettings` for ``gptq`` / ``onnx``
+            (default: onto the bank's grid, flag layers losing over half their adapter).
     """
+    from edgeqra.exporters.merge import MergeSettings, OverThreshold
+
     stage = on_stage or (lambda _msg: None)
+    merge = merge if merge is not None else MergeSettings()
     _check_format(fmt)
     run = RunDir.open(run_dir)
     out = Path(out) if out is not None else default_out(run.path, fmt)
@@ -353,6 +359,10 @@ def export_package(
             f"the run's config {run.config.short()} keeps every unit at 16 bits: there is no "
             "GPTQ checkpoint to export; load the run's adapter onto the original model"
         )
+    if fmt != "adapter" and merge.over_threshold is OverThreshold.UPBITS:
+        # the next widths up must be in the bank (the search built them: a cache hit)
+        needed = tuple(sorted(set(needed) | {b for b in run.job.eval.bits
+                                             if min(needed) < b < FP16_BITS}))  # fmt: skip
     from edgeqra.pipeline import prepare
 
     start = time.perf_counter()
@@ -361,7 +371,7 @@ def export_package(
         run.job.eval, needed_bits=needed, budget_gb=run.job.budget_gb, progress=False
     )
     with _staging(out) as staging:
-        manifest = _build(run, fmt, prepared, staging, stage)
+        manifest = _build(run, fmt, prepared, staging, stage, merge)
         manifest["seconds"] = round(time.perf_counter() - start, 2)
         stage("hashing files, writing manifest and model card")
         _write_card(staging, manifest)
@@ -376,7 +386,9 @@ def export_package(
     return ExportResult(out, written, manifest)
 
 
-def _build(run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage) -> dict[str, Any]:
+def _build(
+    run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage, merge: Any
+) -> dict[str, Any]:
     """Write the format's files into ``staging``; return the manifest without ``files``."""
     from edgeqra.exporters.gptq import (
         load_adapter_form,
@@ -385,6 +397,7 @@ def _build(run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage) ->
         write_base_checkpoint,
         write_merged_checkpoint,
     )
+    from edgeqra.exporters.merge import MergeMethod
 
     loaded, bank, config = prepared.loaded, prepared.bank, run.config
     device = prepared.device
@@ -443,25 +456,29 @@ def _build(run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage) ->
         bank.assemble(model, config)
         merged = merge_adapter(model, run.adapter)
         merged_logits = _logits(merged, ids)
-        stage("GPTQ of the merged model at each unit's bit-width (GPTQModel)")
         target = staging
         scratch = None
         if fmt == "onnx":
             scratch = Path(tempfile.mkdtemp(dir=staging.parent, prefix=f".{staging.name}.gptq-"))
             target = scratch
         try:
-            write_merged_checkpoint(
-                merged,
-                loaded.path,
-                loaded.units,
-                config,
-                prepared.calibration,
-                target,
-                group_size=run.job.eval.group_size,
-                seed=run.job.eval.tune.seed,
-                device=device,
-                tokenizer=tokenizer,
-            )
+            if merge.method is MergeMethod.GRID:
+                extra["merge"] = _merge_on_grid(run, prepared, merged, target, stage, merge, fmt)
+            else:
+                stage("GPTQ of the merged model at each unit's bit-width (GPTQModel)")
+                write_merged_checkpoint(
+                    merged,
+                    loaded.path,
+                    loaded.units,
+                    config,
+                    prepared.calibration,
+                    target,
+                    group_size=run.job.eval.group_size,
+                    seed=run.job.eval.tune.seed,
+                    device=device,
+                    tokenizer=tokenizer,
+                )
+                extra["merge"] = {"settings": merge.to_json(), "layers": None}
             qcfg = json.loads((target / "quantize_config.json").read_text())
             stage("reloading the merged checkpoint with GPTQModel and scoring")
             reloaded = load_checkpoint(target, device)
@@ -489,8 +506,132 @@ def _build(run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage) ->
             if scratch is not None:
                 shutil.rmtree(scratch, ignore_errors=True)
 
-    per_module = _written_bits(qcfg, loaded.units, config)
+    written = config
+    if extra.get("merge") and extra["merge"].get("written_config"):
+        written = Config.parse(extra["merge"]["written_config"])
+    per_module = _written_bits(qcfg, loaded.units, written)
     return _manifest(run, fmt, prepared, scores, parity, qcfg, per_module, extra)
+
+
+def _hessian_rows(run: RunDir, prepared: Any, want: int) -> torch.Tensor:
+    """The run's calibration rows, plus fresh windows of the same source if it had fewer."""
+    rows = prepared.calibration  # (n, seq)
+    if rows.shape[0] >= want:
+        return rows
+    from edgeqra.data import calibration_batches
+
+    job = run.job.eval
+    more = calibration_batches(
+        prepared.loaded.tokenizer,
+        job.calibration,
+        n_samples=want - rows.shape[0],
+        seq_len=rows.shape[1],
+        seed=job.tune.seed + 1,  # other windows than the bank's
+    )
+    return torch.cat([rows, more])
+
+
+def _fits_budget(run: RunDir, prepared: Any) -> Callable[[Config], bool] | None:
+    """Whether a config fits the run's budget by the memory model (None: no profile/budget)."""
+    budget = run.chosen.get("budget_bytes")
+    if prepared.profile is None or not budget:
+        return None
+    from edgeqra.memory import estimate_for_profile
+
+    def fits(config: Config) -> bool:
+        est = estimate_for_profile(
+            prepared.spec,
+            config,
+            prepared.profile,
+            group_size=run.job.eval.group_size,
+            merged_adapters=True,
+        )
+        return est.total <= budget
+
+    return fits
+
+
+def _merge_on_grid(
+    run: RunDir,
+    prepared: Any,
+    merged: nn.Module,
+    target: Path,
+    stage: Stage,
+    settings: Any,
+    fmt: str,
+) -> dict[str, Any]:
+    """Merge onto the bank's grid (exporters.merge), write the checkpoint; the merge record."""
+    from dataclasses import replace
+
+    from edgeqra.exporters.gptq import write_grid_checkpoint, write_partial_adapter
+    from edgeqra.exporters.merge import OverThreshold, collect_hessians, merge_units
+
+    from edgeqra.space import Choice
+
+    loaded, bank, config = prepared.loaded, prepared.bank, run.config
+    units = loaded.units
+    if fmt == "onnx" and settings.over_threshold is OverThreshold.UNMERGED:
+        log.warning("the ONNX graph holds no adapter: `unmerged` layers are merged and flagged")
+        settings = replace(settings, over_threshold=OverThreshold.REPORT)
+    pairs = list(zip(units, config, strict=True))
+    target_w = {
+        lin.name: merged.get_submodule(lin.name).weight.detach().float().cpu()
+        for u, _ in pairs
+        for lin in u.linears
+    }  # (d_out, d_in) W* per module
+    w_hat = {
+        lin.name: bank.entry(u.index, c.bits)[lin.name]
+        for u, c in pairs
+        if c.bits < FP16_BITS and c.rank > 0
+        for lin in u.linears
+    }
+    hessians: dict[str, torch.Tensor] = {}
+    rows = _hessian_rows(run, prepared, settings.hessian_rows)
+    if w_hat:
+        stage(f"layer inputs of the tuned model on {rows.shape[0]} calibration rows (Hessians)")
+        hessians = collect_hessians(merged, list(w_hat), rows)
+    stage("merging onto the bank's grid (GPTQ error feedback, the bank's scales and zeros)")
+    packed, layers = merge_units(
+        bank, units, config, target_w, w_hat, hessians, settings,
+        fits=_fits_budget(run, prepared),
+    )  # fmt: skip
+    dense = {lin.name: target_w[lin.name] for u, c in pairs if c.bits >= FP16_BITS
+             for lin in u.linears}  # fmt: skip
+    write_grid_checkpoint(
+        bank, loaded.path, units, packed, dense, target, tokenizer=loaded.tokenizer
+    )
+    kept = [lin.name for u, layer in zip(units, layers, strict=True) if layer.action == "unmerged"
+            for lin in u.linears]  # fmt: skip
+    if kept:
+        write_partial_adapter(run.adapter, kept, target / "adapter")
+    written = Config(tuple(Choice(layer.bits_written, c.rank)
+                           for layer, c in zip(layers, config, strict=True)))  # fmt: skip
+    actions: dict[str, int] = {}
+    for layer in layers:
+        actions[layer.action] = actions.get(layer.action, 0) + 1
+        log.info(
+            "merge %s (%d-bit, rank %d): %s%s, loses %.3f of the adapter's output effect "
+            "(round-to-nearest %.3f), %.2f%% codes changed",
+            layer.name, layer.bits, layer.rank, layer.action,
+            f" at {layer.bits_written} bits" if layer.bits_written != layer.bits else "",
+            layer.lost, layer.lost_rtn, 100 * layer.codes_changed,
+        )  # fmt: skip
+    flagged = [layer.name for layer in layers if layer.flagged]
+    adapted = [layer.lost for layer in layers if layer.action.startswith("merged")]
+    stage(
+        "merge: " + ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
+        + (f"; mean loss of adapter effect {sum(adapted) / len(adapted):.3f}" if adapted else "")
+        + (f"; {len(flagged)} above threshold {settings.threshold}" if flagged else "")
+    )  # fmt: skip
+    return {
+        "settings": settings.to_json(),
+        "hessian_rows": list(rows.shape),
+        "written_config": str(written),
+        "unmerged_modules": kept,
+        "actions": actions,
+        "flagged": flagged,
+        "layers": [layer.to_json() for layer in layers],
+    }
 
 
 def _written_bits(qcfg: dict[str, Any], units: Any, config: Config) -> dict[str, int]:
@@ -601,8 +742,8 @@ print(tok.decode(greedy_generate("{name}", np.array(tok("Hello")["input_ids"]), 
 
 _WHAT = {
     "gptq": "the tuned model with its LoRA adapters merged into the weights "
-    "(W' = Dequant(Q(W)) + (alpha/r)·B·A per unit), then GPTQ-quantized again at each "
-    "unit's bit-width on the run's calibration data: one mixed-precision GPTQ checkpoint.",
+    "(W' = Dequant(Q(W)) + (alpha/r)·B·A per unit), rounded onto the GPTQ grid of each "
+    "unit's bit-width (see the merge table below): one mixed-precision GPTQ checkpoint.",
     "adapter": "the exact form the search tuned: `base/` is the mixed-precision GPTQ "
     "checkpoint holding the very quantized values of the search's GPTQ bank, `adapter/` "
     "the PEFT LoRA adapter with one rank per unit (`rank_pattern`), not merged.",
@@ -613,6 +754,42 @@ _WHAT = {
 
 def _fmt_score(entry: dict[str, Any] | None) -> str:
     return "—" if not entry else f"{entry['score']:.4f}"
+
+
+def _merge_label(m: dict[str, Any]) -> str:
+    """How the package's merge was done, in a few words."""
+    method = ((m.get("merge") or {}).get("settings") or {}).get("method")
+    return "on the bank's grid" if method == "grid" else "GPTQ again per unit"
+
+
+def _merge_lines(m: dict[str, Any]) -> list[str]:
+    """The model card's per-layer merge table (grid merge only)."""
+    merge = m.get("merge") or {}
+    if not merge.get("layers"):
+        return []
+    lines = [
+        "",
+        "## Merge, per layer",
+        "",
+        "W' = Dequant(Q(W)) + (alpha/r)·B·A rounded onto the bank's own scales and zero points "
+        "with GPTQ error feedback. *lost*: the fraction of the adapter's effect on the layer's "
+        "outputs that the rounding loses (0 = kept, 1 = as if dropped; round-to-nearest in "
+        f"brackets); threshold {merge['settings']['threshold']}, above it: "
+        f"`{merge['settings']['over_threshold']}`.",
+        "",
+        "| unit | bits → written | rank | action | lost (RTN) | codes changed |",
+        "|---|---|---|---|---|---|",
+    ]
+    for layer in merge["layers"]:
+        flag = " ⚠" if layer["flagged"] else ""
+        lines.append(
+            f"| {layer['unit']} | {layer['bits']} → {layer['bits_written']} | {layer['rank']} | "
+            f"{layer['action']}{flag} | {layer['lost']:.3f} ({layer['lost_rtn']:.3f}) | "
+            f"{100 * layer['codes_changed']:.2f}% |"
+        )
+    if merge.get("unmerged_modules"):
+        lines += ["", "Units kept unmerged: their adapter is in `adapter/` and loads on top."]
+    return lines
 
 
 def _write_card(root: Path, m: dict[str, Any]) -> None:
@@ -653,7 +830,7 @@ def _write_card(root: Path, m: dict[str, Any]) -> None:
         "|---|---|",
         f"| the run's final score (search, float32) | {s['run_final']:.4f} |",
         f"| unmerged: bank GPTQ base + adapter, in memory | {_fmt_score(s['before_merge'])} |",
-        f"| merged, GPTQ again per unit (reloaded) | {_fmt_score(s['after_merge'])} |",
+        f"| merged, {_merge_label(m)} (reloaded) | {_fmt_score(s['after_merge'])} |",
         f"| this package, reloaded with its loader | {_fmt_score(s['package'])} |",
         "",
         "## Per-layer config",
@@ -664,6 +841,7 @@ def _write_card(root: Path, m: dict[str, Any]) -> None:
     for u in m["config"]["units"]:
         bits = "16 (dense)" if u["bits"] >= FP16_BITS else str(u["bits"])
         lines.append(f"| {u['unit']} | `{u['name']}` | {bits} | {u['rank']} |")
+    lines += _merge_lines(m)
     lines += [
         "",
         f"GPTQ group size {m['quantization']['group_size']}, symmetric "

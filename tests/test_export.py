@@ -33,6 +33,7 @@ from edgeqra.exporters.gptq import (
     merge_adapter,
     module_bits,
 )
+from edgeqra.exporters.merge import MergeSettings
 
 from edgeqra.cli import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, main
 from edgeqra.evaluate import EvalSettings
@@ -222,11 +223,11 @@ def test_adapter_export_is_the_exact_search_model(run, capsys):
     assert "transformers" in card and "PeftModel.from_pretrained" in card
 
 
-def test_gptq_export_merges_requantizes_and_verifies(run, capsys):
+def test_gptq_export_old_merge_requantizes_and_verifies(run, capsys):
     out, prepared, config, final = run
     pkg = out / "gptq-pkg"
     assert main(["export", str(out), "--format", "gptq", "--out", str(pkg), "--archive",
-                 "--json"]) == EXIT_OK  # fmt: skip
+                 "--json", "--merge", "requantize"]) == EXIT_OK  # fmt: skip
     printed = json.loads(capsys.readouterr().out)
     manifest = json.loads((pkg / "manifest.json").read_text())
     scores = manifest["scores"]
@@ -292,6 +293,136 @@ def test_gptq_export_merges_requantizes_and_verifies(run, capsys):
     # Refuses to overwrite without --force, before any work.
     assert main(["export", str(out), "--format", "gptq", "--out", str(pkg)]) == EXIT_INPUT
     assert "--force" in capsys.readouterr().err
+
+
+def _grid_of(prepared, unit, bits, module):
+    """(d_out, d_in) scales, zeros and maxq of a module on the bank's stored grid."""
+    from edgeqra.exporters.merge import GridLayout
+
+    layout = GridLayout.from_packed(prepared.bank.packed(unit.index, bits), module, bits, v1=True)
+    s = layout.scales[layout.g_idx].t()  # (d_out, d_in)
+    z = layout.zeros[layout.g_idx].t()
+    return s, z, layout.maxq
+
+
+def test_grid_merge_lies_on_the_bank_grid_and_beats_requantize(run, capsys):
+    """Merged-on-grid values lie on the bank's grid exactly; per-layer merge error reported."""
+    from safetensors.torch import load_file
+
+    from edgeqra.gptq import dequantized_weights
+
+    out, prepared, config, final = run
+    result = package.export_package(out, "gptq", out / "grid-pkg")
+    pkg, manifest = result.path, result.manifest
+    written = load_file(str(pkg / WEIGHTS))
+    w_new = dequantized_weights(pkg)  # GPTQModel's unpacking of what was written
+    changed = 0
+    for unit, choice in zip(prepared.loaded.units, config, strict=True):
+        if choice.bits >= 16:
+            continue
+        bank = prepared.bank.packed(unit.index, choice.bits)
+        for key, tensor in bank.items():  # the grid itself is the bank's, bit for bit
+            if not key.endswith(".qweight"):
+                assert torch.equal(written[key], tensor), key
+        for lin in unit.linears:
+            s, z, maxq = _grid_of(prepared, unit, choice.bits, lin.name)
+            w = w_new[lin.name]
+            q = torch.round(w / s + z)
+            assert torch.equal(s * (q - z), w), lin.name  # exactly on the stored grid
+            assert int(q.min()) >= 0 and int(q.max()) <= maxq
+            changed += int((written[f"{lin.name}.qweight"] != bank[f"{lin.name}.qweight"]).sum())
+    assert changed > 0  # the adapter moved codes
+
+    layers = manifest["merge"]["layers"]
+    assert [layer["action"] for layer in layers] == ["merged", "merged", "dense"]
+    for layer in layers[:2]:
+        _report(capsys, f"unit {layer['unit']} ({layer['bits']}-bit): lost {layer['lost']:.3f} "
+                        f"(round-to-nearest {layer['lost_rtn']:.3f}), output error "
+                        f"{layer['output_error']:.2e}, codes changed {layer['codes_changed']:.2%}")  # fmt: skip
+        assert 0 <= layer["lost"] < 1 and layer["lost"] <= layer["lost_rtn"]
+        assert 0 < layer["adapter_effect"] and 0 < layer["codes_changed"] < 1
+    card = (pkg / "README.md").read_text()
+    assert "## Merge, per layer" in card and "| 1 | 3 → 3 | 4 | merged |" in card
+
+    # Loads with GPTQModel (its torch kernel) and equals the dense twin holding W'.
+    from edgeqra.exporters.onnx import float_model
+
+    model = load_checkpoint(pkg)
+    ids = torch.tensor(manifest["parity"]["input_ids"])
+    with torch.no_grad():
+        got = model(ids).logits[0]
+        twin = float_model(pkg)(ids).logits[0]
+    assert float((got - twin).abs().max()) <= ADAPTER_ATOL
+    # Closer to the tuned model than the old merge (GPTQ again on a fresh grid).
+    old = out / "gptq-pkg"
+    if not (old / "manifest.json").is_file():
+        old = package.export_package(
+            out, "gptq", out / "old-pkg", merge=MergeSettings(method="requantize")
+        ).path
+    old_parity = json.loads((old / "manifest.json").read_text())["parity"]
+    new_gap = manifest["parity"]["merged_gptq_vs_unmerged_max_abs"]
+    old_gap = old_parity["merged_gptq_vs_unmerged_max_abs"]
+    s = manifest["scores"]
+    _report(capsys, f"max |Δlogit| vs the tuned model: grid {new_gap:.3e}, requantize "
+                    f"{old_gap:.3e}; loss before {s['before_merge']['loss']:.4f} after "
+                    f"{s['after_merge']['loss']:.4f}")  # fmt: skip
+    assert new_gap < old_gap
+    assert package.verify_package(pkg).ok
+
+
+def test_unmerged_layers_load_as_base_plus_adapter(run, capsys):
+    """Layers over the threshold keep the bank's codes + their adapter: the adapter form."""
+    out, prepared, config, _ = run
+    settings = MergeSettings(threshold=0.0, over_threshold="unmerged")
+    result = package.export_package(out, "gptq", out / "unmerged-pkg", merge=settings)
+    pkg, manifest = result.path, result.manifest
+    assert [layer["action"] for layer in manifest["merge"]["layers"]] == [
+        "unmerged", "unmerged", "dense"]  # fmt: skip
+    kept = manifest["merge"]["unmerged_modules"]
+    assert kept and all(n.startswith(("model.layers.0.", "model.layers.1.")) for n in kept)
+    from safetensors.torch import load_file
+
+    written = load_file(str(pkg / WEIGHTS))
+    for unit, choice in list(zip(prepared.loaded.units, config, strict=True))[:2]:
+        for key, tensor in prepared.bank.packed(unit.index, choice.bits).items():
+            assert torch.equal(written[key], tensor), key  # the bank's own codes
+    lora = load_file(str(pkg / "adapter" / "adapter_model.safetensors"))
+    assert lora and not any(".layers.2." in k for k in lora)  # the dense unit is merged
+    model = load_checkpoint(pkg)  # GPTQModel base + PEFT adapter of units 0 and 1
+    ids = torch.tensor(manifest["parity"]["input_ids"])
+    with torch.no_grad():
+        got = model(ids).logits[0]
+    want = _in_memory(prepared, config, out / "adapter", ids)
+    diff = float((got - want).abs().max())
+    _report(capsys, f"package with unmerged layers vs the adapter form: max |Δlogit| {diff:.2e}")
+    assert diff <= ADAPTER_ATOL
+    assert (
+        abs(manifest["scores"]["package"]["score"] - manifest["scores"]["before_merge"]["score"])
+        <= 1e-6
+    )
+    assert package.verify_package(pkg).ok
+
+
+def test_upbits_merges_at_the_next_width_when_the_budget_allows(run, tmp_path):
+    out, prepared, config, _ = run
+    settings = MergeSettings(threshold=0.0, over_threshold="upbits")
+    # The run's budget (2000 bytes) fits nothing bigger: refused, merged at its own width.
+    refused = package.export_package(out, "gptq", tmp_path / "refused", merge=settings).manifest
+    assert [la["bits_written"] for la in refused["merge"]["layers"]] == [4, 3, 16]
+    assert refused["merge"]["flagged"] == ["model.layers.0", "model.layers.1"]
+    roomy = tmp_path / "run"
+    shutil.copytree(out, roomy, ignore=shutil.ignore_patterns("*pkg*", "export-*"))
+    chosen = json.loads((roomy / "chosen.json").read_text())
+    chosen["budget_bytes"] = 2**40
+    (roomy / "chosen.json").write_text(json.dumps(chosen))
+    m = package.export_package(roomy, "gptq", tmp_path / "up", merge=settings).manifest
+    layers = m["merge"]["layers"]
+    assert [la["action"] for la in layers] == ["merged", "merged_upbits", "dense"]
+    assert [la["bits_written"] for la in layers] == [4, 4, 16]  # the bank has no 8: 4 stays
+    assert m["merge"]["written_config"].startswith("4/8,4/4,16/8")
+    assert set(m["quantization"]["module_bits"][n] for n in m["quantization"]["module_bits"]
+               if n.startswith("model.layers.1.")) == {4}  # fmt: skip
+    assert layers[1]["lost"] <= refused["merge"]["layers"][1]["lost"]
 
 
 def test_interrupted_export_leaves_nothing(run, monkeypatch, capsys):
