@@ -1,22 +1,32 @@
 """The quantization bank: every unit's GPTQ result at every bit-width, built once, cached.
 
 The search evaluates hundreds of configs; GPTQ must never run inside that loop. So for a
-(model, calibration data, bit set Q, group size) the bank runs GPTQModel once per bit-width
-(the whole model uniformly at that width), dequantizes what GPTQModel wrote, and keeps each
-unit's dense W_hat per bit-width on disk (safetensors). ``assemble(model, config)`` then
-copies the right tensors into a dense model in well under a second. Beside each W_hat the
-bank keeps the packed tensors GPTQModel wrote for the unit (qweight, qzeros, scales, g_idx),
-so the adapter-form export can write a mixed-bit checkpoint holding exactly the numbers the
-search tuned on (``packed``, ``quantize_config``).
+(model, calibration data, bit set Q, group size) the bank quantizes the whole model uniformly
+at every width in Q with GPTQModel, dequantizes what it packed, and keeps each unit's dense
+W_hat per bit-width on disk (safetensors). ``assemble(model, config)`` then copies the right
+tensors into a dense model in well under a second. Beside each W_hat the bank keeps the packed
+tensors GPTQModel wrote for the unit (qweight, qzeros, scales, g_idx), so the adapter-form
+export can write a mixed-bit checkpoint holding exactly the numbers the search tuned on
+(``packed``, ``quantize_config``).
 
-Approximation, stated: GPTQ quantizes layers in order, each on inputs that already went
-through the quantized earlier layers. A bank entry for unit l at b bits saw earlier layers at
-b bits too; in a mixed config they may have other widths. This is the price of never running
-GPTQ per candidate (QR-Adaptor does the same); the exporter re-runs GPTQ with the real mixed
-config for the final checkpoint.
+Two builds (``BankSpec.hessian``), same files:
+
+* ``"shared"`` (default): one forward pass of the unquantized model collects each linear's
+  Hessian once, and GPTQModel's GPTQ core quantizes every width from it
+  (``edgeqra.gptq_shared``). Every layer is quantized on unquantized inputs, which is also
+  exactly what a mixed config cannot promise anyway (see below). About the cost of one
+  GPTQModel run for all widths (``bench/bank_speed.py``).
+* ``"sequential"``: one GPTQModel run per width (its default loop: each layer sees the
+  outputs of the layers already quantized at that width).
+
+Approximation, stated: a bank entry for unit l was quantized on inputs that went through
+earlier layers either unquantized ("shared") or at the same width ("sequential"); in a mixed
+config they have other widths. This is the price of never running GPTQ per candidate
+(QR-Adaptor does the same); the exporter re-runs GPTQ with the real mixed config for the
+final checkpoint.
 
 Resume: a bit-width whose entries are complete is marked done and skipped by a later build,
-so an interrupted build loses at most the bit-width it was running.
+so an interrupted build loses at most the bit-width it was running (a shared build: the pass).
 """
 
 from __future__ import annotations
@@ -28,6 +38,7 @@ import shutil
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
@@ -38,13 +49,20 @@ from edgeqra.errors import ConfigError
 from edgeqra.models import Unit
 from edgeqra.space import DEFAULT_BITS, FP16_BITS, Config
 
-__all__ = ["Bank", "BankSpec", "bank_key", "build_bank", "model_digest"]
+__all__ = ["Bank", "BankSpec", "HessianSource", "bank_key", "build_bank", "model_digest"]
 
 log = logging.getLogger(__name__)
 
 # On-disk layout version, part of the cache key: 2 added the packed tensors per unit, so a
 # layout-1 bank (W_hat only) is never mistaken for one the exporters can read.
 _LAYOUT = 2
+
+
+class HessianSource(str, Enum):
+    """Which inputs each layer's GPTQ Hessian is collected on (module docstring)."""
+
+    SHARED = "shared"  # the unquantized model's, once for every width
+    SEQUENTIAL = "sequential"  # the already-quantized earlier layers', once per width
 
 
 @dataclass(frozen=True)
@@ -56,6 +74,7 @@ class BankSpec:
     desc_act: bool = False
     sym: bool = True
     seed: int = 0
+    hessian: HessianSource = HessianSource.SHARED
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in DEFAULT_BITS]
@@ -63,7 +82,14 @@ class BankSpec:
             raise ConfigError(f"bank `bits` {list(self.bits)} may only hold 2, 3, 4, 8")
         if self.group_size != -1 and self.group_size <= 0:
             raise ConfigError(f"`group_size` must be positive or -1, got {self.group_size}")
+        try:
+            hessian = HessianSource(self.hessian)
+        except ValueError:
+            raise ConfigError(
+                f"bank `hessian` {self.hessian!r} must be one of {[h.value for h in HessianSource]}"
+            ) from None
         object.__setattr__(self, "bits", tuple(sorted(set(self.bits))))
+        object.__setattr__(self, "hessian", hessian)
 
 
 def _weights_digest(model_dir: Path) -> str:
@@ -93,8 +119,10 @@ def bank_key(model_dir: Path, calibration: torch.Tensor, spec: BankSpec) -> str:
     digest = hashlib.sha256()
     digest.update(_weights_digest(model_dir).encode())
     digest.update(calibration.to(torch.int64).contiguous().numpy().tobytes())
-    options = {k: v for k, v in asdict(spec).items() if k != "bits"}
+    options = {k: v for k, v in asdict(spec).items() if k not in ("bits", "hessian")}
     options["layout"] = _LAYOUT
+    if spec.hessian is not HessianSource.SEQUENTIAL:  # sequential banks keep their old keys
+        options["hessian"] = spec.hessian.value
     digest.update(json.dumps(options, sort_keys=True).encode())
     digest.update(getattr(gptqmodel, "__version__", "?").encode())
     return digest.hexdigest()[:20]
@@ -212,19 +240,15 @@ def build_bank(
         model_dir: dense HF folder of the model (``LoadedModel.path``).
         units: the model's units (``LoadedModel.units``).
         calibration: (n_samples, seq_len) token ids (``data.calibration_batches``).
-        spec: bit set, group size and GPTQ options.
+        spec: bit set, group size, GPTQ options and the Hessian source.
         cache_root: folder holding banks (default ``models.cache_dir() / "banks"``).
-        keep_checkpoints: also keep GPTQModel's checkpoint per bit-width (tests, export).
-        progress: show a rich progress bar over bit-widths.
-        device: where GPTQModel runs ("cuda" is much faster; entries are the same format).
-        on_bits_done: called with (bits, seconds) after each bit-width is built.
+        keep_checkpoints: also keep GPTQModel's checkpoint per bit-width (tests, export;
+            sequential builds only: a shared build writes no checkpoint).
+        progress: show a rich progress bar.
+        device: where GPTQ runs ("cuda" is much faster; entries are the same format).
+        on_bits_done: called with (bits, seconds) after each bit-width is built; in a shared
+            build every width finishes together and ``seconds`` is the whole pass's.
     """
-    from edgeqra.gptq import (
-        dequantized_weights,
-        packed_tensors,
-        quantize_config,
-        quantize_to_checkpoint,
-    )
     from edgeqra.models import cache_dir
 
     model_dir = Path(model_dir)
@@ -260,50 +284,136 @@ def build_bank(
         disable=not progress,
         transient=True,
     ) as bar:
-        task = bar.add_task("GPTQ bank", total=len(spec.bits), completed=len(spec.bits) - len(todo))
-        for bits in todo:
-            bar.update(task, description=f"GPTQ {bits}-bit ({len(units)} units)")
-            start = time.perf_counter()
-            folder = root / f"b{bits}"
-            shutil.rmtree(folder, ignore_errors=True)  # a half-written bit-width starts over
-            checkpoint = root / f"checkpoint-b{bits}"
-            shutil.rmtree(checkpoint, ignore_errors=True)
-            quantize_to_checkpoint(
-                model_dir,
-                checkpoint,
-                calibration,
-                bits=bits,
-                group_size=spec.group_size,
-                desc_act=spec.desc_act,
-                sym=spec.sym,
-                seed=spec.seed,
-                device=device,
-            )
-            weights = dequantized_weights(checkpoint)
-            packed = packed_tensors(checkpoint)
-            folder.mkdir()
-            qcfg = quantize_config(checkpoint)
-            qcfg.get("meta", {}).pop("offload_to_disk_path", None)  # a temp folder, now gone
-            (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
-            for unit in units:
-                missing = [lin.name for lin in unit.linears if lin.name not in weights]
-                if missing:
-                    raise ConfigError(f"GPTQModel did not quantize {missing}; cannot bank them")
-                save_file(
-                    {lin.name: weights[lin.name] for lin in unit.linears},
-                    str(bank._unit_file(bits, unit.index)),
-                )
-                prefixes = tuple(f"{lin.name}." for lin in unit.linears)
-                save_file(
-                    {k: v for k, v in packed.items() if k.startswith(prefixes)},
-                    str(bank._packed_file(bits, unit.index)),
-                )
-            (folder / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
-            if not keep_checkpoints:
-                shutil.rmtree(checkpoint, ignore_errors=True)
-            seconds = time.perf_counter() - start
-            log.info("bank %d-bit built in %.1f s", bits, seconds)
-            if on_bits_done is not None:
-                on_bits_done(bits, seconds)
-            bar.advance(task)
+        build = _build_shared if spec.hessian is HessianSource.SHARED else _build_sequential
+        build(
+            bank, model_dir, calibration, todo, bar,
+            keep_checkpoints=keep_checkpoints, device=device, on_bits_done=on_bits_done,
+        )  # fmt: skip
     return bank
+
+
+def _write_unit(
+    bank: Bank, bits: int, unit: Unit, weights: dict[str, torch.Tensor], packed: dict
+) -> None:
+    """One unit's W_hat and packed tensors at ``bits``, as :class:`Bank` reads them."""
+    missing = [lin.name for lin in unit.linears if lin.name not in weights]
+    if missing:
+        raise ConfigError(f"GPTQModel did not quantize {missing}; cannot bank them")
+    save_file(
+        {lin.name: weights[lin.name] for lin in unit.linears},
+        str(bank._unit_file(bits, unit.index)),
+    )
+    prefixes = tuple(f"{lin.name}." for lin in unit.linears)
+    save_file(
+        {k: v for k, v in packed.items() if k.startswith(prefixes)},
+        str(bank._packed_file(bits, unit.index)),
+    )
+
+
+def _build_shared(
+    bank: Bank,
+    model_dir: Path,
+    calibration: torch.Tensor,
+    todo: list[int],
+    bar,
+    *,
+    keep_checkpoints: bool,
+    device: str,
+    on_bits_done: Callable[[int, float], None] | None,
+) -> None:
+    """Every width in ``todo`` from one Hessian per linear (``edgeqra.gptq_shared``)."""
+    from gptqmodel import QuantizeConfig
+
+    from edgeqra.gptq import dequantize_packed
+    from edgeqra.gptq_shared import quantize_shared_hessian, saved_quantize_config
+
+    spec = bank.spec
+    start = time.perf_counter()
+    task = bar.add_task(
+        f"GPTQ {'/'.join(map(str, todo))}-bit, shared Hessians (units)", total=len(bank.units)
+    )
+    qcfgs = {}
+    for bits in todo:
+        folder = bank.root / f"b{bits}"
+        shutil.rmtree(folder, ignore_errors=True)  # a half-written bit-width starts over
+        folder.mkdir()
+        qcfgs[bits] = saved_quantize_config(
+            QuantizeConfig(bits=bits, group_size=spec.group_size, desc_act=spec.desc_act,
+                           sym=spec.sym)
+        )  # fmt: skip
+    for position, per_bits in quantize_shared_hessian(
+        model_dir,
+        calibration,
+        [(unit.name, [lin.name for lin in unit.linears]) for unit in bank.units],
+        bits=todo,
+        group_size=spec.group_size,
+        desc_act=spec.desc_act,
+        sym=spec.sym,
+        seed=spec.seed,
+        device=device,
+    ):
+        unit = bank.units[position]
+        for bits, packed in per_bits.items():
+            _write_unit(bank, bits, unit, dequantize_packed(packed, qcfgs[bits]), packed)
+        bar.advance(task)
+    seconds = time.perf_counter() - start
+    for bits in todo:
+        folder = bank.root / f"b{bits}"
+        (folder / "quantize_config.json").write_text(json.dumps(qcfgs[bits], indent=2))
+        (folder / "DONE").write_text(f"{seconds:.1f}\n")
+    log.info("bank %s-bit built in %.1f s (shared Hessians)", "/".join(map(str, todo)), seconds)
+    for bits in todo:
+        if on_bits_done is not None:
+            on_bits_done(bits, seconds)
+
+
+def _build_sequential(
+    bank: Bank,
+    model_dir: Path,
+    calibration: torch.Tensor,
+    todo: list[int],
+    bar,
+    *,
+    keep_checkpoints: bool,
+    device: str,
+    on_bits_done: Callable[[int, float], None] | None,
+) -> None:
+    """One GPTQModel run per width in ``todo`` (its sequential loop), read back into the bank."""
+    from edgeqra import gptq
+
+    spec, root = bank.spec, bank.root
+    task = bar.add_task("GPTQ bank", total=len(spec.bits), completed=len(spec.bits) - len(todo))
+    for bits in todo:
+        bar.update(task, description=f"GPTQ {bits}-bit ({len(bank.units)} units)")
+        start = time.perf_counter()
+        folder = root / f"b{bits}"
+        shutil.rmtree(folder, ignore_errors=True)  # a half-written bit-width starts over
+        checkpoint = root / f"checkpoint-b{bits}"
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        gptq.quantize_to_checkpoint(
+            model_dir,
+            checkpoint,
+            calibration,
+            bits=bits,
+            group_size=spec.group_size,
+            desc_act=spec.desc_act,
+            sym=spec.sym,
+            seed=spec.seed,
+            device=device,
+        )
+        weights = gptq.dequantized_weights(checkpoint)
+        packed = gptq.packed_tensors(checkpoint)
+        folder.mkdir()
+        qcfg = gptq.quantize_config(checkpoint)
+        qcfg.get("meta", {}).pop("offload_to_disk_path", None)  # a temp folder, now gone
+        (folder / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+        for unit in bank.units:
+            _write_unit(bank, bits, unit, weights, packed)
+        (folder / "DONE").write_text(f"{time.perf_counter() - start:.1f}\n")
+        if not keep_checkpoints:
+            shutil.rmtree(checkpoint, ignore_errors=True)
+        seconds = time.perf_counter() - start
+        log.info("bank %d-bit built in %.1f s", bits, seconds)
+        if on_bits_done is not None:
+            on_bits_done(bits, seconds)
+        bar.advance(task)

@@ -338,21 +338,33 @@ def _quantize_config(checkpoint_dir: Path) -> dict:
 
 def dequantized_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """Dense float32 W_hat (d_out, d_in) per quantized linear, as GPTQModel's torch kernel sees it."""
-    from gptqmodel.quantization.config import dynamic_get
-    from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
     from safetensors import safe_open
 
     checkpoint_dir = Path(checkpoint_dir)
     qcfg = _quantize_config(checkpoint_dir)
-    fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq").lower()
-    if fmt not in {"gptq", "gptq_v2"}:
-        raise ModelError(f"checkpoint format {fmt!r} in {checkpoint_dir} is not gptq/gptq_v2")
     tensors: dict[str, torch.Tensor] = {}
     for path in sorted(checkpoint_dir.glob("*.safetensors")):
         with safe_open(str(path), framework="pt") as reader:
             for key in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
                 if key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
                     tensors[key] = reader.get_tensor(key)
+    return dequantize_packed(tensors, qcfg)
+
+
+def dequantize_packed(
+    tensors: Mapping[str, torch.Tensor], qcfg: Mapping[str, object]
+) -> dict[str, torch.Tensor]:
+    """Dense float32 W_hat (d_out, d_in) per module from its packed GPTQ tensors, by module name.
+
+    ``tensors`` holds ``{module}.qweight/.qzeros/.scales/.g_idx`` as a checkpoint stores them;
+    ``qcfg`` is its quantization config (``bits``, ``dynamic``, ``checkpoint_format``).
+    """
+    from gptqmodel.quantization.config import dynamic_get
+    from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
+
+    fmt = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq").lower()
+    if fmt not in {"gptq", "gptq_v2"}:
+        raise ModelError(f"checkpoint format {fmt!r} is not gptq/gptq_v2")
     out = {}
     for prefix in _quantized_prefixes(list(tensors)):
         # Per-module bits from `dynamic` (GPTQModel's own dequantize_model ignores it).

@@ -1,18 +1,26 @@
-"""The GPTQ bank on a tiny random Llama: cache hit/miss, resume, assemble, vs GPTQModel."""
+"""The GPTQ bank on a tiny random Llama: cache hit/miss, resume, assemble, vs GPTQModel.
+
+Both builds: ``sequential`` (one GPTQModel run per width, checkpoints kept) and ``shared``
+(one Hessian per linear for every width, ``edgeqra.gptq_shared``), checked against it.
+"""
 
 from __future__ import annotations
+
+import dataclasses
 
 import pytest
 import torch
 from conftest import tiny_model
 
 import edgeqra.gptq
-from edgeqra.bank import Bank, BankSpec, build_bank
+import edgeqra.gptq_shared
+from edgeqra.bank import Bank, BankSpec, HessianSource, bank_key, build_bank
 from edgeqra.errors import ConfigError
 from edgeqra.models import find_units
 from edgeqra.space import Config
 
-SPEC = BankSpec(bits=(2, 3, 4, 8), group_size=32)
+SPEC = BankSpec(bits=(2, 3, 4, 8), group_size=32, hessian="sequential")
+SHARED = BankSpec(bits=(2, 3, 4, 8), group_size=32)
 
 
 def _calibration() -> torch.Tensor:
@@ -82,7 +90,7 @@ def test_other_calibration_or_group_size_is_a_miss(built):
     )
     # The bit set is not part of the key: a {4}-bit bank is a subset of the full one.
     assert (
-        bank_key(root / "model", _calibration(), BankSpec(bits=(4,), group_size=32))
+        bank_key(root / "model", _calibration(), dataclasses.replace(SPEC, bits=(4,)))
         == bank.root.name
     )
 
@@ -162,3 +170,154 @@ def test_bits_outside_the_bank_are_refused(built):
         small.assemble(tiny_model("llama"), Config.uniform(3, 2, 0))
     with pytest.raises(ConfigError, match="remember_originals"):
         Bank(bank.root, units, SPEC).assemble(tiny_model("llama"), Config.uniform(3, 16, 0))
+
+
+# ------------------------------------------------------------------ shared-Hessian build
+
+
+@pytest.fixture(scope="module")
+def shared(built):
+    """The same model and calibration as ``built``, banked with shared Hessians."""
+    root, model, units, _, _ = built
+    calls = []
+    bank = build_bank(
+        root / "model",
+        units,
+        _calibration(),
+        SHARED,
+        cache_root=root / "cache",
+        progress=False,
+        on_bits_done=lambda bits, s: calls.append(bits),
+    )
+    return bank, calls
+
+
+def _count_shared_passes(monkeypatch):
+    calls = []
+    real = edgeqra.gptq_shared.quantize_shared_hessian
+
+    def counting(*args, **kwargs):
+        calls.append(list(kwargs["bits"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(edgeqra.gptq_shared, "quantize_shared_hessian", counting)
+    return calls
+
+
+def test_shared_is_the_default_and_has_its_own_key(built, shared):
+    root, _, _, sequential, _ = built
+    bank, calls = shared
+    assert BankSpec().hessian is HessianSource.SHARED
+    assert calls == [2, 3, 4, 8] and bank.complete
+    assert bank.root != sequential.root
+    assert bank_key(root / "model", _calibration(), SHARED) == bank.root.name
+    with pytest.raises(ConfigError, match="hessian"):
+        BankSpec(hessian="greedy")
+
+
+def test_shared_build_is_one_pass_then_a_cache_hit(built, shared, monkeypatch):
+    root, _, units, _, _ = built
+    bank, _ = shared
+    passes = _count_shared_passes(monkeypatch)
+    runs = _count_quantize_calls(monkeypatch)
+    again = build_bank(
+        root / "model", units, _calibration(), SHARED, cache_root=root / "cache", progress=False
+    )
+    assert passes == [] and runs == [] and again.root == bank.root
+    (bank.root / "b3" / "DONE").unlink()  # as if killed while writing the 3-bit entries
+    resumed = build_bank(
+        root / "model", units, _calibration(), SHARED, cache_root=root / "cache", progress=False
+    )
+    assert passes == [[3]] and runs == [] and resumed.complete
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_shared_first_layer_qkv_pack_exactly_as_gptqmodel(built, shared, bits):
+    """Layer 0's q/k/v see unquantized inputs in both builds: GPTQModel's packed tensors, bit
+    for bit; later linears differ (GPTQModel fed them already-quantized outputs)."""
+    _, _, units, sequential, _ = built
+    bank, _ = shared
+    mine, ref = bank.packed(0, bits), sequential.packed(0, bits)
+    assert set(mine) == set(ref)
+    first = [k for k in ref if any(p in k for p in ("q_proj", "k_proj", "v_proj"))]
+    assert len(first) == 12  # qweight, qzeros, scales, g_idx of three linears
+    for key in first:
+        assert torch.equal(mine[key], ref[key]), key
+    later = units[0].linears[-1].name  # down_proj: its input went through quantized layers
+    assert not torch.equal(mine[f"{later}.qweight"], ref[f"{later}.qweight"])
+    for key in ref:
+        assert mine[key].shape == ref[key].shape and mine[key].dtype == ref[key].dtype, key
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_shared_quantize_config_is_gptqmodels_save(built, shared, bits):
+    _, _, _, sequential, _ = built
+    bank, _ = shared
+    mine, ref = bank.quantize_config(bits), sequential.quantize_config(bits)
+    meta_mine, meta_ref = mine.pop("meta"), ref.pop("meta")
+    assert mine == ref
+    assert meta_mine.pop("edgeqra_inputs") == "unquantized"
+    assert meta_mine.pop("true_sequential") is False and meta_ref.pop("true_sequential") is True
+    assert meta_mine == meta_ref
+
+
+def _checkpoint_from_bank(bank, model_dir, units, bits, dest):
+    """A uniform GPTQ checkpoint made only of the bank's packed tensors and quantize_config."""
+    import json
+
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(model_dir / "model.safetensors"))
+    for unit in units:
+        for lin in unit.linears:
+            tensors.pop(f"{lin.name}.weight")
+        tensors.update(bank.packed(unit.index, bits))
+    dest.mkdir()
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"))
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = bank.quantize_config(bits)
+    (dest / "config.json").write_text(json.dumps(config))
+    (dest / "quantize_config.json").write_text(json.dumps(bank.quantize_config(bits)))
+    return dest
+
+
+@pytest.mark.parametrize("bits", [3, 4])
+def test_shared_bank_loads_in_gptqmodel_as_assembled(built, shared, bits, tmp_path):
+    """Its packed tensors + quantize_config load in GPTQModel and equal the assembled W_hat."""
+    root, _, units, _, _ = built
+    bank, _ = shared
+    ckpt = _checkpoint_from_bank(bank, root / "model", units, bits, tmp_path / "ckpt")
+    reference = edgeqra.gptq.load_quantized(ckpt)
+    work = tiny_model("llama")
+    bank.assemble(work, Config.uniform(3, bits, 0))
+    ids = _calibration()[:4, :32]
+    with torch.no_grad():
+        delta = (work(ids).logits - reference(ids).logits).abs().max().item()
+    assert delta < 1e-4, delta
+
+
+def test_shared_more_bits_means_smaller_weight_error(built, shared):
+    _, model, units, _, _ = built
+    bank, _ = shared
+    name = units[1].linears[0].name
+    w = model.get_submodule(name).weight
+    errors = [torch.linalg.norm(bank.entry(1, b)[name] - w).item() for b in (2, 3, 4, 8)]
+    assert errors == sorted(errors, reverse=True)
+
+
+def test_shared_hessian_chunks_give_the_same_tensors(built, shared):
+    """A Hessian cap of one layer per forward (truncated, repeated passes) changes nothing."""
+    root, _, units, _, _ = built
+    bank, _ = shared
+    layers = [(u.name, [lin.name for lin in u.linears]) for u in units]
+    small = dict(
+        edgeqra.gptq_shared.quantize_shared_hessian(
+            root / "model", _calibration(), layers, bits=(4,), group_size=32, hessian_bytes=1
+        )
+    )
+    assert sorted(small) == [0, 1, 2]
+    for unit in units:
+        want = bank.packed(unit.index, 4)
+        assert set(small[unit.index][4]) == set(want)
+        for key, value in want.items():
+            assert torch.equal(small[unit.index][4][key], value), key
