@@ -554,6 +554,7 @@ class QuantizedLoRA:
     units: tuple[Unit, ...]
     checkpoint: Path  # the mixed-precision GPTQ checkpoint it was loaded from
     kernels: dict[int, str]  # bits -> QuantLinear class GPTQModel gave those modules
+    recompute_backward: bool = True  # base layers rebuild W in backward (edgeqra.qlinear)
 
 
 def _check_checkpoint_bits(checkpoint: Path, units: Sequence[Unit], config: Config) -> None:
@@ -590,6 +591,7 @@ def quantized_lora(
     device: str = "cpu",
     dtype: torch.dtype | None = None,
     kernels: Sequence[str] | None = None,
+    recompute_backward: bool = True,
 ) -> QuantizedLoRA:
     """Load ``config`` as a real mixed-precision GPTQ model and attach its per-unit LoRA.
 
@@ -610,6 +612,9 @@ def quantized_lora(
         device: "cpu" or "cuda" (GPTQ and the model both run there).
         dtype: compute dtype; float32 on CPU, bfloat16 on CUDA when None.
         kernels: profile kernel names GPTQModel may pick from on CUDA (None: all).
+        recompute_backward: the base layers keep no dense weight for backward and
+            dequantize it again there (``edgeqra.qlinear``, issue 15); False keeps
+            GPTQModel's own autograd path (one dense weight per layer alive until backward).
     """
     from transformers import AutoConfig
 
@@ -640,5 +645,9 @@ def quantized_lora(
     base = load_gptq(checkpoint, device=device, dtype=dtype, trainable=True, kernels=kernels)
     chosen = kernels_by_bits(base)
     log.info("quantized base %s: kernels %s", checkpoint, chosen)
+    if recompute_backward:
+        from edgeqra.qlinear import enable_recompute_backward
+
+        enable_recompute_backward(base)
     model = attach_lora(base, units, config, settings)
-    return QuantizedLoRA(model, tuple(units), checkpoint, chosen)
+    return QuantizedLoRA(model, tuple(units), checkpoint, chosen, recompute_backward)
