@@ -80,34 +80,54 @@ def _ort_tokens_per_s(dest: Path, prompt: list[int], new: int, repeats: int) -> 
     return new / statistics.median(times), tokens
 
 
-def _kernel_us(bits: int, accuracy_level: int, k: int = 576, n: int = 1536) -> float:
-    """Median µs of one MatMulNBits (M=1, SmolLM2's up_proj shape, group 64) in onnxruntime."""
+def _kernel_us(
+    bits: int, accuracy_level: int, storage: str = "nbits", k: int = 576, n: int = 1536
+) -> float:
+    """Median µs of one linear (M=1, SmolLM2's up_proj shape, group 64) in onnxruntime.
+
+    ``storage``: ``nbits`` (MatMulNBits at the native width, 3 at 4), ``as4`` (2/3-bit codes
+    in the 4-bit kernel), ``split`` (8-bit as two 4-bit nodes + Add), ``float32`` (MatMul on
+    the dequantized weight).
+    """
     import numpy as np
     import onnxruntime as ort
-    from edgeqra.exporters.onnx import pack_matmul_nbits
+    from edgeqra.exporters.onnx import pack_matmul_nbits, split_eight_bit
     from onnx import helper, numpy_helper
 
     rng = np.random.default_rng(bits)
     codes = rng.integers(0, 2**bits, (k, n))
     zeros = rng.integers(0, 2**bits, (k // 64, n))
-    scales = rng.random((k // 64, n)).astype(np.float32)
-    p = pack_matmul_nbits("m", codes, zeros, scales, bits=bits, group_size=64)
-    attrs = {"K": k, "N": n, "bits": p.bits_stored, "block_size": p.block_size}
-    if accuracy_level:
-        attrs["accuracy_level"] = accuracy_level
-    node = helper.make_node(
-        "MatMulNBits", ["A", "B", "S", "Z"], ["Y"], domain="com.microsoft", **attrs
-    )
+    scales = rng.random((k // 64, n)).astype(np.float16).astype(np.float32)
+    if storage == "float32":
+        w = scales[np.arange(k) // 64] * (codes - zeros[np.arange(k) // 64])  # (K, N)
+        nodes = [helper.make_node("MatMul", ["A", "W"], ["Y"])]
+        inits = [numpy_helper.from_array(w.astype(np.float32), "W")]
+    else:
+        if storage == "split":
+            parts = split_eight_bit("m", codes, zeros, scales, group_size=64)
+        else:
+            native = 4 if bits == 3 or storage == "as4" else bits
+            parts = (pack_matmul_nbits("m", codes, zeros, scales, bits=bits, group_size=64,
+                                       stored_bits=native),)  # fmt: skip
+        nodes, inits = [], []
+        for i, p in enumerate(parts):
+            attrs = {"K": k, "N": n, "bits": p.bits_stored, "block_size": p.block_size}
+            if accuracy_level:
+                attrs["accuracy_level"] = accuracy_level
+            names = [f"B{i}", f"S{i}", f"Z{i}"]
+            out = "Y" if len(parts) == 1 else f"Y{i}"
+            nodes.append(helper.make_node("MatMulNBits", ["A", *names], [out],
+                                          domain="com.microsoft", **attrs))  # fmt: skip
+            inits += [numpy_helper.from_array(x, nm)
+                      for x, nm in zip((p.b, p.scales, p.zero_points), names, strict=True)]  # fmt: skip
+        if len(parts) == 2:
+            nodes.append(helper.make_node("Add", ["Y0", "Y1"], ["Y"]))
     graph = helper.make_graph(
-        [node],
+        nodes,
         "one",
         [helper.make_tensor_value_info("A", 1, [1, k])],
         [helper.make_tensor_value_info("Y", 1, [1, n])],
-        initializer=[
-            numpy_helper.from_array(p.b, "B"),
-            numpy_helper.from_array(p.scales, "S"),
-            numpy_helper.from_array(p.zero_points, "Z"),
-        ],
+        initializer=inits,
     )
     opsets = [helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
     options = ort.SessionOptions()
@@ -124,6 +144,33 @@ def _kernel_us(bits: int, accuracy_level: int, k: int = 576, n: int = 1536) -> f
         sess.run(None, {"A": a})
         times.append(time.perf_counter() - started)
     return statistics.median(times[5:]) * 1e6
+
+
+KERNEL_CASES = (  # (bits, storage, label)
+    (2, "nbits", "2-bit MatMulNBits"),
+    (2, "as4", "2-bit codes in 4-bit MatMulNBits (export default)"),
+    (3, "nbits", "3-bit codes in 4-bit MatMulNBits (export default)"),
+    (4, "nbits", "4-bit MatMulNBits"),
+    (8, "nbits", "8-bit MatMulNBits (`--eight-bit native`)"),
+    (8, "split", "8-bit as two 4-bit MatMulNBits + Add (`split`, export default)"),
+    (8, "float32", "8-bit as float32 MatMul initializer (`float32`)"),
+)
+
+
+def kernel_table(k: int = 576, n: int = 1536) -> list[tuple[str, float, float, int]]:
+    """(case, µs at accuracy_level 0, µs at 4 (nan for float32), bytes) for every KERNEL_CASE."""
+    from edgeqra.exporters.onnx import nbits_bytes
+
+    rows = []
+    for bits, storage, label in KERNEL_CASES:
+        if storage == "float32":
+            nbytes, us4 = k * n * 4, float("nan")
+        else:
+            width = 4 if storage in ("as4", "split") or bits == 3 else bits
+            nbytes = nbits_bytes(k, n, 64, width) * (2 if storage == "split" else 1)
+            us4 = _kernel_us(bits, 4, storage, k, n)
+        rows.append((label, _kernel_us(bits, 0, storage, k, n), us4, nbytes))
+    return rows
 
 
 def _prefix(a: list[int], b: list[int]) -> int:
@@ -170,6 +217,15 @@ def _export_rows(info: dict, quant_s: float | None, export_s: float) -> list[tup
     ]
 
 
+def _print_kernels(rows) -> None:
+    """The per-kernel markdown table."""
+    print("\nOne linear 576 -> 1536, M=1, group 64 (µs, median of 100):\n")
+    print("| storage | accuracy_level 0 (fp32) | accuracy_level 4 (int8 A) | KiB |")
+    print("|---|---|---|---|")
+    for label, us0, us4, nbytes in rows:
+        print(f"| {label} | {us0:.0f} | {us4:.0f} | {nbytes / 1024:.0f} |")
+
+
 def main() -> None:
     """Quantize (or reuse), export, measure, print the table."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -183,10 +239,18 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="copy the ONNX folder here (must not exist)")
     parser.add_argument("--onnx", type=Path, help="time an existing ONNX folder (no export)")
+    parser.add_argument("--eight-bit", default="split", choices=["split", "float32", "native"])
+    parser.add_argument("--embedding-dtype", default="float16",
+                        choices=["float16", "bfloat16", "float32"])  # fmt: skip
+    parser.add_argument("--kernels-only", action="store_true",
+                        help="only the per-kernel table (no model, seconds)")  # fmt: skip
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     os.environ["EDGEQRA_ORT_THREADS"] = str(args.threads)  # same thread count on both sides
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    if args.kernels_only:
+        _print_kernels(kernel_table())
+        return
 
     from edgeqra.exporters.onnx import float_model, onnx_logits, write_onnx
     from transformers import AutoTokenizer
@@ -207,13 +271,19 @@ def main() -> None:
             dest = Path(tmp) / "onnx"
             dest.mkdir()
             started = time.perf_counter()
-            info = write_onnx(checkpoint, dest, progress=False)
+            info = write_onnx(checkpoint, dest, progress=False, eight_bit=args.eight_bit,
+                              embedding_dtype=args.embedding_dtype)  # fmt: skip
+            print(info["storage_line"])
             export_s = time.perf_counter() - started
 
         tokenizer = AutoTokenizer.from_pretrained(dense)
         text = "The history of the printing press begins in the fifteenth century, when " * 8
         prompt = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.prompt_tokens]
         model = float_model(checkpoint)
+        if args.embedding_dtype != "float32":  # the reference holds the exported table
+            with torch.no_grad():
+                table = model.get_input_embeddings().weight
+                table.copy_(table.to(getattr(torch, args.embedding_dtype)).float())
         torch_tps, torch_tokens = _torch_tokens_per_s(model, prompt, args.new_tokens, args.repeats)
         ort_tps, ort_tokens = _ort_tokens_per_s(
             dest, prompt[0].tolist(), args.new_tokens, args.repeats
@@ -230,7 +300,8 @@ def main() -> None:
         same = _prefix(torch_tokens, ort_tokens)
         if args.keep:
             shutil.copytree(dest, args.keep)
-        kernels = {f"{b}-bit acc{a}": _kernel_us(b, a) for b in (2, 3, 4, 8) for a in (0, 4)}
+        kernel_rows = kernel_table()
+        kernels = {label: [us0, us4, nbytes] for label, us0, us4, nbytes in kernel_rows}
         if info:
             figures.update(
                 quantize_s=quant_s,
@@ -241,6 +312,8 @@ def main() -> None:
                 bits_requested=info["bits_requested"],
                 bits_stored=info["bits_stored"],
                 three_bit=info["three_bit"],
+                storage=info["storage"],
+                embedding=info["embedding"],
                 parity=info["parity"],
             )
         figures.update(
@@ -285,12 +358,7 @@ def main() -> None:
     print("| what | figure |\n|---|---|")
     for what, figure in rows:
         print(f"| {what} | {figure} |")
-    print("\nOne MatMulNBits 576 -> 1536, M=1, group 64 (µs, median of 100):\n")
-    print("| bits (stored) | accuracy_level 0 (fp32) | accuracy_level 4 (int8 A) |\n|---|---|---|")
-    for b in (2, 3, 4, 8):
-        print(
-            f"| {b} ({4 if b == 3 else b}) | {kernels[f'{b}-bit acc0']:.0f} | {kernels[f'{b}-bit acc4']:.0f} |"
-        )
+    _print_kernels(kernel_rows)
     print("\nORT continuation:", repr(figures["ort_text"]))
     if args.out:
         args.out.write_text(json.dumps(figures, indent=2))

@@ -38,6 +38,7 @@ import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import numpy as np
@@ -47,7 +48,19 @@ from torch import nn
 
 from edgeqra.errors import ConfigError, ModelError
 
-__all__ = ["float_model", "greedy_generate", "onnx_logits", "write_onnx"]
+__all__ = [
+    "EightBit",
+    "LinearPlan",
+    "float_model",
+    "greedy_generate",
+    "nbits_bytes",
+    "onnx_logits",
+    "plan_linear",
+    "split_eight_bit",
+    "storage_line",
+    "storage_report",
+    "write_onnx",
+]
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +69,18 @@ DATA_FILE = "model.onnx.data"
 MS_DOMAIN = "com.microsoft"
 ORT_BITS = (2, 4, 8)  # what the onnxruntime CPU kernel of MatMulNBits executes
 THREE_BIT_STORAGE = 4
+LOW_BIT_STORAGE = 4  # 2- and 3-bit codes run in the 4-bit kernel (the only fast fp32 one)
+EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
+
+
+class EightBit(str, Enum):
+    """How 8-bit linears are stored (measured per kernel in bench/onnx_speed.py)."""
+
+    SPLIT = "split"  # q = 16·hi + lo: two 4-bit MatMulNBits (scales 16s, s) + Add; lossless
+    FLOAT32 = "float32"  # the dequantized weight as a float32 MatMul initializer; lossless, 4 B/w
+    NATIVE = "native"  # one 8-bit MatMulNBits (a slow fallback kernel on CPU at level 0)
+
+
 PARITY_SEED = 0
 PARITY_SHAPE = (2, 16)  # (batch, seq) of the fixed parity input
 _SIDE_FILES = (*TOKENIZER_FILES, "generation_config.json")  # copied next to model.onnx
@@ -140,6 +165,7 @@ def pack_matmul_nbits(
     *,
     bits: int,
     group_size: int,
+    stored_bits: int | None = None,
 ) -> PackedLinear:
     """GPTQ integers -> MatMulNBits initializers, values unchanged.
 
@@ -147,15 +173,18 @@ def pack_matmul_nbits(
         codes: (K, N) integer codes in [0, 2**bits), GPTQ's (d_in, d_out) orientation.
         zeros: (groups, N) true zero points (already v1-corrected).
         scales: (groups, N) float scales (fp16 in the checkpoint; stored as float32).
-        bits: the checkpoint's width; 3 is stored at 4 bits.
+        bits: the checkpoint's width; 2 and 3 are stored at 4 bits by default.
         group_size: input features per group, sequential (group of feature i is i // group).
+        stored_bits: the MatMulNBits width (>= ``bits``; 2, 4 or 8); default 4 for 2/3 bits.
     """
     k, n = codes.shape
     if bits not in (2, 3, 4, 8):
         raise ConfigError(
             f"`{name}` has {bits}-bit weights; the ONNX export handles 2, 3, 4 and 8 bits"
         )
-    stored = THREE_BIT_STORAGE if bits == 3 else bits
+    stored = stored_bits or (LOW_BIT_STORAGE if bits in (2, 3) else bits)
+    if stored < bits or stored not in ORT_BITS:
+        raise ConfigError(f"`stored_bits`={stored} for {bits}-bit `{name}`; use one of {ORT_BITS}")
     if group_size >= k:  # one group per column (per-channel): any block size shares its scale
         block = min(128, max(16, 1 << (k - 1).bit_length()))
     else:
@@ -181,6 +210,98 @@ def pack_matmul_nbits(
     )
 
 
+def split_eight_bit(
+    name: str, codes: np.ndarray, zeros: np.ndarray, scales: np.ndarray, *, group_size: int
+) -> tuple[PackedLinear, PackedLinear]:
+    """An 8-bit linear as two 4-bit MatMulNBits whose outputs add up to the 8-bit one.
+
+    q = 16·hi + lo and z = 16·zh + zl give s·(q − z) = 16s·(hi − zh) + s·(lo − zl): both parts
+    and their sum are exact in float32 (an fp16 scale times an integer below 2**8 needs 19
+    mantissa bits), so the weights are the GPTQ ones; only the summation order differs.
+    Args as :func:`pack_matmul_nbits` (codes (K, N), zeros and scales (groups, N)).
+    """
+    codes, zeros = np.asarray(codes), np.asarray(zeros)
+    scales = np.asarray(scales, np.float32)
+    hi = pack_matmul_nbits(name, codes >> 4, zeros >> 4, 16 * scales, bits=4, group_size=group_size)
+    lo = pack_matmul_nbits(name, codes & 15, zeros & 15, scales, bits=4, group_size=group_size)
+    return hi, lo
+
+
+def nbits_bytes(k: int, n: int, block: int, bits: int) -> int:
+    """Bytes of one MatMulNBits' B, float32 scales and zero points (K, N, block, stored bits)."""
+    k_blocks = -(-k // block)
+    return n * k_blocks * block * bits // 8 + n * k_blocks * 4 + n * -(-k_blocks * bits // 8)
+
+
+@dataclass(frozen=True)
+class LinearPlan:
+    """How one GPTQ linear is stored in the graph: MatMulNBits part(s) or a float MatMul."""
+
+    name: str
+    bits_requested: int
+    storage: str  # "nbits" (one node), "split" (two 4-bit nodes + Add), "float32" (MatMul)
+    parts: tuple[PackedLinear, ...]  # () for float32
+    group_size: int
+    k: int
+    n: int
+
+    @property
+    def bytes(self) -> int:
+        """Bytes this choice stores for the weight (initializers)."""
+        if self.storage == EightBit.FLOAT32.value:
+            return self.k * self.n * 4
+        return sum(int(p.b.nbytes + p.scales.nbytes + p.zero_points.nbytes) for p in self.parts)
+
+    def alternatives(self) -> dict[str, int]:
+        """Bytes of each storage this linear could have had (for the export's size report)."""
+        block = block_size_for(self.group_size, self.name) if self.group_size < self.k else 128
+        out = {
+            f"nbits{self.bits_requested}": nbits_bytes(self.k, self.n, block, self.bits_requested)
+        }
+        if self.bits_requested in (2, 3):
+            out["nbits4"] = nbits_bytes(self.k, self.n, block, 4)
+        if self.bits_requested == 8:
+            out["split"] = 2 * nbits_bytes(self.k, self.n, block, 4)
+            out["float32"] = self.k * self.n * 4
+        if self.bits_requested == 3:
+            out.pop("nbits3")  # not run by onnxruntime
+        return out
+
+    def dequantized(self) -> np.ndarray | None:
+        """(N, K) float32 weight the stored parts compute with (None for a float MatMul)."""
+        if not self.parts:
+            return None
+        out = self.parts[0].dequantized()
+        for part in self.parts[1:]:
+            out = out + part.dequantized()
+        return out
+
+
+def plan_linear(
+    name: str,
+    codes: np.ndarray,
+    zeros: np.ndarray,
+    scales: np.ndarray,
+    *,
+    bits: int,
+    group_size: int,
+    eight_bit: EightBit = EightBit.SPLIT,
+) -> LinearPlan:
+    """The storage of one GPTQ linear: 2/3/4 bits as 4-bit MatMulNBits, 8 bits per ``eight_bit``.
+
+    Args as :func:`pack_matmul_nbits`.
+    """
+    k, n = np.asarray(codes).shape
+    common = {"name": name, "bits_requested": bits, "group_size": group_size, "k": k, "n": n}
+    if bits == 8 and eight_bit is EightBit.SPLIT:
+        parts = split_eight_bit(name, codes, zeros, scales, group_size=group_size)
+        return LinearPlan(storage="split", parts=parts, **common)
+    if bits == 8 and eight_bit is EightBit.FLOAT32:
+        return LinearPlan(storage="float32", parts=(), **common)
+    part = pack_matmul_nbits(name, codes, zeros, scales, bits=bits, group_size=group_size)
+    return LinearPlan(storage="nbits", parts=(part,), **common)
+
+
 # --- reading the GPTQ checkpoint ----------------------------------------------------------
 
 
@@ -199,8 +320,8 @@ def _quantize_config(gptq_dir: Path) -> dict:
     return qcfg
 
 
-def _gptq_modules(gptq_dir: Path) -> Iterator[PackedLinear]:
-    """Each quantized linear of the checkpoint, unpacked and re-packed for MatMulNBits."""
+def _gptq_modules(gptq_dir: Path, eight_bit: EightBit = EightBit.SPLIT) -> Iterator[LinearPlan]:
+    """Each quantized linear of the checkpoint, unpacked and planned for the ONNX graph."""
     from gptqmodel.quantization.config import dynamic_get
     from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
     from safetensors import safe_open
@@ -232,13 +353,14 @@ def _gptq_modules(gptq_dir: Path) -> Iterator[PackedLinear]:
         zeros = unpack_cols(tensors[f"{prefix}.qzeros"], bits)[:, :d_out]  # (groups, d_out)
         if v1:
             zeros = (zeros + 1) & ((1 << bits) - 1)  # v1 stores zero - 1
-        yield pack_matmul_nbits(
+        yield plan_linear(
             prefix,
             codes.numpy(),
             zeros.numpy(),
             scales.float().numpy(),
             bits=bits,
             group_size=group,
+            eight_bit=eight_bit,
         )
 
 
@@ -357,13 +479,46 @@ def _module_of(node, names: set[str]) -> str | None:
     return hits[-1] if hits else None
 
 
+def _nbits_node(ir, graph, x, p: PackedLinear, tag: str, accuracy_level: int, bits_requested: int):
+    """One MatMulNBits node reading ``x`` with ``p``'s initializers (registered in ``graph``)."""
+    inits = []
+    for suffix, array in (("qB", p.b), ("scales", p.scales), ("zero_points", p.zero_points)):
+        value = ir.Value(
+            name=f"{tag}.{suffix}", const_value=ir.tensor(array, name=f"{tag}.{suffix}")
+        )
+        value.shape = ir.Shape(array.shape)
+        value.type = ir.TensorType(value.const_value.dtype)
+        graph.register_initializer(value)
+        inits.append(value)
+    return ir.Node(
+        MS_DOMAIN,
+        "MatMulNBits",
+        [x, *inits],
+        attributes={
+            "K": ir.AttrInt64("K", p.k),
+            "N": ir.AttrInt64("N", p.n),
+            "bits": ir.AttrInt64("bits", p.bits_stored),
+            "block_size": ir.AttrInt64("block_size", p.block_size),
+            **(
+                {"accuracy_level": ir.AttrInt64("accuracy_level", accuracy_level)}
+                if accuracy_level
+                else {}
+            ),
+        },
+        name=f"{tag}.MatMulNBits",
+        metadata_props={"edgeqra.module": p.name, "edgeqra.bits_requested": str(bits_requested)},
+    )
+
+
 def _swap_matmuls(
-    model, packed: dict[str, PackedLinear], w_hat: dict[str, torch.Tensor], accuracy_level: int
+    model, plans: dict[str, LinearPlan], w_hat: dict[str, torch.Tensor], accuracy_level: int
 ) -> dict:
-    """Replace each quantized linear's MatMul by MatMulNBits; returns {module: node name}.
+    """Replace each quantized linear's MatMul per its plan; returns {module: node name}.
 
     A MatMul is taken for module M only if its name scope says M *and* its constant weight
     equals M's dequantized weight transposed, bit for bit: the mapping is checked by content.
+    A ``float32`` plan keeps that MatMul (its weight is W_hat already); ``split`` becomes two
+    4-bit MatMulNBits and an Add.
     """
     import onnx_ir as ir
 
@@ -372,13 +527,13 @@ def _swap_matmuls(
     for node in list(graph):
         if node.op_type != "MatMul" or node.domain not in ("", "ai.onnx"):
             continue
-        name = _module_of(node, set(packed))
+        name = _module_of(node, set(plans))
         weight = node.inputs[1]
         if name is None or weight is None or weight.const_value is None:
             continue
         if name in swapped:
             raise ModelError(f"the exported graph has two MatMuls for `{name}`; cannot map it")
-        p = packed[name]
+        plan = plans[name]
         expected = w_hat[name].t().numpy()  # (K, N)
         got = weight.const_value.numpy()
         if got.shape != expected.shape or not np.array_equal(got, expected):
@@ -386,44 +541,29 @@ def _swap_matmuls(
                 f"the MatMul traced from `{name}` does not hold its dequantized weight "
                 f"(shape {got.shape} vs {expected.shape}); the exporter's graph changed"
             )
+        if plan.storage == EightBit.FLOAT32.value:
+            node.metadata_props["edgeqra.module"] = name
+            node.metadata_props["edgeqra.bits_requested"] = str(plan.bits_requested)
+            swapped[name] = node.name
+            continue
         tag = name.replace(".", "_")
-        inits = []
-        for suffix, array in (("qB", p.b), ("scales", p.scales), ("zero_points", p.zero_points)):
-            value = ir.Value(
-                name=f"{tag}.{suffix}", const_value=ir.tensor(array, name=f"{tag}.{suffix}")
-            )
-            value.shape = ir.Shape(array.shape)
-            value.type = ir.TensorType(value.const_value.dtype)
-            graph.register_initializer(value)
-            inits.append(value)
-        new = ir.Node(
-            MS_DOMAIN,
-            "MatMulNBits",
-            [node.inputs[0], *inits],
-            attributes={
-                "K": ir.AttrInt64("K", p.k),
-                "N": ir.AttrInt64("N", p.n),
-                "bits": ir.AttrInt64("bits", p.bits_stored),
-                "block_size": ir.AttrInt64("block_size", p.block_size),
-                **(
-                    {"accuracy_level": ir.AttrInt64("accuracy_level", accuracy_level)}
-                    if accuracy_level
-                    else {}
-                ),
-            },
-            name=f"{tag}.MatMulNBits",
-            metadata_props={
-                "edgeqra.module": name,
-                "edgeqra.bits_requested": str(p.bits_requested),
-            },
-        )
+        x = node.inputs[0]
+        parts = [
+            _nbits_node(ir, graph, x, p, f"{tag}.part{i}" if len(plan.parts) > 1 else tag,
+                        accuracy_level, plan.bits_requested)
+            for i, p in enumerate(plan.parts)
+        ]  # fmt: skip
+        new = parts
+        if len(parts) == 2:  # split 8-bit: hi (scales 16s) + lo (scales s)
+            add = ir.Node("", "Add", [parts[0].outputs[0], parts[1].outputs[0]], name=f"{tag}.Add")
+            new = [*parts, add]
         ir.convenience.replace_nodes_and_values(
-            graph, node, [node], [new], [node.outputs[0]], [new.outputs[0]]
+            graph, node, [node], new, [node.outputs[0]], [new[-1].outputs[0]]
         )
         if not weight.uses() and weight.name in graph.initializers:
             graph.initializers.pop(weight.name)
-        swapped[name] = new.name
-    missing = sorted(set(packed) - set(swapped))
+        swapped[name] = new[0].name
+    missing = sorted(set(plans) - set(swapped))
     if missing:
         raise ModelError(
             f"no MatMul found in the exported graph for {len(missing)} quantized module(s), "
@@ -431,6 +571,54 @@ def _swap_matmuls(
         )
     model.opset_imports.setdefault(MS_DOMAIN, 1)
     return swapped
+
+
+def _embedding_to(model, dtype: str) -> dict:
+    """Store the token-embedding table (tied: also lm_head's weight) once, in ``dtype``.
+
+    The table feeds a Gather (and, tied, a Transpose for lm_head); it is replaced by a
+    ``dtype`` initializer plus one Cast to float32, so the file holds it at 2 bytes per value
+    (onnxruntime folds the Cast at session start: the in-memory copy is float32).
+    Returns {"name", "shape", "dtype", "bytes", "bytes_float32", "max_abs_rounding"}.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    tables = {
+        n.inputs[0].name: n.inputs[0]
+        for n in graph
+        if n.op_type == "Gather" and n.inputs[0] is not None and n.inputs[0].const_value is not None
+        and len(n.inputs[0].shape) == 2
+    }  # fmt: skip
+    if len(tables) != 1:
+        raise ModelError(f"expected one embedding Gather in the graph, found {sorted(tables)}")
+    value = next(iter(tables.values()))
+    table = value.const_value.numpy()  # (vocab, hidden) float32
+    info = {"name": value.name, "shape": list(table.shape), "dtype": dtype,
+            "bytes_float32": int(table.nbytes)}  # fmt: skip
+    if dtype == "float32":
+        return {**info, "bytes": int(table.nbytes), "max_abs_rounding": 0.0}
+    if dtype == "float16":
+        small = ir.tensor(table.astype(np.float16), name=f"{value.name}.{dtype}")
+        back = small.numpy().astype(np.float32)
+    else:  # bfloat16: round-to-nearest-even on the upper 16 bits
+        import ml_dtypes
+
+        small = ir.tensor(table.astype(ml_dtypes.bfloat16), name=f"{value.name}.{dtype}")
+        back = small.numpy().astype(np.float32)
+    stored = ir.Value(name=f"{value.name}.{dtype}", const_value=small)
+    stored.shape = ir.Shape(table.shape)
+    stored.type = ir.TensorType(small.dtype)
+    graph.register_initializer(stored)
+    cast = ir.Node("", "Cast", [stored], attributes={"to": ir.AttrInt64("to", 1)},
+                   name=f"{value.name}.Cast")  # fmt: skip
+    cast.outputs[0].shape = ir.Shape(table.shape)
+    cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    value.replace_all_uses_with(cast.outputs[0])
+    graph.initializers.pop(value.name)
+    graph.insert_before(graph.node(0), [cast])
+    return {**info, "bytes": int(small.nbytes),
+            "max_abs_rounding": float(np.abs(back - table).max())}  # fmt: skip
 
 
 # --- onnxruntime ----------------------------------------------------------------------------
@@ -581,9 +769,9 @@ def _parity(dest: Path, model: nn.Module) -> dict:
     }
 
 
-def _three_bit_info(packed: dict[str, PackedLinear]) -> dict:
+def _three_bit_info(plans: dict[str, LinearPlan]) -> dict:
     """How 3-bit units are stored and what it costs over a 3-bit packing."""
-    three = [p for p in packed.values() if p.bits_requested == 3]
+    three = [p.parts[0] for p in plans.values() if p.bits_requested == 3]
     extra = sum(p.b.nbytes + p.zero_points.nbytes for p in three) - sum(
         -(-p.b.nbytes * 3 // 4) + -(-p.zero_points.nbytes * 3 // 4) for p in three
     )
@@ -600,8 +788,45 @@ def _three_bit_info(packed: dict[str, PackedLinear]) -> dict:
     }
 
 
+def storage_report(plans: dict[str, LinearPlan]) -> dict:
+    """Per requested width: how it is stored, its bytes, and what every alternative would cost."""
+    out: dict[str, dict] = {}
+    for plan in plans.values():
+        row = out.setdefault(str(plan.bits_requested), {
+            "storage": set(), "modules": 0, "bytes": 0, "alternatives": {}})  # fmt: skip
+        row["storage"].add(plan.storage if plan.storage != "nbits" else
+                           f"nbits{plan.parts[0].bits_stored}")  # fmt: skip
+        row["modules"] += 1
+        row["bytes"] += plan.bytes
+        for key, value in plan.alternatives().items():
+            row["alternatives"][key] = row["alternatives"].get(key, 0) + value
+    for row in out.values():
+        row["storage"] = "+".join(sorted(row["storage"]))
+    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+
+
+def storage_line(report: dict, embedding: dict | None = None) -> str:
+    """One printable line: bytes per width as stored, with the alternatives' bytes."""
+    mib = 1 / 2**20
+    parts = []
+    for bits, row in report.items():
+        alts = ", ".join(f"{k} {v * mib:.1f}" for k, v in row["alternatives"].items())
+        parts.append(f"{bits}-bit x{row['modules']} as {row['storage']} {row['bytes'] * mib:.1f} "
+                     f"MiB ({alts})")  # fmt: skip
+    if embedding:
+        parts.append(f"embedding {embedding['dtype']} {embedding['bytes'] * mib:.1f} MiB "
+                     f"(float32 {embedding['bytes_float32'] * mib:.1f})")  # fmt: skip
+    return "ONNX weights: " + "; ".join(parts)
+
+
 def write_onnx(
-    gptq_dir: Path, dest: Path, *, progress: bool = True, accuracy_level: int = 0
+    gptq_dir: Path,
+    dest: Path,
+    *,
+    progress: bool = True,
+    accuracy_level: int = 0,
+    eight_bit: EightBit | str = EightBit.SPLIT,
+    embedding_dtype: str = "float16",
 ) -> dict:
     """Export a GPTQModel checkpoint to ``dest/model.onnx`` (+ ``model.onnx.data``) and tokenizer.
 
@@ -613,6 +838,13 @@ def write_onnx(
     ``accuracy_level`` is MatMulNBits' compute type for the activations: 0 (default) computes
     in float32; 4 lets onnxruntime quantize A to int8 per block (faster on CPUs with int8 dot
     products, small extra error, measured by the parity check). The weights are the same.
+
+    Storage (every choice keeps the GPTQ weights exactly): 2- and 3-bit codes in 4-bit
+    MatMulNBits (onnxruntime's fast kernel); 8-bit per ``eight_bit`` (``split``: two 4-bit
+    nodes, 8-bit bytes, about 2x the 4-bit time; ``float32``: a float MatMul, 4 bytes per
+    weight, the fastest; ``native``: 8-bit MatMulNBits, slow on CPU). The token embedding
+    (tied: also lm_head) is stored once in ``embedding_dtype`` (float16 by default; the
+    rounding is reported and the parity check measures it).
     """
     import onnx_ir as ir
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -626,6 +858,16 @@ def write_onnx(
         )
     if not dest.is_dir() or any(dest.iterdir()):
         raise ConfigError(f"`dest` {dest} must be an existing empty folder")
+    try:
+        eight_bit = EightBit(eight_bit)
+    except ValueError:
+        raise ConfigError(
+            f"`eight_bit`={eight_bit!r} is unknown; use one of {[e.value for e in EightBit]}"
+        ) from None
+    if embedding_dtype not in EMBEDDING_DTYPES:
+        raise ConfigError(
+            f"`embedding_dtype`={embedding_dtype!r} is unknown; use one of {EMBEDDING_DTYPES}"
+        )
 
     steps = [
         "read and re-pack the GPTQ integers",
@@ -649,25 +891,24 @@ def write_onnx(
             bar.update(task, advance=1, description=steps[i] if i < len(steps) else "done")
             log.info("onnx export: %s", steps[i - 1])
 
-        packed = {p.name: p for p in _gptq_modules(gptq_dir)}
-        unsupported = sorted({p.bits_stored for p in packed.values()} - set(ORT_BITS))
-        if unsupported:
-            raise ConfigError(f"stored bit-widths {unsupported} are not run by onnxruntime")
+        plans = {p.name: p for p in _gptq_modules(gptq_dir, eight_bit)}
         advance(1)
         model = float_model(gptq_dir)
         from edgeqra.gptq import dequantized_weights
 
         w_hat = dequantized_weights(gptq_dir)
-        for name, p in packed.items():  # the MatMulNBits values are the GPTQ values, exactly
-            if not np.array_equal(p.dequantized(), w_hat[name].numpy()):
+        for name, p in plans.items():  # the MatMulNBits values are the GPTQ values, exactly
+            got = p.dequantized()
+            if got is not None and not np.array_equal(got, w_hat[name].numpy()):
                 raise ModelError(f"re-packing `{name}` changed its dequantized weight (bug)")
         advance(2)
         t_export = time.perf_counter()
         onnx_model = _export_float(model)
         export_s = time.perf_counter() - t_export
         advance(3)
-        swapped = _swap_matmuls(onnx_model, packed, w_hat, accuracy_level)
+        swapped = _swap_matmuls(onnx_model, plans, w_hat, accuracy_level)
         del w_hat
+        embedding = _embedding_to(onnx_model, embedding_dtype)
         advance(4)
         ir.save(onnx_model, dest / MODEL_FILE, external_data=DATA_FILE)
         opset = int(onnx_model.opset_imports.get("", 0))
@@ -678,6 +919,10 @@ def write_onnx(
                 shutil.copy2(gptq_dir / name, dest / name)
                 copied.append(name)
         advance(5)
+        if embedding["dtype"] != "float32":  # the reference holds the same (rounded) table
+            with torch.no_grad():
+                table = model.get_input_embeddings().weight
+                table.copy_(table.to(getattr(torch, embedding["dtype"])).float())
         parity = _parity(dest, model)
         advance(6)
 
@@ -688,15 +933,19 @@ def write_onnx(
             "module": name,
             "node": swapped[name],
             "bits_requested": p.bits_requested,
-            "bits_stored": p.bits_stored,
+            "storage": p.storage,
+            "bits_stored": p.parts[0].bits_stored if p.parts else 32,
             "group_size": p.group_size,
-            "block_size": p.block_size,
+            "block_size": p.parts[0].block_size if p.parts else None,
             "K": p.k,
             "N": p.n,
-            "bytes": int(p.b.nbytes + p.scales.nbytes + p.zero_points.nbytes),
+            "bytes": p.bytes,
         }
-        for name, p in sorted(packed.items())
+        for name, p in sorted(plans.items())
     ]
+    storage = storage_report(plans)
+    line = storage_line(storage, embedding)
+    log.info("%s", line)
     files = sorted(p for p in dest.iterdir() if p.is_file())
     return {
         "format": "onnx",
@@ -704,10 +953,14 @@ def write_onnx(
         "external_data": DATA_FILE,
         "op": f"{MS_DOMAIN}.MatMulNBits",
         "nodes": nodes,
-        "bits_stored": sorted({n["bits_stored"] for n in nodes}),
+        "bits_stored": sorted({n["bits_stored"] for n in nodes if n["block_size"]}),
         "bits_requested": sorted({n["bits_requested"] for n in nodes}),
-        "block_sizes": sorted({n["block_size"] for n in nodes}),
-        "three_bit": _three_bit_info(packed),
+        "block_sizes": sorted({n["block_size"] for n in nodes if n["block_size"]}),
+        "three_bit": _three_bit_info(plans),
+        "eight_bit": eight_bit.value,
+        "storage": storage,
+        "storage_line": line,
+        "embedding": embedding,
         "values": "GPTQ integers, scales and zero points (no re-quantization)",
         "accuracy_level": accuracy_level,
         "kv_cache": True,

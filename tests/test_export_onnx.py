@@ -31,7 +31,8 @@ from edgeqra.errors import ConfigError, ModelError
 from edgeqra.gptq import dequantized_weights, quantize_to_checkpoint
 
 BITS = {"model.layers.0": 2, "model.layers.1": 3, "model.layers.2": 4, "model.layers.3": 8}
-STORED = {2: 2, 3: 4, 4: 4, 8: 8}
+STORED = {2: 4, 3: 4, 4: 4, 8: 4}  # 2/3-bit codes in the 4-bit kernel; 8-bit split in two
+PARTS = {2: 1, 3: 1, 4: 1, 8: 2}  # MatMulNBits nodes per linear (8-bit: hi + lo nibbles)
 GROUP = 64
 LINEARS_PER_LAYER = 7
 
@@ -80,7 +81,8 @@ def dense_dequantized(checkpoint) -> LlamaForCausalLM:
     """The original dense model with W_hat in its linears and the checkpoint's (fp16) biases.
 
     It equals GPTQModel's float32 torch kernel (tests/test_gptq.py) and runs a forward in
-    milliseconds where that kernel takes seconds on CPU.
+    milliseconds where that kernel takes seconds on CPU. Its embedding table is rounded to
+    float16, as the export stores it: the reference holds the package's weights.
     """
     model = LlamaForCausalLM.from_pretrained(checkpoint.parent / "dense").eval()
     stored = load_file(str(checkpoint / "model.safetensors"))
@@ -90,6 +92,8 @@ def dense_dequantized(checkpoint) -> LlamaForCausalLM:
             linear.weight.copy_(w_hat)
             if linear.bias is not None:
                 linear.bias.copy_(stored[f"{name}.bias"])
+        table = model.get_input_embeddings().weight  # tied: lm_head too
+        table.copy_(table.half().float())  # the export stores it in float16 (its default)
     return model
 
 
@@ -101,16 +105,18 @@ def _nbits_nodes(dest: Path) -> list[onnx.NodeProto]:
 def test_one_matmulnbits_per_quantized_linear_with_its_bits(exported, checkpoint):
     dest, info = exported
     nodes = _nbits_nodes(dest)
-    assert len(nodes) == len(dequantized_weights(checkpoint)) == 4 * LINEARS_PER_LAYER
-    seen = set()
+    assert len(dequantized_weights(checkpoint)) == 4 * LINEARS_PER_LAYER
+    assert len(nodes) == LINEARS_PER_LAYER * sum(PARTS.values())
+    seen: dict[str, int] = {}
     for node in nodes:
         assert node.domain == "com.microsoft"
         module = {p.key: p.value for p in node.metadata_props}["edgeqra.module"]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
         assert attrs["bits"] == STORED[_bits_of(module)], module
         assert attrs["block_size"] == GROUP
-        seen.add(module)
-    assert len(seen) == len(nodes)
+        seen[module] = seen.get(module, 0) + 1
+    assert all(count == PARTS[_bits_of(m)] for m, count in seen.items())
+    assert len(seen) == 4 * LINEARS_PER_LAYER
     for row in info["nodes"]:
         assert row["bits_requested"] == _bits_of(row["module"])
         assert row["bits_stored"] == STORED[row["bits_requested"]]
@@ -123,10 +129,12 @@ def test_one_matmulnbits_per_quantized_linear_with_its_bits(exported, checkpoint
     # tied, it reads Transpose(embedding table), which is stored once.
     model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
     inits = {t.name: tuple(t.dims) for t in model.graph.initializer}
-    transposed = {  # Transpose(initializer) outputs
-        n.output[0]: n.input[0]
+    dtypes = {t.name: t.data_type for t in model.graph.initializer}
+    cast = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Cast"}
+    transposed = {  # Transpose(Cast(initializer)) outputs: the fp16 table, read as float32
+        n.output[0]: cast.get(n.input[0], n.input[0])
         for n in model.graph.node
-        if n.op_type == "Transpose" and n.input[0] in inits
+        if n.op_type == "Transpose" and cast.get(n.input[0], n.input[0]) in inits
     }
     float_weights = [
         inits.get(n.input[1]) or ("T", inits.get(transposed.get(n.input[1])))
@@ -134,7 +142,10 @@ def test_one_matmulnbits_per_quantized_linear_with_its_bits(exported, checkpoint
         if n.op_type == "MatMul" and (n.input[1] in inits or n.input[1] in transposed)
     ]
     assert float_weights in ([(128, 512)], [("T", (512, 128))]), float_weights
-    assert [s for s in inits.values() if 512 in s] in ([(512, 128)], [(128, 512)])
+    tables = [name for name, shape in inits.items() if 512 in shape]
+    assert [inits[t] for t in tables] in ([(512, 128)], [(128, 512)])
+    assert dtypes[tables[0]] == onnx.TensorProto.FLOAT16  # the model's 16-bit dtype, once
+    assert info["embedding"]["bytes"] == 512 * 128 * 2
 
 
 def test_onnxruntime_dequantizes_to_the_gptq_weights_exactly(exported, checkpoint):
@@ -145,6 +156,7 @@ def test_onnxruntime_dequantizes_to_the_gptq_weights_exactly(exported, checkpoin
     model = onnx.load(str(dest / "model.onnx"))
     inits = {t.name: t for t in model.graph.initializer}
     w_hat = dequantized_weights(checkpoint)
+    summed: dict[str, np.ndarray] = {}
     for node in _nbits_nodes(dest):
         module = {p.key: p.value for p in node.metadata_props}["edgeqra.module"]
         attrs = {a.name: helper.get_attribute_value(a) for a in node.attribute}
@@ -168,7 +180,10 @@ def test_onnxruntime_dequantizes_to_the_gptq_weights_exactly(exported, checkpoin
             opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)],
         )
         sess = ort.InferenceSession(single.SerializeToString(), providers=["CPUExecutionProvider"])
-        got = sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0]  # (K, N) = W_hat^T
+        got = sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0]  # (K, N) part of W_hat^T
+        summed[module] = summed[module] + got if module in summed else got
+    assert len(summed) == len(w_hat)
+    for module, got in summed.items():  # 8-bit: hi + lo parts add up exactly
         np.testing.assert_array_equal(got, w_hat[module].t().numpy(), err_msg=module)
 
 
@@ -293,3 +308,78 @@ def test_packing_round_trip_with_a_partial_last_group(bits):
     assert per_channel.block_size == 128 and per_channel.scales.shape == (n, 1)
     expected = (scales[:1] * (codes - zeros[:1]).astype(np.float32)).T
     np.testing.assert_array_equal(per_channel.dequantized(), expected)
+
+
+def _ort_weight(parts, k: int, n: int) -> np.ndarray:
+    """(K, N) that onnxruntime computes for A = I through MatMulNBits part(s), summed by Add."""
+    import onnxruntime as ort
+    from onnx import numpy_helper
+
+    nodes, inits, outs = [], [], []
+    for i, p in enumerate(parts):
+        names = [f"B{i}", f"S{i}", f"Z{i}"]
+        inits += [numpy_helper.from_array(a, nm) for a, nm in zip((p.b, p.scales, p.zero_points), names, strict=True)]  # fmt: skip
+        nodes.append(helper.make_node("MatMulNBits", ["A", *names], [f"Y{i}"], domain="com.microsoft",
+                                      K=k, N=n, bits=p.bits_stored, block_size=p.block_size))  # fmt: skip
+        outs.append(f"Y{i}")
+    if len(outs) == 2:
+        nodes.append(helper.make_node("Add", outs, ["Y"]))
+    else:
+        nodes.append(helper.make_node("Identity", outs, ["Y"]))
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("A", 1, [k, k])],
+                              [helper.make_tensor_value_info("Y", 1, [k, n])], initializer=inits)  # fmt: skip
+    model = helper.make_model(
+        graph, opset_imports=[helper.make_opsetid("", 20), helper.make_opsetid("com.microsoft", 1)]
+    )
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(None, {"A": np.eye(k, dtype=np.float32)})[0]
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_fast_storage_dequantizes_to_the_same_weights(bits):
+    """2-bit codes in the 4-bit kernel and 8-bit split into two 4-bit nodes: the GPTQ weights,
+    bit for bit, through onnxruntime's own kernels (and the native width agrees)."""
+    from edgeqra.exporters.onnx import EightBit, plan_linear
+
+    rng = np.random.default_rng(10 + bits)
+    k, n, group = 128, 48, 64
+    codes = rng.integers(0, 2**bits, size=(k, n))
+    zeros = rng.integers(0, 2**bits, size=(k // group, n))
+    scales = (rng.random((k // group, n)) * 0.05).astype(np.float16).astype(np.float32)
+    g = np.arange(k) // group
+    expected = scales[g] * (codes - zeros[g]).astype(np.float32)  # (K, N)
+    fast = plan_linear("m", codes, zeros, scales, bits=bits, group_size=group)
+    native = pack_matmul_nbits("m", codes, zeros, scales, bits=bits, group_size=group,
+                               stored_bits=bits)  # fmt: skip
+    assert {p.bits_stored for p in fast.parts} == {4} and native.bits_stored == bits
+    assert fast.storage == ("split" if bits == 8 else "nbits")
+    np.testing.assert_array_equal(fast.dequantized(), expected.T)
+    np.testing.assert_array_equal(native.dequantized(), expected.T)
+    np.testing.assert_array_equal(_ort_weight(fast.parts, k, n), expected)
+    np.testing.assert_array_equal(_ort_weight([native], k, n), expected)
+    # What each choice costs, as the export reports it (B + float32 scales + zero points).
+    alts = fast.alternatives()
+    assert (
+        alts[f"nbits{bits}"] == native.b.nbytes + native.scales.nbytes + native.zero_points.nbytes
+    )
+    assert fast.bytes == sum(
+        p.b.nbytes + p.scales.nbytes + p.zero_points.nbytes for p in fast.parts
+    )
+    if bits == 8:
+        assert alts["float32"] == k * n * 4 and alts["split"] == fast.bytes
+        flt = plan_linear("m", codes, zeros, scales, bits=8, group_size=group,
+                          eight_bit=EightBit.FLOAT32)  # fmt: skip
+        assert flt.parts == () and flt.bytes == k * n * 4 and flt.dequantized() is None
+    else:
+        assert fast.bytes == alts["nbits4"] > alts["nbits2"]
+
+
+def test_bad_storage_options_are_refused(checkpoint, tmp_path):
+    (tmp_path / "o").mkdir()
+    with pytest.raises(ConfigError, match="`eight_bit`='int4'"):
+        write_onnx(checkpoint, tmp_path / "o", progress=False, eight_bit="int4")
+    with pytest.raises(ConfigError, match="`embedding_dtype`='int8'"):
+        write_onnx(checkpoint, tmp_path / "o", progress=False, embedding_dtype="int8")
+    with pytest.raises(ConfigError, match="`stored_bits`=2"):
+        pack_matmul_nbits("m", np.zeros((64, 8), int), np.zeros((1, 8), int),
+                          np.ones((1, 8), np.float32), bits=4, group_size=64, stored_bits=2)  # fmt: skip
