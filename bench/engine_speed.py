@@ -1,7 +1,7 @@
 """The fast evaluation engine against today's eager path, side by side in one run (issue 16).
 
     python bench/engine_speed.py --device cuda --out engine.json        # H200: ~3 min
-    python bench/engine_speed.py --device cpu --steps 3 --n-eval 40     # smoke run only
+    python bench/engine_speed.py --tiny --device cpu --steps 3 --eager-steps 2 --n-eval 20  # smoke
 
 Measures on SmolLM2-135M-Instruct (bf16 base on a GPU, fp32 adapters, LoRA on all seven
 projections):
@@ -88,6 +88,7 @@ def _mixed(n_units: int, seed: int = 0) -> Config:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiny", action="store_true", help="a small random Llama (smoke run)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--eager-steps", type=int, default=20, help="timed eager PEFT steps")
@@ -107,7 +108,15 @@ def main() -> None:
         torch.cuda.get_device_name() if dev.startswith("cuda") else platform.processor()
     )
     dtype = torch.bfloat16 if dev.startswith("cuda") else torch.float32
-    loaded = load_model("smollm2", dtype=dtype, device=dev)
+    if args.tiny:
+        from scaling import tiny_folder  # bench/scaling.py: a seeded 4-layer Llama + BPE
+
+        from edgeqra.models import cache_dir
+
+        name = str(tiny_folder(cache_dir()))
+    else:
+        name = "smollm2"
+    loaded = load_model(name, dtype=dtype, device=dev)
     model, units = loaded.model, loaded.units
     vocab = model.config.vocab_size
     config = Config.uniform(len(units), 16, 8)  # rank 8 everywhere: the issue's step
