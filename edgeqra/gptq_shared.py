@@ -15,6 +15,7 @@ GPTQModel: layer 0's q/k/v, whose inputs both paths see unquantized, pack bit-id
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 import shutil
@@ -144,22 +145,29 @@ def saved_quantize_config(qcfg: object, *, shared_hessian: bool = True) -> dict:
     return saved
 
 
-def _pack(name: str, linear: nn.Linear, q_weight, scale, zero, g_idx, qcfg) -> dict:
-    """GPTQModel's own packer (TorchLinear + v2->v1) on one GPTQ result; tensors by checkpoint key."""
+@functools.cache
+def _kernel(bits: int, group_size: int, desc_act: bool, sym: bool, pack_dtype: torch.dtype):
+    """GPTQModel's packing kernel for these settings (TorchLinear), chosen once."""
     from gptqmodel import BACKEND
     from gptqmodel.utils.importer import select_quant_linear
-    from gptqmodel.utils.model import create_quant_module, pack_module
 
-    kernel = select_quant_linear(
-        bits=qcfg.bits,
-        group_size=qcfg.group_size,
-        desc_act=qcfg.desc_act,
-        sym=qcfg.sym,
+    return select_quant_linear(
+        bits=bits,
+        group_size=group_size,
+        desc_act=desc_act,
+        sym=sym,
         device=None,
         backend=BACKEND.TORCH,
         pack=True,
-        pack_dtype=qcfg.pack_dtype,
+        pack_dtype=pack_dtype,
     )
+
+
+def _pack(name: str, linear: nn.Linear, q_weight, scale, zero, g_idx, qcfg) -> dict:
+    """GPTQModel's own packer (TorchLinear + v2->v1) on one GPTQ result; tensors by checkpoint key."""
+    from gptqmodel.utils.model import create_quant_module, pack_module
+
+    kernel = _kernel(qcfg.bits, qcfg.group_size, qcfg.desc_act, qcfg.sym, qcfg.pack_dtype)
     dense = nn.Linear(linear.in_features, linear.out_features, bias=linear.bias is not None)
     dense.weight.data = q_weight.to("cpu", torch.float32)  # GPTQ's Q: on the grid already
     if linear.bias is not None:
@@ -198,6 +206,39 @@ def _pack(name: str, linear: nn.Linear, q_weight, scale, zero, g_idx, qcfg) -> d
         for suffix in _PACKED_SUFFIXES
         if getattr(packed, suffix, None) is not None
     }
+
+
+def _quantize_layer(
+    model: nn.Module,
+    names: Sequence[str],
+    collector: _HessianCollector,
+    base: dict[int, object],
+    tokens: int,
+) -> dict[int, dict[str, torch.Tensor]]:
+    """Every width of one layer's linears from their collected Hessians, packed; frees them."""
+    from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
+    from gptqmodel.quantization.gptq import GPTQ, SharedHessianFactorCache
+
+    caches: dict[str, SharedHessianFactorCache] = {}
+    out: dict[int, dict[str, torch.Tensor]] = {b: {} for b in base}
+    for name in names:
+        leader = collector.leader_of.get(name, name)
+        cache = caches.setdefault(leader, SharedHessianFactorCache(0, leader))
+        linear = model.get_submodule(name)
+        for b in base:
+            qcfg = clone_gptq_config_for_module(base[b], name)
+            task = GPTQ(linear, qcfg)
+            task.quantizer.configure(perchannel=True)  # as GPTQProcessor.preprocess does
+            task.fallback = qcfg.fallback
+            task.expected_nsamples = tokens
+            task.adopt_hessian_from(collector.tasks[leader])  # a private copy of H
+            task.attach_shared_hessian_cache(cache)  # one damped factor per H, every width
+            q_weight, scale, zero, g_idx, *_ = task.quantize()
+            task.free()
+            out[b].update(_pack(name, linear, q_weight, scale, zero, g_idx, qcfg))
+    for name in names:
+        collector.tasks.pop(name).free()
+    return out
 
 
 @torch.no_grad()
@@ -244,8 +285,6 @@ def quantize_shared_hessian(
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     from gptqmodel import QuantizeConfig
-    from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
-    from gptqmodel.quantization.gptq import GPTQ, SharedHessianFactorCache
     from transformers import AutoModelForCausalLM
 
     bad = [b for b in bits if b not in _SUPPORTED_BITS]
@@ -287,27 +326,9 @@ def quantize_shared_hessian(
                 collector.forward(rows[start : start + batch_size].to(device))  # (batch, seq)
         finally:
             collector.remove()
-        tasks, leader_of = collector.tasks, collector.leader_of
         for index in chunk:
-            caches: dict[str, object] = {}
-            out: dict[int, dict[str, torch.Tensor]] = {b: {} for b in bits}
-            for name in linears[index]:
-                leader = leader_of.get(name, name)
-                cache = caches.setdefault(leader, SharedHessianFactorCache(0, leader))
-                linear = model.get_submodule(name)
-                for b in bits:
-                    qcfg = clone_gptq_config_for_module(base[b], name)
-                    task = GPTQ(linear, qcfg)
-                    task.quantizer.configure(perchannel=True)  # as GPTQProcessor.preprocess
-                    task.fallback = qcfg.fallback
-                    task.expected_nsamples = tokens
-                    task.adopt_hessian_from(tasks[leader])
-                    task.attach_shared_hessian_cache(cache)
-                    q_weight, scale, zero, g_idx, *_ = task.quantize()
-                    task.free()
-                    out[b].update(_pack(name, linear, q_weight, scale, zero, g_idx, qcfg))
-            for name in linears[index]:
-                tasks.pop(name).free()
+            with _quiet():  # GPTQModel logs every kernel choice and pack to stdout
+                out = _quantize_layer(model, linears[index], collector, base, tokens)
             yield index, out
     del model
     shutil.rmtree(offload, ignore_errors=True)
