@@ -239,6 +239,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--keep", type=Path, help="copy the ONNX folder here (must not exist)")
     parser.add_argument("--onnx", type=Path, help="time an existing ONNX folder (no export)")
+    parser.add_argument("--keep-gptq", type=Path, help="copy the GPTQ checkpoint here")
     parser.add_argument("--eight-bit", default="split", choices=["split", "float32", "native"])
     parser.add_argument("--embedding-dtype", default="float16",
                         choices=["float16", "bfloat16", "float32"])  # fmt: skip
@@ -265,6 +266,8 @@ def main() -> None:
             checkpoint, quant_s = args.checkpoint, None
         else:
             checkpoint, quant_s = _quantize(dense, Path(tmp) / "gptq", args.calib_samples)
+            if args.keep_gptq:
+                shutil.copytree(checkpoint, args.keep_gptq)
         if args.onnx:  # timing only: the export figures come from the run that wrote it
             dest, info, export_s = args.onnx, None, None
         else:

@@ -52,10 +52,12 @@ __all__ = [
     "EightBit",
     "LinearPlan",
     "float_model",
+    "genai_config",
     "greedy_generate",
     "nbits_bytes",
     "onnx_logits",
     "plan_linear",
+    "run_step",
     "split_eight_bit",
     "storage_line",
     "storage_report",
@@ -65,6 +67,7 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.onnx"
+GENAI_CONFIG = "genai_config.json"
 DATA_FILE = "model.onnx.data"
 MS_DOMAIN = "com.microsoft"
 ORT_BITS = (2, 4, 8)  # what the onnxruntime CPU kernel of MatMulNBits executes
@@ -621,6 +624,129 @@ def _embedding_to(model, dtype: str) -> dict:
             "max_abs_rounding": float(np.abs(back - table).max())}  # fmt: skip
 
 
+def _per_layer_io(model, layers: int) -> None:
+    """Rename the cache to onnxruntime-genai's per-layer I/O (Optimum uses the same names).
+
+    Inputs ``past_keys`` / ``past_values`` (layers, batch, kv_heads, past, head_dim) become
+    ``past_key_values.{i}.key`` / ``.value`` (batch, kv_heads, past, head_dim), stacked back
+    by Unsqueeze + Concat for the traced graph; outputs ``present_keys`` / ``present_values``
+    are Split + Squeezed into ``present.{i}.key`` / ``.value``. The traced graph is unchanged.
+    """
+    import onnx_ir as ir
+
+    graph = model.graph
+    axis0 = ir.Value(name="edgeqra.axis0", const_value=ir.tensor(np.array([0], np.int64)))
+    axis0.shape, axis0.type = ir.Shape([1]), ir.TensorType(ir.DataType.INT64)
+    graph.register_initializer(axis0)
+    first = graph.node(0)
+    for stacked, names in (("past_keys", GENAI_PAST[0]), ("past_values", GENAI_PAST[1])):
+        old = next(v for v in graph.inputs if v.name == stacked)
+        _, batch, kv_heads, past, head_dim = old.shape
+        inputs, nodes = [], []
+        for i in range(layers):
+            value = ir.Value(name=names.format(i), shape=ir.Shape([batch, kv_heads, past, head_dim]),
+                             type=ir.TensorType(ir.DataType.FLOAT))  # fmt: skip
+            inputs.append(value)
+            nodes.append(
+                ir.Node("", "Unsqueeze", [value, axis0], name=f"{names.format(i)}.Unsqueeze")
+            )
+        concat = ir.Node("", "Concat", [n.outputs[0] for n in nodes],
+                         attributes={"axis": ir.AttrInt64("axis", 0)}, name=f"{stacked}.Concat")  # fmt: skip
+        old.replace_all_uses_with(concat.outputs[0])
+        graph.insert_before(first, [*nodes, concat])
+        position = list(graph.inputs).index(old)
+        graph.inputs.pop(position)
+        for j, value in enumerate(inputs):
+            graph.inputs.insert(position + j, value)
+    for stacked, names in (
+        ("present_keys", GENAI_PRESENT[0]),
+        ("present_values", GENAI_PRESENT[1]),
+    ):
+        old = next(v for v in graph.outputs if v.name == stacked)
+        split = ir.Node("", "Split", [old], attributes={"num_outputs": ir.AttrInt64("num_outputs", layers)},
+                        num_outputs=layers, name=f"{stacked}.Split")  # fmt: skip
+        squeezes = [ir.Node("", "Squeeze", [split.outputs[i], axis0], name=f"{names.format(i)}.Squeeze")
+                    for i in range(layers)]  # fmt: skip
+        graph.extend([split, *squeezes])
+        position = list(graph.outputs).index(old)
+        graph.outputs.pop(position)
+        for i, node in enumerate(squeezes):
+            out = node.outputs[0]
+            out.name = names.format(i)
+            out.type = ir.TensorType(ir.DataType.FLOAT)
+            graph.outputs.insert(position + i, out)
+
+
+def genai_config(config, generation: dict | None, *, filename: str = MODEL_FILE) -> dict:
+    """onnxruntime-genai's ``genai_config.json`` for a per-layer-cache graph of this HF config.
+
+    The fields its model builder writes (``onnxruntime_genai/models/builders/base.py``
+    ``make_genai_config``, 0.18): decoder shapes, I/O names, special tokens, greedy search.
+    ``past_present_share_buffer`` is off: the graph returns the grown cache (past + seq).
+    """
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    heads = text.num_attention_heads
+    generation = generation or {}
+
+    def first(*keys):
+        for key in keys:
+            for source in (generation, text.to_dict()):
+                if source.get(key) is not None:
+                    return source[key]
+        return None
+
+    eos = first("eos_token_id")
+    model_type = str(getattr(text, "model_type", "llama"))
+    return {
+        "model": {
+            "bos_token_id": first("bos_token_id"),
+            "context_length": int(getattr(text, "max_position_embeddings", 2048)),
+            "decoder": {
+                "session_options": {"log_id": "onnxruntime-genai", "provider_options": []},
+                "filename": filename,
+                "head_size": int(getattr(text, "head_dim", None) or text.hidden_size // heads),
+                "hidden_size": int(text.hidden_size),
+                "inputs": {
+                    "input_ids": "input_ids",
+                    "attention_mask": "attention_mask",
+                    "past_key_names": GENAI_PAST[0].replace("{}", "%d"),
+                    "past_value_names": GENAI_PAST[1].replace("{}", "%d"),
+                },
+                "outputs": {
+                    "logits": "logits",
+                    "present_key_names": GENAI_PRESENT[0].replace("{}", "%d"),
+                    "present_value_names": GENAI_PRESENT[1].replace("{}", "%d"),
+                },
+                "num_attention_heads": int(heads),
+                "num_hidden_layers": int(text.num_hidden_layers),
+                "num_key_value_heads": int(getattr(text, "num_key_value_heads", None) or heads),
+            },
+            "eos_token_id": eos,
+            "pad_token_id": first("pad_token_id")
+            if first("pad_token_id") is not None
+            else (eos[0] if isinstance(eos, list) else eos),
+            "type": model_type.split("_")[0] if model_type.startswith("gemma") else model_type,
+            "vocab_size": int(text.vocab_size),
+        },
+        "search": {
+            "diversity_penalty": 0.0,
+            "do_sample": False,
+            "early_stopping": True,
+            "length_penalty": 1.0,
+            "max_length": int(getattr(text, "max_position_embeddings", 2048)),
+            "min_length": 0,
+            "no_repeat_ngram_size": 0,
+            "num_beams": 1,
+            "num_return_sequences": 1,
+            "past_present_share_buffer": False,
+            "repetition_penalty": 1.0,
+            "temperature": 1.0,
+            "top_k": 1,
+            "top_p": 1.0,
+        },
+    }
+
+
 # --- onnxruntime ----------------------------------------------------------------------------
 
 _SESSIONS: dict[tuple[str, int, int], object] = {}
@@ -645,11 +771,50 @@ def _session(dest: Path):
     return _SESSIONS[key]
 
 
+GENAI_PAST = ("past_key_values.{}.key", "past_key_values.{}.value")  # onnxruntime-genai names
+GENAI_PRESENT = ("present.{}.key", "present.{}.value")
+
+
+def _per_layer(sess) -> int:
+    """Layers of a per-layer (onnxruntime-genai) cache graph; 0 for the stacked layout."""
+    return sum(1 for i in sess.get_inputs() if i.name.startswith("past_key_values.")) // 2
+
+
 def _empty_cache(sess, batch: int) -> np.ndarray:
     """(layers, batch, kv_heads, 0, head_dim) float32 zeros from the graph's input shape."""
-    shape = next(i.shape for i in sess.get_inputs() if i.name == "past_keys")
-    layers, _, kv_heads, _, head_dim = shape
+    layers = _per_layer(sess)
+    if layers:
+        shape = next(i.shape for i in sess.get_inputs() if i.name == GENAI_PAST[0].format(0))
+        _, kv_heads, _, head_dim = shape
+    else:
+        shape = next(i.shape for i in sess.get_inputs() if i.name == "past_keys")
+        layers, _, kv_heads, _, head_dim = shape
     return np.zeros((layers, batch, kv_heads, 0, head_dim), dtype=np.float32)
+
+
+def run_step(sess, ids: np.ndarray, mask: np.ndarray, keys: np.ndarray, values: np.ndarray):
+    """One forward with a KV cache, whichever cache layout the graph has.
+
+    Args:
+        sess: an onnxruntime session of a :func:`write_onnx` graph.
+        ids: (batch, seq) int64 new tokens; mask: (batch, past + seq) int64.
+        keys, values: (layers, batch, kv_heads, past, head_dim) float32 cache.
+
+    Returns:
+        (logits (batch, seq, vocab), keys, values) with the cache grown by ``seq``.
+    """
+    layers = _per_layer(sess)
+    feeds = {"input_ids": ids, "attention_mask": mask}
+    if not layers:
+        feeds.update(past_keys=keys, past_values=values)
+        logits, keys, values = sess.run(None, feeds)
+        return logits, keys, values
+    for i in range(layers):
+        feeds[GENAI_PAST[0].format(i)] = keys[i]
+        feeds[GENAI_PAST[1].format(i)] = values[i]
+    names = ["logits"] + [n.format(i) for i in range(layers) for n in GENAI_PRESENT]
+    out = sess.run(names, feeds)
+    return out[0], np.stack(out[1::2]), np.stack(out[2::2])
 
 
 def _as_ids(input_ids) -> np.ndarray:
@@ -672,13 +837,7 @@ def onnx_logits(dest: Path, input_ids: np.ndarray) -> np.ndarray:
     sess = _session(Path(dest))
     ids = _as_ids(input_ids)
     empty = _empty_cache(sess, ids.shape[0])
-    feeds = {
-        "input_ids": ids,
-        "attention_mask": np.ones(ids.shape, dtype=np.int64),
-        "past_keys": empty,
-        "past_values": empty,
-    }
-    return sess.run(["logits"], feeds)[0]
+    return run_step(sess, ids, np.ones(ids.shape, dtype=np.int64), empty, empty)[0]
 
 
 def greedy_generate(
@@ -701,15 +860,8 @@ def greedy_generate(
     keys = values = _empty_cache(sess, 1)
     step, total, out = ids, ids.shape[1], []
     for _ in range(max_new_tokens):
-        logits, keys, values = sess.run(
-            None,
-            {
-                "input_ids": step,
-                "attention_mask": np.ones((1, total), dtype=np.int64),
-                "past_keys": keys,
-                "past_values": values,
-            },
-        )
+        mask = np.ones((1, total), dtype=np.int64)
+        logits, keys, values = run_step(sess, step, mask, keys, values)
         token = int(logits[0, -1].argmax())
         out.append(token)
         if eos_token_id is not None and token == eos_token_id:
@@ -741,23 +893,9 @@ def _parity(dest: Path, model: nn.Module) -> dict:
     sess = _session(dest)
     empty = _empty_cache(sess, ids.shape[0])
     mask = np.ones(ids.shape, dtype=np.int64)
-    _, k, v = sess.run(
-        None,
-        {
-            "input_ids": ids.numpy(),
-            "attention_mask": mask,
-            "past_keys": empty,
-            "past_values": empty,
-        },
-    )
-    nxt = sess.run(
-        ["logits"],
-        {
-            "input_ids": ids[:, :1].numpy(),
-            "attention_mask": np.ones((ids.shape[0], ids.shape[1] + 1), np.int64),
-            "past_keys": k,
-            "past_values": v,
-        },
+    _, k, v = run_step(sess, ids.numpy(), mask, empty, empty)
+    nxt = run_step(
+        sess, ids[:, :1].numpy(), np.ones((ids.shape[0], ids.shape[1] + 1), np.int64), k, v
     )[0][:, -1]
     return {
         "max_abs_dlogits": float(np.abs(got - ref.numpy()).max()),
@@ -827,6 +965,7 @@ def write_onnx(
     accuracy_level: int = 0,
     eight_bit: EightBit | str = EightBit.SPLIT,
     embedding_dtype: str = "float16",
+    cache_io: str = "genai",
 ) -> dict:
     """Export a GPTQModel checkpoint to ``dest/model.onnx`` (+ ``model.onnx.data``) and tokenizer.
 
@@ -845,6 +984,11 @@ def write_onnx(
     weight, the fastest; ``native``: 8-bit MatMulNBits, slow on CPU). The token embedding
     (tied: also lm_head) is stored once in ``embedding_dtype`` (float16 by default; the
     rounding is reported and the parity check measures it).
+
+    ``cache_io`` ``genai`` (default) names the cache per layer as onnxruntime-genai and
+    Optimum do (``past_key_values.{i}.key`` → ``present.{i}.key``) and writes
+    ``genai_config.json``; ``stacked`` keeps edgeqra's (layers, ...) ``past_keys`` tensors.
+    :func:`onnx_logits` / :func:`greedy_generate` run either.
     """
     import onnx_ir as ir
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -864,6 +1008,8 @@ def write_onnx(
         raise ConfigError(
             f"`eight_bit`={eight_bit!r} is unknown; use one of {[e.value for e in EightBit]}"
         ) from None
+    if cache_io not in ("genai", "stacked"):
+        raise ConfigError(f"`cache_io`={cache_io!r} is unknown; use `genai` or `stacked`")
     if embedding_dtype not in EMBEDDING_DTYPES:
         raise ConfigError(
             f"`embedding_dtype`={embedding_dtype!r} is unknown; use one of {EMBEDDING_DTYPES}"
@@ -909,15 +1055,27 @@ def write_onnx(
         swapped = _swap_matmuls(onnx_model, plans, w_hat, accuracy_level)
         del w_hat
         embedding = _embedding_to(onnx_model, embedding_dtype)
+        if cache_io == "genai":
+            _per_layer_io(onnx_model, model.config.num_hidden_layers)
         advance(4)
         ir.save(onnx_model, dest / MODEL_FILE, external_data=DATA_FILE)
         opset = int(onnx_model.opset_imports.get("", 0))
+        io_names = (
+            [v.name for v in onnx_model.graph.inputs],
+            [v.name for v in onnx_model.graph.outputs],
+        )
         del onnx_model
         copied = []
         for name in _SIDE_FILES:
             if (gptq_dir / name).is_file():
                 shutil.copy2(gptq_dir / name, dest / name)
                 copied.append(name)
+        if cache_io == "genai":
+            import json
+
+            gen = gptq_dir / "generation_config.json"
+            cfg = genai_config(model.config, json.loads(gen.read_text()) if gen.is_file() else None)
+            (dest / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         advance(5)
         if embedding["dtype"] != "float32":  # the reference holds the same (rounded) table
             with torch.no_grad():
@@ -964,8 +1122,9 @@ def write_onnx(
         "values": "GPTQ integers, scales and zero points (no re-quantization)",
         "accuracy_level": accuracy_level,
         "kv_cache": True,
-        "inputs": list(_INPUTS),
-        "outputs": list(_OUTPUTS),
+        "cache_io": cache_io,
+        "inputs": io_names[0],
+        "outputs": io_names[1],
         "opset": opset,
         "onnxruntime_version": onnxruntime.__version__,
         "onnx_version": _version("onnx"),

@@ -8,6 +8,7 @@ exporter's float twin (tests/test_gptq.py shows it equals GPTQModel's float32 ke
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -225,7 +226,7 @@ def test_kv_cache_steps_match_full_recompute(exported, dense_dequantized):
     A random tiny model's greedy output repeats one token, so this is the test with teeth for
     the cache: every step's logits, not only its argmax.
     """
-    from edgeqra.exporters.onnx import _empty_cache, _session
+    from edgeqra.exporters.onnx import _empty_cache, _session, run_step
 
     dest, _ = exported
     g = torch.Generator().manual_seed(4)
@@ -236,13 +237,8 @@ def test_kv_cache_steps_match_full_recompute(exported, dense_dequantized):
     keys = values = _empty_cache(sess, 2)
     got, start = [], 0
     for end in (6, *range(7, 15)):  # prefill 6 tokens, then one token per step
-        feeds = {
-            "input_ids": ids[:, start:end].numpy(),
-            "attention_mask": np.ones((2, end), dtype=np.int64),
-            "past_keys": keys,
-            "past_values": values,
-        }
-        logits, keys, values = sess.run(None, feeds)
+        mask = np.ones((2, end), dtype=np.int64)
+        logits, keys, values = run_step(sess, ids[:, start:end].numpy(), mask, keys, values)
         got.append(logits)
         start = end
     assert keys.shape[3] == 14
@@ -383,3 +379,43 @@ def test_bad_storage_options_are_refused(checkpoint, tmp_path):
     with pytest.raises(ConfigError, match="`stored_bits`=2"):
         pack_matmul_nbits("m", np.zeros((64, 8), int), np.zeros((1, 8), int),
                           np.ones((1, 8), np.float32), bits=4, group_size=64, stored_bits=2)  # fmt: skip
+
+
+GENAI_PYTHON = Path(os.environ.get("EDGEQRA_GENAI_PYTHON", "/tmp/genai-venv/bin/python"))  # noqa: S108
+
+
+def test_genai_config_describes_the_graph(exported, checkpoint):
+    """genai_config.json names the graph's own per-layer cache inputs and outputs."""
+    dest, info = exported
+    cfg = json.loads((dest / "genai_config.json").read_text())["model"]
+    decoder = cfg["decoder"]
+    sess_inputs = info["inputs"]
+    layers = decoder["num_hidden_layers"]
+    assert layers == 4 and decoder["num_key_value_heads"] == 2 and decoder["head_size"] == 32
+    for i in range(layers):
+        assert decoder["inputs"]["past_key_names"] % i in sess_inputs
+        assert decoder["inputs"]["past_value_names"] % i in sess_inputs
+        assert decoder["outputs"]["present_key_names"] % i in info["outputs"]
+    assert {"input_ids", "attention_mask"} <= set(sess_inputs) and info["cache_io"] == "genai"
+    assert cfg["vocab_size"] == 512 and decoder["filename"] == "model.onnx"
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not GENAI_PYTHON.is_file(), reason="no onnxruntime-genai venv (README)")
+def test_onnxruntime_genai_runs_the_package(exported):
+    """In a venv holding only onnxruntime-genai, the package loads, gives onnxruntime's logits
+    after the prompt (same kernels: ≤ 1e-4) and the same greedy tokens."""
+    import subprocess
+
+    dest, _ = exported
+    prompt = [5, 17, 42, 7, 99, 3]
+    script = Path(__file__).parents[1] / "bench" / "genai_generate.py"
+    out = subprocess.run(  # noqa: S603 - fixed arguments
+        [str(GENAI_PYTHON), str(script), str(dest), "--ids", ",".join(map(str, prompt)),
+         "--new", "12"],
+        capture_output=True, text=True, check=True, env={**os.environ, "PYTHONPATH": ""},
+    )  # fmt: skip
+    got = json.loads(out.stdout.strip().splitlines()[-1])
+    want = onnx_logits(dest, np.array([prompt]))[0, -1]  # (vocab,)
+    np.testing.assert_allclose(np.array(got["prompt_logits"]), want, atol=1e-4, rtol=0)
+    assert got["tokens"] == greedy_generate(dest, prompt, 12)
