@@ -1,0 +1,808 @@
+"""Structured pruning before the search (AutoMixQ, issue 17), on Torch-Pruning's DepGraph.
+
+Every decoder layer loses the same share of its MLP channels and of its query heads
+(``layout = uniform``), so the result is an ordinary Hugging Face config with a smaller
+``intermediate_size`` and fewer ``num_attention_heads``: transformers, GPTQModel, PEFT and
+onnxruntime load it with no custom code, and every later stage reads its shapes as it reads
+any model's. The hidden size is kept (pruning it would change every norm and the embedding;
+LLM-Pruner keeps it too), and so is every layer.
+
+How the groups are found: ``tp.DependencyGraph`` traces the model once, and each layer's
+coupled channels are read from it: ``gate_proj``/``up_proj`` rows with ``down_proj``
+columns; ``q_proj`` rows of a head with ``o_proj`` columns, and for GQA the key-value head
+those query rows attend with (DepGraph follows ``repeat_kv``). Importance is Torch-Pruning's
+``GroupTaylorImportance`` (|w·∂L/∂w| summed over calibration rows: LLM-Pruner's first-order
+criterion) or ``GroupMagnitudeImportance`` (L2), averaged over a head's channels for heads.
+With GQA every key-value head is kept and each of its query groups loses the same number of
+heads (Torch-Pruning's own GQA rule), so ``num_attention_heads`` stays a multiple of
+``num_key_value_heads``; without GQA whole q/k/v/o heads go.
+
+Two details of Torch-Pruning 1.6.1 that this module works around (so it pins that version):
+
+* tracing through RoPE's ``rotate_half`` (a ``cat`` of two halves) never terminates
+  (VainF/Torch-Pruning#527: Qwen3, GQA). Whole heads are pruned, never head dimensions, so
+  the rotation inside a head cannot change which channels are coupled: the model is traced
+  with the rotation replaced by the identity (and with eager attention, whose ``repeat_kv``
+  DepGraph can follow; SDPA is one opaque op). A guard turns any other runaway trace into a
+  :class:`PruneError` naming the module.
+* its ``BasePruner`` rounds head counts up per group (``ceil``) and, once the query heads of a
+  GQA layer drop to the key-value count, starts pruning key-value heads; the counts here are
+  computed up front (:class:`PruneTarget`) and each group is pruned with exactly those indices.
+
+``layout = layerwise`` (LLM-Pruner's block-wise rule: first and last layers whole, the middle
+pruned harder) is refused: no standard config can hold per-layer widths (see
+:data:`LAYERWISE_REFUSAL`).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import importlib.metadata
+import json
+import logging
+import math
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from edgeqra.errors import ConfigError
+
+__all__ = [
+    "LAYERWISE_REFUSAL",
+    "PRUNING_FILE",
+    "Importance",
+    "Layout",
+    "PruneError",
+    "PruneOutcome",
+    "PruneSettings",
+    "PruneTarget",
+    "prune_folder",
+    "prune_model",
+    "pruned_config",
+    "read_record",
+    "unpruned_config",
+]
+
+log = logging.getLogger(__name__)
+
+PRUNING_FILE = "pruning.json"
+"""The record a pruned folder carries: settings, calibration, parameter counts, kept indices."""
+
+MAX_RATIO = 0.7
+
+LAYERWISE_REFUSAL = (
+    "`layout` 'layerwise' is refused: per-layer widths (LLM-Pruner's block-wise rule) cannot "
+    "be written as a standard Hugging Face config, which holds one `intermediate_size` and one "
+    "`num_attention_heads` for every layer (LlamaConfig, Qwen2Config, Gemma3TextConfig), so "
+    "the folder would load only through custom modelling code (trust_remote_code) or pickled "
+    "modules, and GPTQModel and transformers would rebuild the layers at the wrong widths; "
+    "use `layout` 'uniform'"
+)
+
+
+class PruneError(ConfigError):
+    """Pruning settings or a model that cannot be pruned as asked (the CLI exits 2)."""
+
+
+class Importance(str, Enum):
+    """How channels and heads are ranked."""
+
+    TAYLOR = "taylor"  # |w · dL/dw| on calibration rows (LLM-Pruner's first-order choice)
+    MAGNITUDE = "magnitude"  # L2 norm of the coupled weights, no data
+
+
+class Layout(str, Enum):
+    """How the ratio is spread over the decoder layers."""
+
+    UNIFORM = "uniform"  # every layer to the same width: a standard HF config
+    LAYERWISE = "layerwise"  # refused, see LAYERWISE_REFUSAL
+
+
+def _help(text: str) -> dict[str, str]:
+    return {"help": text}
+
+
+@dataclass(frozen=True)
+class PruneSettings:
+    """What fixes a pruning: ratio, importance, layout, calibration rows and seed."""
+
+    ratio: float = field(
+        default=0.2,
+        metadata=_help(
+            "share of each decoder layer's MLP channels and query heads removed, 0 to 0.7"
+        ),
+    )
+    importance: Importance = field(
+        default=Importance.TAYLOR,
+        metadata=_help("taylor (|w·grad| on calibration rows) or magnitude (L2, no data)"),
+    )
+    layout: Layout = field(
+        default=Layout.UNIFORM,
+        metadata=_help("uniform (same width in every layer); layerwise is refused (README)"),
+    )
+    calib_samples: int = field(
+        default=32, metadata=_help("calibration rows for the Taylor importance")
+    )
+    calib_seq_len: int = field(default=256, metadata=_help("tokens per calibration row"))
+    calibration: str = field(default="c4", metadata=_help("calibration text source"))
+    seed: int = field(default=0, metadata=_help("seed of the calibration rows"))
+    heads: int | None = field(
+        default=None,
+        metadata=_help(
+            "query heads kept per layer (default: from the ratio); with GQA a multiple of "
+            "the key-value heads"
+        ),
+    )
+    round_to: int = field(
+        default=32,
+        metadata=_help(
+            "MLP channels kept are a multiple of this (GPTQModel packs 3-bit only in "
+            "multiples of 32; use the GPTQ group size if it is larger)"
+        ),
+    )
+
+    def __post_init__(self) -> None:
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
+            raise PruneError(f"`ratio` must be a number in [0, {MAX_RATIO}], got {self.ratio!r}")
+        if not 0.0 <= float(self.ratio) <= MAX_RATIO or math.isnan(self.ratio):
+            raise PruneError(
+                f"`ratio` {self.ratio} is outside [0, {MAX_RATIO}]; AutoMixQ prunes 0.2-0.5, "
+                f"and past {MAX_RATIO} a layer keeps too little to recover by LoRA tuning"
+            )
+        try:
+            object.__setattr__(self, "importance", Importance(self.importance))
+        except ValueError:
+            raise PruneError(
+                f"`importance` {self.importance!r} is unknown; use "
+                f"{' or '.join(repr(i.value) for i in Importance)}"
+            ) from None
+        try:
+            object.__setattr__(self, "layout", Layout(self.layout))
+        except ValueError:
+            raise PruneError(f"`layout` {self.layout!r} is unknown; use 'uniform'") from None
+        if self.layout is Layout.LAYERWISE:
+            raise PruneError(LAYERWISE_REFUSAL)
+        for name in ("calib_samples", "calib_seq_len", "round_to"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < (2 if name == "calib_seq_len" else 1):
+                raise PruneError(f"`{name}` must be a positive integer, got {value!r}")
+        if self.heads is not None and (not isinstance(self.heads, int) or self.heads < 1):
+            raise PruneError(f"`heads` must be a positive integer, got {self.heads!r}")
+        if self.ratio == 0 and self.heads is None:
+            log.warning("`ratio` is 0: the pruned model equals the original (a plain copy)")
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready (enums as their values); ``from_json`` reads it back."""
+        data = dataclasses.asdict(self)
+        data["importance"] = self.importance.value
+        data["layout"] = self.layout.value
+        return data
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PruneSettings:
+        """Rebuild from :meth:`to_json` output."""
+        return cls(**data)
+
+
+# ----------------------------------------------------------------------------- targets
+
+
+def _text_config(config: Any) -> Any:
+    """The language model's config (multimodal wrappers nest it)."""
+    return getattr(config, "get_text_config", lambda: config)()
+
+
+@dataclass(frozen=True)
+class PruneTarget:
+    """The widths every decoder layer is pruned to (computed before any weight is loaded)."""
+
+    intermediate_size: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    before: tuple[int, int, int]  # (intermediate_size, num_attention_heads, num_key_value_heads)
+
+    @classmethod
+    def from_config(cls, config: Any, settings: PruneSettings) -> PruneTarget:
+        """Widths for ``settings.ratio`` (or ``settings.heads``) on this architecture.
+
+        Raises:
+            PruneError: the head count cannot be divided as asked, or the ratio would leave
+                a layer without heads or channels.
+        """
+        cfg = _text_config(config)
+        inter = int(cfg.intermediate_size)
+        heads = int(cfg.num_attention_heads)
+        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
+        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
+        if heads % kv:
+            raise PruneError(
+                f"the model has {heads} query heads and {kv} key-value heads, which do not "
+                "divide: it is not a standard GQA layout that edgeqra can prune"
+            )
+        keep = 1.0 - float(settings.ratio)
+        step = settings.round_to
+        if inter % step:
+            step = math.gcd(inter, step)  # keep the original width reachable
+        channels = min(inter, max(step, step * math.floor(inter * keep / step + 0.5)))
+        group = heads // kv
+        if settings.heads is not None:
+            new_heads = settings.heads
+            if new_heads > heads:
+                raise PruneError(
+                    f"`heads` {new_heads} is more than the model's {heads} query heads; pass at "
+                    f"most {heads}"
+                )
+            if kv < heads and new_heads % kv:
+                options = ", ".join(str(kv * k) for k in range(1, group + 1))
+                raise PruneError(
+                    f"`heads` {new_heads} is not a multiple of the model's {kv} key-value heads: "
+                    f"with GQA every key-value head keeps the same number of query heads; pass "
+                    f"one of {options}"
+                )
+        elif kv < heads:  # GQA: the same number of query heads leaves every group
+            per_group = math.floor(group * keep + 0.5)
+            if per_group < 1:
+                raise PruneError(
+                    f"`ratio` {settings.ratio} would leave no query head in groups of {group}; "
+                    "lower the ratio or pass `heads`"
+                )
+            new_heads = per_group * kv
+        else:
+            new_heads = max(1, math.floor(heads * keep + 0.5))
+        new_kv = kv if kv < heads else new_heads
+        return cls(channels, new_heads, new_kv, head_dim, (inter, heads, kv))
+
+    @property
+    def changes(self) -> bool:
+        """Whether anything is removed."""
+        return (self.intermediate_size, self.num_attention_heads) != self.before[:2]
+
+    def to_json(self) -> dict[str, object]:
+        """Before/after widths, JSON-ready."""
+        inter, heads, kv = self.before
+        return {
+            "before": {"intermediate_size": inter, "num_attention_heads": heads,
+                       "num_key_value_heads": kv, "head_dim": self.head_dim},
+            "after": {"intermediate_size": self.intermediate_size,
+                      "num_attention_heads": self.num_attention_heads,
+                      "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim},
+        }  # fmt: skip
+
+
+def pruned_config(config: Any, settings: PruneSettings) -> Any:
+    """A copy of ``config`` with the pruned widths (for memory planning without weights)."""
+    target = PruneTarget.from_config(config, settings)
+    out = config.__class__.from_dict(config.to_dict())
+    _apply_widths(_text_config(out), target)
+    return out
+
+
+def _apply_widths(cfg: Any, target: PruneTarget) -> None:
+    """Write the target widths into a (text) config; head_dim made explicit."""
+    cfg.intermediate_size = target.intermediate_size
+    cfg.num_attention_heads = target.num_attention_heads
+    cfg.num_key_value_heads = target.num_key_value_heads
+    # Some configs derive head_dim as hidden // heads when it is absent: pin it.
+    cfg.head_dim = target.head_dim
+
+
+# ----------------------------------------------------------------------------- tracing
+
+
+@dataclass(frozen=True)
+class _Layer:
+    """The linears of one decoder layer that pruning touches."""
+
+    name: str
+    q: nn.Linear
+    k: nn.Linear
+    v: nn.Linear
+    o: nn.Linear
+    gate: nn.Linear
+    up: nn.Linear
+    down: nn.Linear
+    attention: nn.Module
+    mlp: nn.Module
+
+
+def _layers(model: nn.Module) -> list[_Layer]:
+    """Each decoder layer's q/k/v/o and gate/up/down linears, or a PruneError naming what lacks."""
+    from edgeqra.models import find_units
+
+    names = dict(model.named_modules())
+    out = []
+    for unit in find_units(model):
+        layer = names[unit.name]
+        attn = getattr(layer, "self_attn", None)
+        mlp = getattr(layer, "mlp", None)
+        parts = {
+            "q": getattr(attn, "q_proj", None),
+            "k": getattr(attn, "k_proj", None),
+            "v": getattr(attn, "v_proj", None),
+            "o": getattr(attn, "o_proj", None),
+            "gate": getattr(mlp, "gate_proj", None),
+            "up": getattr(mlp, "up_proj", None),
+            "down": getattr(mlp, "down_proj", None),
+        }
+        missing = [k for k, m in parts.items() if not isinstance(m, nn.Linear)]
+        if missing:
+            raise PruneError(
+                f"cannot prune `{type(model).__name__}`: decoder layer `{unit.name}` has no "
+                f"nn.Linear {', '.join(missing)} (self_attn.q/k/v/o_proj and "
+                "mlp.gate/up/down_proj, as in Llama, Qwen2, Gemma3); fused or other layouts "
+                "are not supported"
+            )
+        out.append(_Layer(unit.name, attention=attn, mlp=mlp, **parts))  # type: ignore[arg-type]
+    return out
+
+
+class _RunawayTrace(Exception):
+    """DepGraph kept adding dependencies: its index mapping loops (Torch-Pruning#527)."""
+
+
+@contextlib.contextmanager
+def _bounded_groups(limit: int) -> Iterator[None]:
+    """Raise :class:`_RunawayTrace` once a group grows past ``limit`` dependencies."""
+    from torch_pruning.dependency.group import Group
+
+    original = Group.add_dep
+
+    def add_dep(self, dep, idxs):  # noqa: ANN001 - Torch-Pruning's signature
+        if len(self._group) >= limit:
+            raise _RunawayTrace
+        original(self, dep, idxs)
+
+    Group.add_dep = add_dep
+    try:
+        yield
+    finally:
+        Group.add_dep = original
+
+
+@contextlib.contextmanager
+def _traceable(model: nn.Module, layers: list[_Layer]) -> Iterator[None]:
+    """Eager attention and RoPE as the identity while DepGraph traces (module docstring)."""
+    patched = []
+    for mod in {sys.modules[type(layer.attention).__module__] for layer in layers}:
+        rope = getattr(mod, "apply_rotary_pos_emb", None)
+        if callable(rope):
+            patched.append((mod, rope))
+            mod.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
+    previous = model.config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        yield
+    finally:
+        for mod, rope in patched:
+            mod.apply_rotary_pos_emb = rope
+        model.set_attn_implementation(previous)
+
+
+def _dependency_graph(model: nn.Module, layers: list[_Layer]) -> Any:
+    """Torch-Pruning's DependencyGraph of the whole model (one short trace)."""
+    import torch_pruning as tp
+
+    vocab = int(_text_config(model.config).vocab_size)
+    ids = torch.arange(8, device=next(model.parameters()).device).remainder(vocab)[None]
+    with _traceable(model, layers), torch.enable_grad():
+        try:
+            return tp.DependencyGraph().build_dependency(
+                model, example_inputs=ids, output_transform=lambda out: out.logits
+            )
+        except (RuntimeError, TypeError, AttributeError) as exc:
+            raise PruneError(
+                f"Torch-Pruning cannot trace `{type(model).__name__}` ({exc}); edgeqra prunes "
+                "decoder-only models such as Llama, Qwen2 and Gemma3"
+            ) from exc
+
+
+def _group(dg: Any, module: nn.Module, idxs: list[int], what: str, limit: int) -> Any:
+    """DepGraph's group of ``module``'s output channels ``idxs`` (a PruneError if it runs away)."""
+    import torch_pruning as tp
+
+    try:
+        with _bounded_groups(limit):
+            return dg.get_pruning_group(module, tp.prune_linear_out_channels, idxs=idxs)
+    except _RunawayTrace:
+        raise PruneError(
+            f"Torch-Pruning cannot trace `{what}`: its dependency graph does not close (more "
+            f"than {limit} coupled operations; Torch-Pruning#527); this architecture is not "
+            "supported"
+        ) from None
+
+
+def _linear_items(dg: Any, group: Any) -> dict[tuple[int, str], tuple[Any, list[int], list[int]]]:
+    """The group's nn.Linear targets: (id(module), "in"/"out") -> (dep, idxs, root_idxs)."""
+    out = {}
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Linear):
+            side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
+            out[(id(module), side)] = (item.dep, list(item.idxs), list(item.root_idxs))
+    return out
+
+
+def _subgroup(dg: Any, items: list[tuple[Any, list[int], list[int]]]) -> Any:
+    """A Torch-Pruning Group of just these (dep, idxs, root_idxs) items."""
+    from torch_pruning.dependency.group import Group
+
+    group = Group()
+    group._DG = dg
+    for dep, idxs, root in items:
+        group.add_dep(dep, idxs)
+        group[len(group) - 1].root_idxs = root
+    return group
+
+
+def _unexpected(dg: Any, group: Any, allowed: set[int], names: dict[int, str]) -> list[str]:
+    """Parametric targets of ``group`` outside ``allowed`` (head-dim norms are expected)."""
+    bad = []
+    for item in group:
+        module = item.dep.target.module
+        if isinstance(module, nn.Parameter):
+            continue  # q_norm / k_norm weights over head_dim: whole heads never shrink them
+        if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
+            if id(module) not in allowed:
+                bad.append(names.get(id(module), type(module).__name__))
+    return bad
+
+
+# ----------------------------------------------------------------------------- pruning
+
+
+@dataclass(frozen=True)
+class PruneOutcome:
+    """What :func:`prune_model` removed: target widths, kept indices, parameter counts."""
+
+    target: PruneTarget
+    kept_heads: dict[str, tuple[int, ...]]  # layer name -> query heads kept (original numbering)
+    kept_channels: dict[str, tuple[int, ...]]  # layer name -> MLP channels kept
+    params_before: int
+    params_after: int
+    seconds: float
+
+    def to_json(self) -> dict[str, object]:
+        """JSON-ready (the bulk of ``pruning.json``)."""
+        return {
+            "parameters": {
+                "before": self.params_before,
+                "after": self.params_after,
+                "removed_fraction": round(1 - self.params_after / self.params_before, 6),
+            },
+            "shapes": self.target.to_json(),
+            "kept": {
+                name: {
+                    "heads": list(self.kept_heads[name]),
+                    "mlp_channels": list(self.kept_channels[name]),
+                }
+                for name in self.kept_heads
+            },  # fmt: skip
+            "seconds": round(self.seconds, 2),
+        }
+
+
+def _count_params(model: nn.Module) -> int:
+    """Parameters, tied tensors once."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def _importance(settings: PruneSettings) -> Any:
+    """Torch-Pruning's group importance for the settings."""
+    import torch_pruning as tp
+
+    if settings.importance is Importance.TAYLOR:
+        return tp.importance.GroupTaylorImportance(group_reduction="mean", normalizer=None)
+    return tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean", normalizer=None)
+
+
+def _accumulate_gradients(model: nn.Module, calibration: torch.Tensor, batch: int = 4) -> None:
+    """Sum of the LM loss gradients over the calibration rows (Taylor importance reads .grad)."""
+    device = next(model.parameters()).device
+    model.zero_grad(set_to_none=True)
+    with torch.enable_grad():
+        for start in range(0, calibration.shape[0], batch):
+            rows = calibration[start : start + batch].to(device)  # (batch, seq)
+            loss = model(input_ids=rows, labels=rows).loss
+            loss.backward()
+
+
+def _top(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` largest scores, ascending (ties: the lower index wins)."""
+    order = sorted(range(len(scores)), key=lambda i: (-float(scores[i]), i))
+    return sorted(order[:k])
+
+
+def prune_model(
+    model: nn.Module, settings: PruneSettings, calibration: torch.Tensor | None = None
+) -> PruneOutcome:
+    """Prune ``model`` in place to :class:`PruneTarget`'s widths, every layer alike.
+
+    Args:
+        model: a Hugging Face causal LM (Llama, Qwen2, Gemma3 layouts), any device.
+        settings: ratio, importance, layout (validated by PruneSettings).
+        calibration: (rows, seq) token ids; required for Taylor importance.
+
+    Returns:
+        The target widths, the heads and channels each layer kept, parameter counts.
+
+    Raises:
+        PruneError: the model cannot be traced or divided as asked.
+    """
+    start = time.perf_counter()
+    target = PruneTarget.from_config(model.config, settings)
+    layers = _layers(model)
+    before = _count_params(model)
+    if settings.importance is Importance.TAYLOR and calibration is None:
+        raise PruneError("`importance` 'taylor' needs calibration rows; pass `calibration`")
+    inter, heads, kv = target.before
+    d = target.head_dim
+    kept_heads = {layer.name: tuple(range(heads)) for layer in layers}
+    kept_channels = {layer.name: tuple(range(inter)) for layer in layers}
+    if not target.changes:
+        return PruneOutcome(target, kept_heads, kept_channels, before, before, 0.0)
+
+    dg = _dependency_graph(model, layers)
+    names = {id(m): n for n, m in model.named_modules()}
+    limit = 64 * len(layers) + 256  # a layer's real groups hold tens of operations
+    importance = _importance(settings)
+    if calibration is not None and settings.importance is Importance.TAYLOR:
+        _accumulate_gradients(model, calibration)
+
+    plans = []  # (layer, mlp group items, mlp prune idxs, attention items, head prune idxs)
+    for layer in layers:
+        # MLP: gate/up rows with down columns.
+        mlp = _group(dg, layer.gate, list(range(inter)), f"{layer.name}.mlp", limit)
+        found = _linear_items(dg, mlp)
+        need = [(layer.gate, "out"), (layer.up, "out"), (layer.down, "in")]
+        bad = _unexpected(dg, mlp, {id(m) for m, _ in need}, names)
+        if bad or any((id(m), s) not in found for m, s in need):
+            raise PruneError(
+                f"Torch-Pruning traced `{layer.name}.mlp` unexpectedly (coupled with "
+                f"{bad or 'too little'}); this architecture is not supported"
+            )
+        mlp_items = [found[(id(m), s)] for m, s in need]
+        mlp_imp = importance(_subgroup(dg, mlp_items))  # (inter,)
+        keep_ch = _top(mlp_imp, target.intermediate_size)
+
+        # Attention: q rows of a head with o columns (+ k/v rows without GQA).
+        attn = _group(dg, layer.q, list(range(heads * d)), f"{layer.name}.self_attn", limit)
+        found = _linear_items(dg, attn)
+        mha = kv == heads
+        need = [(layer.q, "out"), (layer.o, "in")]
+        extra = [(layer.k, "out"), (layer.v, "out")]
+        allowed = {id(m) for m, _ in need + extra}
+        bad = _unexpected(dg, attn, allowed, names)
+        if bad or any((id(m), s) not in found for m, s in need + extra):
+            raise PruneError(
+                f"Torch-Pruning traced `{layer.name}.self_attn` unexpectedly (coupled with "
+                f"{bad or 'too little'}); this architecture is not supported"
+            )
+        groups = _kv_groups(dg, layer, heads, kv, d, limit)
+        attn_items = [found[(id(m), s)] for m, s in (need + extra if mha else need)]
+        head_imp = importance(_subgroup(dg, attn_items)).view(heads, d).mean(1)  # (heads,)
+        if mha:
+            keep_h = _top(head_imp, target.num_attention_heads)
+        else:
+            per_group = target.num_attention_heads // kv
+            keep_h = sorted(
+                h for members in groups for h in
+                (members[i] for i in _top(head_imp[list(members)], per_group))
+            )  # fmt: skip
+        plans.append((layer, mlp_items, keep_ch, attn_items, keep_h))
+    model.zero_grad(set_to_none=True)
+
+    for layer, mlp_items, keep_ch, attn_items, keep_h in plans:
+        drop_ch = sorted(set(range(inter)) - set(keep_ch))
+        if drop_ch:
+            _prune(dg, mlp_items, drop_ch)
+        drop_h = sorted(set(range(heads)) - set(keep_h))
+        if drop_h:
+            channels = [h * d + c for h in drop_h for c in range(d)]
+            _prune(dg, attn_items, channels)
+        layer.attention.num_key_value_groups = target.num_attention_heads // (
+            target.num_key_value_heads
+        )
+        if hasattr(layer.attention, "num_heads"):
+            layer.attention.num_heads = target.num_attention_heads
+        if hasattr(layer.mlp, "intermediate_size"):
+            layer.mlp.intermediate_size = target.intermediate_size
+        kept_heads[layer.name] = tuple(keep_h)
+        kept_channels[layer.name] = tuple(keep_ch)
+        _check_layer(layer, target)
+    _apply_widths(_text_config(model.config), target)
+    if model.config is not _text_config(model.config):
+        _apply_widths(model.config, target)  # pragma: no cover - multimodal wrappers
+    after = _count_params(model)
+    log.info("pruned %s: %d -> %d parameters", type(model).__name__, before, after)
+    return PruneOutcome(
+        target, kept_heads, kept_channels, before, after, time.perf_counter() - start
+    )
+
+
+def _kv_groups(
+    dg: Any, layer: _Layer, heads: int, kv: int, d: int, limit: int
+) -> list[tuple[int, ...]]:
+    """Query heads per key-value head, as DepGraph couples q rows with k/v rows (GQA check).
+
+    HF's ``repeat_kv`` gives query head h the key-value head h // (heads / kv); the traced
+    coupling must say the same for k and v, else pruning would cut heads from wrong groups.
+    """
+    group = heads // kv
+    for h in range(heads):
+        traced = _linear_items(
+            dg, _group(dg, layer.q, list(range(h * d, (h + 1) * d)), layer.name, limit)
+        )
+        for proj in (layer.k, layer.v):
+            rows = traced.get((id(proj), "out"), (None, [], []))[1]
+            owners = sorted({r // d for r in rows})
+            if owners != [h // group]:
+                raise PruneError(
+                    f"Torch-Pruning couples query head {h} of `{layer.name}` with key-value "
+                    f"heads {owners}, not [{h // group}] as repeat_kv does; the GQA groups "
+                    "cannot be kept consistent"
+                )
+    return [tuple(range(j * group, (j + 1) * group)) for j in range(kv)]
+
+
+def _prune(dg: Any, items: list[tuple[Any, list[int], list[int]]], root_idxs: list[int]) -> None:
+    """Prune ``root_idxs`` (root numbering) from every item, each through its own mapping."""
+    mapped = []
+    for dep, idxs, root in items:
+        position = {r: i for r, i in zip(root, idxs, strict=True)}
+        mapped.append((dep, sorted(position[r] for r in root_idxs), root_idxs))
+    group = _subgroup(dg, mapped)
+    if not dg.check_pruning_group(group):
+        raise PruneError("internal: the pruning group would remove every channel")
+    group.prune()
+
+
+def _check_layer(layer: _Layer, target: PruneTarget) -> None:
+    """The pruned shapes are the target's (a Torch-Pruning slip fails loudly here)."""
+    h, kv, d, i = (
+        target.num_attention_heads,
+        target.num_key_value_heads,
+        target.head_dim,
+        target.intermediate_size,
+    )
+    got = {
+        "q_proj rows": (layer.q.out_features, h * d),
+        "k_proj rows": (layer.k.out_features, kv * d),
+        "v_proj rows": (layer.v.out_features, kv * d),
+        "o_proj columns": (layer.o.in_features, h * d),
+        "gate_proj rows": (layer.gate.out_features, i),
+        "up_proj rows": (layer.up.out_features, i),
+        "down_proj columns": (layer.down.in_features, i),
+    }
+    wrong = {k: v for k, v in got.items() if v[0] != v[1]}
+    if wrong:
+        raise RuntimeError(f"pruning left `{layer.name}` with wrong shapes (got, want): {wrong}")
+
+
+# ----------------------------------------------------------------------------- folders
+
+
+def read_record(folder: str | Path) -> dict[str, Any] | None:
+    """The folder's ``pruning.json``, or None for a model that was not pruned here."""
+    path = Path(folder) / PRUNING_FILE
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise PruneError(f"cannot read `{path}` ({exc}); re-run `edgeqra prune`") from None
+
+
+def unpruned_config(folder: str | Path) -> Any | None:
+    """The original model's config, as ``pruning.json`` recorded it (None if not pruned)."""
+    record = read_record(folder)
+    if record is None:
+        return None
+    from transformers import AutoConfig
+
+    data = dict(record["source_config"])
+    return AutoConfig.for_model(data.pop("model_type"), **data)
+
+
+def _dtype_of(config: Any) -> torch.dtype:
+    """The checkpoint's stored dtype (float32 when the config does not say)."""
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    return dtype if isinstance(dtype, torch.dtype) else torch.float32
+
+
+def prune_folder(
+    source: str | Path,
+    out: str | Path,
+    settings: PruneSettings,
+    *,
+    device: str = "cpu",
+    trust_remote_code: bool = False,
+) -> dict[str, Any]:
+    """Prune a model and write a loadable HF folder at ``out`` atomically (temp dir, rename).
+
+    Args:
+        source: ``smollm2``, a HF folder or a .gguf file (as everywhere in edgeqra).
+        out: the new folder; must not exist. It gets safetensors, config, tokenizer and
+            ``pruning.json`` (settings, calibration, parameter counts, kept indices).
+        settings: what to prune.
+        device: where importance is computed (``cpu`` or ``cuda``).
+
+    Returns:
+        The ``pruning.json`` record.
+
+    Raises:
+        PruneError: bad settings or a model that cannot be pruned as asked; nothing is written.
+    """
+    from transformers import AutoConfig
+
+    from edgeqra import __version__
+    from edgeqra.data import calibration_batches
+    from edgeqra.models import load_model, resolve_model
+
+    out = Path(out)
+    if out.exists():
+        raise PruneError(f"`out` {out} already exists; remove it or pass another folder")
+    path = resolve_model(source)
+    config = AutoConfig.from_pretrained(
+        path, local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    PruneTarget.from_config(config, settings)  # bad head counts fail before any loading
+    dtype = _dtype_of(config)
+    loaded = load_model(
+        source, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code
+    )
+    calibration = None
+    if settings.importance is Importance.TAYLOR:
+        calibration = calibration_batches(
+            loaded.tokenizer,
+            settings.calibration,
+            n_samples=settings.calib_samples,
+            seq_len=settings.calib_seq_len,
+            seed=settings.seed,
+        )
+    source_config = loaded.model.config.to_dict()
+    outcome = prune_model(loaded.model, settings, calibration)
+    model = loaded.model.to(dtype=dtype, device="cpu")
+    record = {
+        "edgeqra_version": __version__,
+        "torch_pruning_version": importlib.metadata.version("torch-pruning"),
+        "source": str(source),
+        "source_path": str(path),
+        "settings": settings.to_json(),
+        "ratio": settings.ratio,
+        "importance": settings.importance.value,
+        "layout": settings.layout.value,
+        "calibration": None
+        if calibration is None
+        else {
+            "source": settings.calibration,
+            "rows": int(calibration.shape[0]),
+            "seq_len": int(calibration.shape[1]),
+            "seed": settings.seed,
+        },
+        **outcome.to_json(),
+        "source_config": source_config,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
+    try:
+        model.save_pretrained(tmp, safe_serialization=True)
+        loaded.tokenizer.save_pretrained(tmp)
+        (tmp / PRUNING_FILE).write_text(json.dumps(record, indent=2) + "\n")
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return record
