@@ -138,8 +138,9 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
         spec = ModelSpec.from_config(hf_config)
     mode = BudgetMode(args.mode) if args.mode else None
     plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
+    unpruned = _unpruned_totals(path, plan, args.group_size)
     if args.json:
-        extra: dict[str, object] = {}
+        extra: dict[str, object] = {} if unpruned is None else {"unpruned": unpruned}
         if args.measure:
             extra["measured"], extra["measure_error"] = _plan_measurement(hf_config, plan, args)
         print(json.dumps({"model": args.model, **plan.to_json(), **extra}, indent=2))
@@ -161,7 +162,17 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
         table.add_row(c.replace("_", " "), *[_gib(row.breakdown.components[c]) for row in rows])
     table.add_row("[bold]total[/]", *[f"[bold]{_gib(row.breakdown.total)}[/]" for row in rows])
     table.add_row("fits", *["[green]yes[/]" if row.fits else "[red]no[/]" for row in rows])
+    if unpruned is not None:  # a pruned folder: the same configs on the original model
+        before = unpruned["totals"]
+        table.add_row("unpruned", *[_gib(before[row.label]) for row in rows])
     out.print(table)
+    if unpruned is not None:
+        out.print(
+            f"pruned from `{escape(unpruned['source'])}` (ratio {unpruned['ratio']}): "
+            f"{unpruned['params_after']:,} of {unpruned['params_before']:,} parameters; the "
+            "`unpruned` row is the same config on the original model",
+            highlight=False,
+        )
     if plan.best is None:
         out.print(
             f"[yellow]No config with rank {args.rank} fits; even without adapters the "
@@ -181,6 +192,31 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
         return EXIT_NO_GPU
     _print_measurement(measured, plan, out)
     return EXIT_OK
+
+
+def _unpruned_totals(path, plan, group_size: int) -> dict[str, object] | None:
+    """For a folder `edgeqra prune` wrote: each plan row's total bytes on the original model."""
+    from edgeqra.memory import ModelSpec, estimate_for_profile
+    from edgeqra.prune import read_record, unpruned_config
+
+    record = read_record(path)
+    if record is None:
+        return None
+    base = ModelSpec.from_config(unpruned_config(path))
+    rows = list(plan.rows) + ([plan.best] if plan.best else [])
+    totals = {
+        row.label: estimate_for_profile(
+            base, row.config, plan.profile, mode=plan.mode, group_size=group_size
+        ).total
+        for row in rows
+    }
+    return {
+        "source": record["source"],
+        "ratio": record["ratio"],
+        "params_before": record["parameters"]["before"],
+        "params_after": record["parameters"]["after"],
+        "totals": totals,
+    }
 
 
 def _plan_measurement(hf_config, plan, args: argparse.Namespace) -> tuple[dict | None, str | None]:
@@ -240,6 +276,80 @@ def _print_measurement(record: dict, plan, out: Console) -> None:
     out.print(table)
     kernels = "; ".join(f"{mode}: {k}" for mode, k in record["kernels"].items())
     out.print(f"kernels by bit-width: {kernels or 'none (16-bit)'}", highlight=False)
+
+
+def _cmd_prune(args: argparse.Namespace, out: Console) -> int:
+    """Prune a model (Torch-Pruning) into a new HF folder with pruning.json."""
+    from pathlib import Path
+
+    from edgeqra.pipeline import resolve_device
+    from edgeqra.prune import PruneSettings, prune_folder
+
+    settings = PruneSettings(**{k: getattr(args, k) for k in _PRUNE_FIELDS})
+    device = resolve_device(args.device)
+    with (
+        out.status(f"pruning `{escape(args.model)}` ({settings.importance.value}, ratio "
+                   f"{settings.ratio})…"),
+        contextlib.redirect_stdout(sys.stderr),
+    ):  # fmt: skip
+        record = prune_folder(
+            args.model,
+            Path(args.out),
+            settings,
+            device=device,
+            trust_remote_code=args.trust_remote_code,
+        )
+    if args.json:
+        brief = {k: v for k, v in record.items() if k not in ("kept", "source_config")}
+        print(json.dumps({"out": args.out, **brief}, indent=2))
+        return EXIT_OK
+    shapes, params = record["shapes"], record["parameters"]
+    table = Table(title=f"pruned {args.model} -> {args.out}")
+    for column in ("", "before", "after"):
+        table.add_column(column, justify="left" if not column else "right")
+    for key in ("intermediate_size", "num_attention_heads", "num_key_value_heads"):
+        table.add_row(key, str(shapes["before"][key]), str(shapes["after"][key]))
+    table.add_row("parameters", f"{params['before']:,}", f"{params['after']:,}")
+    out.print(table)
+    out.print(
+        f"removed {params['removed_fraction']:.1%} of the parameters in {record['seconds']:.1f} s; "
+        f"plan it against the original: edgeqra plan --profile P --model {args.out}",
+        highlight=False,
+        soft_wrap=True,
+    )
+    return EXIT_OK
+
+
+_PRUNE_FIELDS = (
+    "ratio",
+    "importance",
+    "layout",
+    "calib_samples",
+    "calib_seq_len",
+    "calibration",
+    "seed",
+    "heads",
+    "round_to",
+)
+
+
+def _prune_args(p: argparse.ArgumentParser) -> None:
+    """`edgeqra prune`'s options, with PruneSettings' help and defaults (said once there)."""
+    import dataclasses
+
+    from edgeqra.prune import Importance, Layout, PruneSettings
+
+    choices = {"importance": [i.value for i in Importance], "layout": [x.value for x in Layout]}
+    for f in dataclasses.fields(PruneSettings):
+        default = f.default.value if hasattr(f.default, "value") else f.default
+        kind = {"ratio": float, "calibration": str}.get(f.name, str if f.name in choices else int)
+        p.add_argument(
+            f"--{f.name.replace('_', '-')}",
+            type=kind,
+            default=default,
+            choices=choices.get(f.name),
+            help=f.metadata["help"] + ("" if default is None else f" (default {default})"),
+        )
 
 
 def _int_list(text: str) -> tuple[int, ...]:
@@ -738,6 +848,21 @@ def _parser() -> argparse.ArgumentParser:
         f"(exit {EXIT_NO_GPU} without a CUDA GPU)",
     )
     p.set_defaults(func=_cmd_plan)
+
+    p = sub.add_parser(
+        "prune",
+        parents=[common],
+        help="structured pruning (Torch-Pruning) into a new HF folder, before plan/search",
+        description="Every decoder layer loses the same share of MLP channels and query heads "
+        "(GQA groups kept consistent); OUT gets safetensors, config, tokenizer and "
+        "pruning.json, written atomically. Bad input exits 2 and writes nothing.",
+    )
+    p.add_argument("--model", default="smollm2", help="`smollm2`, a HF folder or a .gguf file")
+    p.add_argument("--out", required=True, help="the new model folder (must not exist)")
+    _prune_args(p)
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda (importance pass)")
+    p.add_argument("--trust-remote-code", action="store_true", help="allow custom model code")
+    p.set_defaults(func=_cmd_prune)
 
     tuning = argparse.ArgumentParser(add_help=False)  # what fixes one evaluation
     _tuning_args(tuning)

@@ -213,7 +213,9 @@ class PruneTarget:
     before: tuple[int, int, int]  # (intermediate_size, num_attention_heads, num_key_value_heads)
 
     @classmethod
-    def from_config(cls, config: Any, settings: PruneSettings) -> PruneTarget:
+    def from_config(
+        cls, config: Any, settings: PruneSettings, *, quiet: bool = False
+    ) -> PruneTarget:
         """Widths for ``settings.ratio`` (or ``settings.heads``) on this architecture.
 
         Raises:
@@ -236,6 +238,11 @@ class PruneTarget:
             step = math.gcd(inter, step)  # keep the original width reachable
         channels = min(inter, max(step, step * math.floor(inter * keep / step + 0.5)))
         group = heads // kv
+        gqa = kv < heads
+        # Head counts the architecture can hold: GQA keeps every key-value head (multiples of
+        # kv); the config class may also want hidden_size divisible by it (LlamaConfig does).
+        counts = [kv * k for k in range(1, group + 1)] if gqa else list(range(1, heads + 1))
+        valid = [h for h in counts if _config_accepts(cfg, h, kv if gqa else h, head_dim)]
         if settings.heads is not None:
             new_heads = settings.heads
             if new_heads > heads:
@@ -243,24 +250,27 @@ class PruneTarget:
                     f"`heads` {new_heads} is more than the model's {heads} query heads; pass at "
                     f"most {heads}"
                 )
-            if kv < heads and new_heads % kv:
-                options = ", ".join(str(kv * k) for k in range(1, group + 1))
-                raise PruneError(
-                    f"`heads` {new_heads} is not a multiple of the model's {kv} key-value heads: "
-                    f"with GQA every key-value head keeps the same number of query heads; pass "
-                    f"one of {options}"
+            if new_heads not in valid:
+                why = (
+                    f"is not a multiple of the model's {kv} key-value heads (with GQA every "
+                    "key-value head keeps the same number of query heads)"
+                    if gqa and new_heads % kv
+                    else f"is rejected by {type(cfg).__name__} (hidden_size "
+                    f"{cfg.hidden_size} must be a multiple of the head count)"
                 )
-        elif kv < heads:  # GQA: the same number of query heads leaves every group
-            per_group = math.floor(group * keep + 0.5)
-            if per_group < 1:
                 raise PruneError(
-                    f"`ratio` {settings.ratio} would leave no query head in groups of {group}; "
-                    "lower the ratio or pass `heads`"
+                    f"`heads` {new_heads} {why}; pass one of {', '.join(map(str, valid))}"
                 )
-            new_heads = per_group * kv
         else:
-            new_heads = max(1, math.floor(heads * keep + 0.5))
-        new_kv = kv if kv < heads else new_heads
+            wanted = group * keep * kv if gqa else heads * keep
+            # The nearest count the config accepts; ties keep more heads.
+            new_heads = min(valid, key=lambda h: (abs(h - wanted), -h))
+            if new_heads != math.floor(wanted + 0.5) and not quiet:
+                log.warning(
+                    "`ratio` %s asks for %.1f query heads; %s holds %d (choices %s)",
+                    settings.ratio, wanted, type(cfg).__name__, new_heads, valid,
+                )  # fmt: skip
+        new_kv = kv if gqa else new_heads
         return cls(channels, new_heads, new_kv, head_dim, (inter, heads, kv))
 
     @property
@@ -278,6 +288,20 @@ class PruneTarget:
                       "num_attention_heads": self.num_attention_heads,
                       "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim},
         }  # fmt: skip
+
+
+def _config_accepts(cfg: Any, heads: int, kv: int, head_dim: int) -> bool:
+    """Whether the config class validates with these head counts (LlamaConfig checks
+    hidden_size % num_attention_heads; transformers raises on load otherwise)."""
+    from huggingface_hub.errors import StrictDataclassError
+
+    data = cfg.to_dict()
+    data.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
+    try:
+        cfg.__class__.from_dict(data)
+    except (ValueError, TypeError, StrictDataclassError):
+        return False
+    return True
 
 
 def pruned_config(config: Any, settings: PruneSettings) -> Any:
@@ -758,7 +782,7 @@ def prune_folder(
     config = AutoConfig.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code
     )
-    PruneTarget.from_config(config, settings)  # bad head counts fail before any loading
+    PruneTarget.from_config(config, settings, quiet=True)  # bad counts fail before loading
     dtype = _dtype_of(config)
     loaded = load_model(
         source, dtype=torch.float32, device=device, trust_remote_code=trust_remote_code
