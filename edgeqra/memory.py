@@ -1,7 +1,10 @@
 """The memory model M(C): bytes per component, per unit, for inference and for fine-tuning.
 
 Everything is computed from the real module shapes (:class:`ModelSpec`), never from a
-parameter count, so pruned or non-uniform models work. Components (METHOD.md):
+parameter count, so pruned or non-uniform models work. The prediction is PyTorch's peak
+*allocated* bytes plus the profile's reserve; it must never be below what a GPU measures
+(issue 15: ``bench/memory_truth.py``, replayed offline by ``bench/memory_replay.py``).
+Components (METHOD.md), each one term with its reason:
 
 * quantized weights: GPTQ packing as GPTQModel writes it (int32-packed q-bit weights,
   q-bit zeros and fp16 scales per group, int32 ``g_idx``, fp16 bias) — exact, tested
@@ -9,12 +12,18 @@ parameter count, so pruned or non-uniform models work. Components (METHOD.md):
 * unquantized tensors (embeddings, untied lm_head, norms) at the deployment dtype;
 * LoRA: r·(d_in + d_out) per adapted linear; for fine-tuning also gradients and AdamW's
   two fp32 moments (PEFT keeps adapters in fp32 by default);
-* activations for the workload's batch × sequence (with or without gradient checkpointing);
+* activations: inference, the largest transient moment of ``generate`` (a prefill layer,
+  a dequantizing kernel's dense W, a decode step's KV copy); fine-tuning, what autograd
+  saves (counted with saved-tensor hooks) at the larger of the loss's backward and a
+  layer's (recomputed) backward; ``logits``: the prefill's last-position logits;
+* dequant_buffers: the quantized base's dense weights alive at the fine-tuning peak (one
+  with ``edgeqra.qlinear``'s recompute backward, all with GPTQModel's own path);
 * KV cache: 2 · layers · kv_heads · head_dim · context · batch · dtype bytes;
-* the device profile's runtime reserve (CUDA context, allocator slack, kernel workspace).
-
-The activation terms are a model of what PyTorch autograd saves; the measured-vs-predicted
-error on a real GPU is published in ``bench/RESULTS.md``.
+* kernel_caches: GPTQModel's per-module decoded zero points, int64 g_idx, shift tables;
+* cublas_workspace: PyTorch's cuBLAS workspace per thread that runs a matmul;
+* allocator_rounding: the caching allocator's 512 B blocks around persistent tensors;
+* the device profile's runtime reserve: measured CUDA context outside the allocator and
+  allocator slack (``bench/gpu/README.md``).
 """
 
 from __future__ import annotations
@@ -22,17 +31,21 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
 
 import torch
 from torch import nn
 
-from edgeqra.models import Unit, find_units
+from edgeqra.models import LinearInfo, Unit, find_units
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, InferenceWorkload
 from edgeqra.space import FP16_BITS, Config
 
 __all__ = [
+    "ALLOC_ROUND",
     "Breakdown",
     "ModelSpec",
+    "QuantizedBackward",
+    "cublas_workspace_bytes",
     "estimate",
     "estimate_for_profile",
     "gptq_linear_bytes",
@@ -41,6 +54,7 @@ __all__ = [
 
 GiB = 1 << 30
 MiB = 1 << 20
+ALLOC_ROUND = 512  # PyTorch's CUDA caching allocator rounds every block up to 512 B
 
 
 def gptq_linear_bytes(
@@ -189,51 +203,190 @@ def _kv_cache_bytes(spec: ModelSpec, work: InferenceWorkload, dtype_bytes: int) 
     )
 
 
-def _inference_activation_bytes(spec: ModelSpec, work: InferenceWorkload, dtype_bytes: int) -> int:
-    """Peak transient tensors of one prefill layer plus last-token fp32 logits.
+def _quantized_linears(spec: ModelSpec, config: Config) -> list[tuple[LinearInfo, int]]:
+    """(linear, bits) of every quantized linear of the config."""
+    return [
+        (lin, choice.bits)
+        for unit, choice in zip(spec.units, config, strict=True)
+        if choice.bits < FP16_BITS
+        for lin in unit.linears
+    ]
 
-    During prefill one layer at a time is live: the residual stream and its normed copy (2h),
-    q, k, v (h + 2·kv), and the MLP's gate, up and activated gate (3·i).
+
+def _round_up(n: int, to: int = ALLOC_ROUND) -> int:
+    """``n`` rounded up to the allocator's block granularity."""
+    return -(-n // to) * to
+
+
+def _inference_activation_bytes(
+    spec: ModelSpec, config: Config, work: InferenceWorkload, dtype_bytes: int
+) -> int:
+    """Peak transient tensors of generate: the largest of three moments.
+
+    * a prefill layer (issue 15: +h +i over issue 4's count, measured 0.014-0.127 GiB short):
+      residual, normed input, attention output and o_proj output (4h), k and v (2kv), the
+      MLP's gate, up, act(gate) and their product alive together (4i);
+    * a dequantizing kernel's down_proj (Triton and torch build the dense W before the
+      matmul): its input (i), output and the residual (2h), plus the largest dense W;
+    * a decode step: DynamicCache's ``torch.cat`` copies one layer's K and V.
     """
     h, i = spec.hidden_size, spec.intermediate_size
     kv = spec.num_kv_heads * spec.head_dim
     tokens = work.batch * work.context
-    layer = tokens * (3 * h + 2 * kv + 3 * i) * dtype_bytes
-    logits = work.batch * spec.vocab_size * 4  # generate keeps only the last position
-    return layer + logits
+    layer = tokens * (4 * h + 2 * kv + 4 * i) * dtype_bytes
+    quantized = _quantized_linears(spec, config)
+    dense_w = max((lin.d_in * lin.d_out for lin, _ in quantized), default=0) * dtype_bytes
+    dequant = tokens * (i + 2 * h) * dtype_bytes + dense_w if quantized else 0
+    decode = 2 * kv * work.batch * work.context * dtype_bytes
+    return max(layer, dequant, decode)
 
 
-def _finetune_activation_bytes(
-    spec: ModelSpec, config: Config, work: FinetuneWorkload, dtype_bytes: int
-) -> int:
-    """Tensors autograd keeps for backward, for one micro-batch.
+def _finetune_layer_bytes(spec: ModelSpec, unit: Unit, rank: int, dtype_bytes: int) -> int:
+    """Bytes per token one decoder layer saves for backward (frozen base, LoRA adapters).
 
-    Per layer and token, without checkpointing: about 10·h (norm inputs/outputs, attention
-    input/output, o_proj input), 4·kv (k, v and their rotary copies), 4·i (gate, up, act,
-    down input) at the compute dtype, plus each adapter's fp32 copy of its input and its
-    rank-sized hidden. With checkpointing only each layer's input (h) is kept, and one
-    layer's full set is alive during its recomputation. Logits: compute-dtype logits, their
-    fp32 upcast and the fp32 log-softmax saved by cross-entropy.
+    Counted with ``saved_tensors_hooks`` on CPU (tests/test_memory.py): a frozen linear
+    saves no input (no weight grad); each RMSNorm saves its fp32 input and rsqrt (2 · (4h
+    + 4)); attention saves q and its output (2h) and k, v (2kv) at the compute dtype plus an
+    fp32 logsumexp per head; the MLP saves gate, act(gate) and up (3i); every adapter saves
+    its fp32 copy of the input (4·d_in) and its rank-sized hidden (4r).
     """
     h, i = spec.hidden_size, spec.intermediate_size
     kv = spec.num_kv_heads * spec.head_dim
+    norms = 2 * (4 * h + 4)
+    attention = (2 * h + 2 * kv) * dtype_bytes + 4 * spec.num_attention_heads
+    mlp = 3 * i * dtype_bytes
+    adapters = 0 if rank == 0 else sum(4 * (lin.d_in + rank) for lin in unit.linears)
+    return norms + attention + mlp + adapters
+
+
+def _loss_peak_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
+    """Bytes per token at the loss's backward: the model's logits at the compute dtype, the
+    fp32 log-softmax cross-entropy saved, the fp32 gradient NLL hands it and the fp32 one it
+    returns (3 · 4 · vocab), all alive in ``LogSoftmaxBackward``."""
+    return spec.vocab_size * (dtype_bytes + 12)
+
+
+def _finetune_peak_bytes(
+    spec: ModelSpec,
+    config: Config,
+    work: FinetuneWorkload,
+    backward: QuantizedBackward,
+    dtype_bytes: int,
+) -> tuple[int, int]:
+    """(activations, dequant_buffers) at the training step's peak, for one micro-batch.
+
+    Two moments can be the peak. The loss's backward: every saved tensor is alive (only each
+    checkpointed layer's input and the final norm's fp32 input with checkpointing) plus the
+    loss's buffers (:func:`_loss_peak_bytes`). A layer's backward: the same saved tensors
+    (with checkpointing, the recomputed layer's full set), the logits (still referenced by
+    the training loop), that layer's gradients (at most as large as what it saved) and the
+    dense weight(s) its backward dequantizes. Units before the first adapter build no graph.
+
+    The quantized base's dense weights: recompute (``edgeqra.qlinear``) rebuilds one W at a
+    time in the layer moment; saved (GPTQModel's ``matmul(x, W)``) keeps every W from the
+    first adapter on alive in both moments, or only the recomputed unit's with checkpointing.
+    ``dequant_buffers`` is what they add to the peak.
+    """
     tokens = work.micro_batch * work.seq_len
-    base_layer = (10 * h + 4 * kv + 4 * i) * dtype_bytes
-
-    def adapter_bytes(unit: Unit, rank: int) -> int:
-        if rank == 0:
-            return 0
-        return sum((lin.d_in + rank) * 4 for lin in unit.linears)
-
+    h = spec.hidden_size
+    first = _first_trained_unit(config)
+    units = list(zip(spec.units, config, strict=True))
     per_layer = [
-        base_layer + adapter_bytes(u, c.rank) for u, c in zip(spec.units, config, strict=True)
+        _finetune_layer_bytes(spec, u, c.rank, dtype_bytes) if k >= first else 0
+        for k, (u, c) in enumerate(units)
     ]
+    dense = [
+        [lin.d_in * lin.d_out * dtype_bytes for lin in u.linears]
+        if c.bits < FP16_BITS and k >= first
+        else []
+        for k, (u, c) in enumerate(units)
+    ]
+    largest_w = max((w for unit in dense for w in unit), default=0)
+    final_norm = 4 * h + 4
+    loss = tokens * _loss_peak_bytes(spec, dtype_bytes)
+    layer = tokens * (spec.vocab_size * dtype_bytes + max(per_layer))  # logits + grads
     if work.gradient_checkpointing:
-        layers = spec.n_units * h * dtype_bytes + max(per_layer)
+        kept = tokens * ((spec.n_units - first) * h * dtype_bytes + final_norm)
+        layer += tokens * max(per_layer)  # the recomputed layer's saved set
+        always = 0
+        in_layer = (
+            largest_w
+            if backward is QuantizedBackward.RECOMPUTE
+            else max((sum(u) for u in dense), default=0)
+        )
     else:
-        layers = sum(per_layer)
-    logits = spec.vocab_size * (dtype_bytes + 4 + 4)
-    return tokens * (layers + logits)
+        kept = tokens * (sum(per_layer) + final_norm)
+        saved = backward is QuantizedBackward.SAVED
+        always = sum(sum(u) for u in dense) if saved else 0
+        in_layer = 0 if saved else largest_w
+    activations = kept + max(loss, layer)
+    peak = kept + always + max(loss, layer + in_layer)
+    return activations, peak - activations
+
+
+def _first_trained_unit(config: Config) -> int:
+    """Index of the first unit with an adapter (``len(config)`` when none has one)."""
+    return next((k for k, c in enumerate(config) if c.rank > 0), len(config))
+
+
+def _kernel_cache_bytes(spec: ModelSpec, config: Config, group_size: int) -> int:
+    """What GPTQModel's trainable kernels hold beyond the packed tensors, per QuantLinear.
+
+    Its torch dequant path caches the decoded zero points (groups × d_out, int8; int16 at 8
+    bits, ``TorchLinear._stream_decode_qzeros``) and an int64 g_idx (``_stream_g_idx_long``);
+    two shift tables (``wf_unsqueeze_*``) take one allocator block each. Measured after the
+    build on an H200 (issue 15): up to 113 MiB beyond the cuBLAS workspaces (Llama-3.1-8B,
+    3 bits), which is this count.
+    """
+    total = 0
+    for lin, bits in _quantized_linears(spec, config):
+        groups = 1 if group_size <= 0 else math.ceil(lin.d_in / group_size)
+        total += groups * lin.d_out * (2 if bits == 8 else 1) + 8 * lin.d_in + 2 * ALLOC_ROUND
+    return total
+
+
+def _rounding_bytes(
+    spec: ModelSpec, config: Config, group_size: int, lora_copies: int, lora_bytes: int
+) -> int:
+    """Allocator rounding of the persistent tensors: every block is a multiple of 512 B.
+
+    Packed tensors of each quantized linear, and each adapter matrix (A and B) times the
+    copies alive (weights; + grads + two AdamW moments when training).
+    """
+    total = 0
+    for unit, choice in zip(spec.units, config, strict=True):
+        for lin in unit.linears:
+            if choice.bits < FP16_BITS:
+                groups = 1 if group_size <= 0 else math.ceil(lin.d_in / group_size)
+                sizes = [
+                    math.ceil(lin.d_in * choice.bits / 32) * lin.d_out * 4,
+                    groups * math.ceil(lin.d_out * choice.bits / 32) * 4,
+                    groups * lin.d_out * 2,
+                    lin.d_in * 4,
+                ] + ([lin.d_out * 2] if lin.bias else [])
+                total += sum(_round_up(n) - n for n in sizes)
+            if choice.rank and lora_bytes:
+                for n in (choice.rank * lin.d_in, choice.rank * lin.d_out):
+                    total += lora_copies * (_round_up(n * lora_bytes) - n * lora_bytes)
+    return total
+
+
+def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
+    """PyTorch's default cuBLAS workspace per handle (``CUBLAS_WORKSPACE_CONFIG`` unset).
+
+    ``parseChosenWorkspaceSize`` in ATen's ``CublasHandlePool.cpp``: 32 MiB on sm_90
+    (Hopper), else 4096 KiB · 2 + 16 KiB · 8. Unknown device (None): the larger.
+    """
+    if compute_capability is None or tuple(compute_capability) == (9, 0):
+        return 4096 * 8 * 1024
+    return 4096 * 1024 * 2 + 16 * 1024 * 8
+
+
+class QuantizedBackward(str, Enum):
+    """What the quantized base keeps for backward during LoRA fine-tuning."""
+
+    RECOMPUTE = "recompute"  # edgeqra.qlinear: W rebuilt in backward, one layer at a time
+    SAVED = "saved"  # GPTQModel's own autograd path: every layer's dense W saved
 
 
 def estimate(
@@ -247,6 +400,9 @@ def estimate(
     group_size: int = 64,
     dtype_bytes: int = 2,
     merged_adapters: bool = False,
+    compute_capability: tuple[int, int] | None = None,
+    quantized_backward: QuantizedBackward | str = QuantizedBackward.RECOMPUTE,
+    cublas_handles: int | None = None,
 ) -> Breakdown:
     """Predict peak memory of ``config`` on ``spec`` for one mode.
 
@@ -255,16 +411,24 @@ def estimate(
         config: one (bits, rank) per unit; bits 16 = unquantized.
         mode: inference or fine-tuning (BOTH is handled by :func:`estimate_for_profile`).
         inference / finetune: the workload of that mode.
-        reserve_bytes: the profile's runtime reserve (CUDA context, allocator slack).
+        reserve_bytes: the profile's runtime reserve (CUDA context outside the allocator,
+            allocator slack: measured, ``bench/gpu/README.md``).
         group_size: GPTQ group size.
         dtype_bytes: bytes of the compute / unquantized dtype (2 for fp16/bf16).
         merged_adapters: inference only: adapters merged into the weights cost nothing;
             otherwise they are held separately in the compute dtype (the exact form).
+        compute_capability: the GPU's (major, minor), for the cuBLAS workspace size
+            (None: the largest).
+        quantized_backward: ``recompute`` (edgeqra's path, at most one dense weight alive
+            in backward) or ``saved`` (GPTQModel's own: every layer's dense weight saved).
+        cublas_handles: cuBLAS handles with a workspace (default: 1 for inference, 2 for
+            fine-tuning: the forward thread's and the autograd engine's).
     """
     if len(config) != spec.n_units:
         from edgeqra.errors import ConfigError
 
         raise ConfigError(f"config has {len(config)} units but the model has {spec.n_units}")
+    backward = QuantizedBackward(quantized_backward)
     weights = _weight_bytes(spec, config, group_size, dtype_bytes)
     lora = _lora_params_per_unit(spec, config)
     components: dict[str, int] = {
@@ -279,8 +443,17 @@ def estimate(
             raise ValueError("estimate(mode=INFERENCE) needs an `inference` workload")
         lora_bytes_per_param = 0 if merged_adapters else dtype_bytes
         components["lora_weights"] = sum(lora) * lora_bytes_per_param
+        components["lora_grads"] = 0
+        components["optimizer_states"] = 0
         components["kv_cache"] = _kv_cache_bytes(spec, inference, dtype_bytes)
-        components["activations"] = _inference_activation_bytes(spec, inference, dtype_bytes)
+        components["activations"] = _inference_activation_bytes(
+            spec, config, inference, dtype_bytes
+        )
+        # Prefill logits: the last position's logits, generate's fp32 copy, processed scores.
+        components["logits"] = inference.batch * spec.vocab_size * (dtype_bytes + 8)
+        components["dequant_buffers"] = 0  # the dequantizing kernel's W is in `activations`
+        handles = 1 if cublas_handles is None else cublas_handles
+        rounding = _rounding_bytes(spec, config, group_size, 1, lora_bytes_per_param)
         per_unit = tuple(w + p * lora_bytes_per_param for w, p in zip(weights, lora, strict=True))
     elif mode is BudgetMode.FINETUNE:
         if finetune is None:
@@ -289,10 +462,19 @@ def estimate(
         components["lora_weights"] = sum(lora) * 4
         components["lora_grads"] = sum(lora) * 4
         components["optimizer_states"] = sum(lora) * 8
-        components["activations"] = _finetune_activation_bytes(spec, config, finetune, dtype_bytes)
+        components["kv_cache"] = 0
+        components["activations"], components["dequant_buffers"] = _finetune_peak_bytes(
+            spec, config, finetune, backward, dtype_bytes
+        )
+        components["logits"] = 0  # the loss's buffers are one moment of `activations`
+        handles = 2 if cublas_handles is None else cublas_handles
+        rounding = _rounding_bytes(spec, config, group_size, 4, 4)
         per_unit = tuple(w + p * 16 for w, p in zip(weights, lora, strict=True))
     else:
         raise ValueError(f"estimate() takes INFERENCE or FINETUNE, not {mode}")
+    components["kernel_caches"] = _kernel_cache_bytes(spec, config, group_size)
+    components["cublas_workspace"] = handles * cublas_workspace_bytes(compute_capability)
+    components["allocator_rounding"] = rounding
     components["reserve"] = reserve_bytes
     return Breakdown(mode, components, per_unit)
 
@@ -314,6 +496,7 @@ def estimate_for_profile(
         reserve_bytes=profile.reserve_bytes,
         group_size=group_size,
         merged_adapters=merged_adapters,
+        compute_capability=profile.compute_capability_tuple,
     )
     if mode is BudgetMode.BOTH:
         both: Sequence[Breakdown] = [

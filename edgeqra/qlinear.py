@@ -103,9 +103,7 @@ class _RecomputeBackward(torch.autograd.Function):
 
 def _trains_own_params(module: nn.Module) -> bool:
     """Whether a floating parameter of the layer itself (e.g. its bias) requires grad."""
-    return any(
-        p.requires_grad and p.is_floating_point() for p in module.parameters(recurse=False)
-    )
+    return any(p.requires_grad and p.is_floating_point() for p in module.parameters(recurse=False))
 
 
 def _recompute_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
