@@ -2,7 +2,8 @@
 
 Exit codes: 0 success, 1 internal error, 2 bad input (an :class:`EdgeQRAError`, one red
 line), 3 nothing fits the memory budget, 4 ``plan --measure`` without a CUDA GPU (the
-prediction is printed, nothing was measured).
+prediction is printed, nothing was measured), 5 ``plan --measure --cap``: a phase ran out
+of the profile's budget (one line names it).
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ __all__ = ["main"]
 GiB = 1 << 30
 EXIT_OK, EXIT_INTERNAL, EXIT_INPUT, EXIT_BUDGET = 0, 1, 2, 3
 EXIT_NO_GPU = 4  # `plan --measure` asked for a measurement this machine cannot make
+EXIT_OVER_CAP = 5  # `plan --measure --cap`: the config overran the profile's budget on the GPU
 
 
 def _gib(n: int) -> str:
@@ -138,6 +140,8 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
         spec = ModelSpec.from_config(hf_config)
     mode = BudgetMode(args.mode) if args.mode else None
     plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
+    if args.cap or args.config:
+        return _plan_capped(hf_config, spec, plan, args, out)
     unpruned = _unpruned_totals(path, plan, args.group_size)
     if args.json:
         extra: dict[str, object] = {} if unpruned is None else {"unpruned": unpruned}
@@ -217,6 +221,80 @@ def _unpruned_totals(path, plan, group_size: int) -> dict[str, object] | None:
         "params_after": record["parameters"]["after"],
         "totals": totals,
     }
+
+
+def _plan_capped(hf_config, spec, plan, args: argparse.Namespace, out: Console) -> int:
+    """``plan --measure --cap``: run the planned (or ``--config``) config under the budget."""
+    import dataclasses
+    import tempfile
+    from pathlib import Path
+
+    import torch
+
+    from edgeqra.space import Config
+
+    if not args.measure:
+        flag = "--cap" if args.cap else "--config"
+        raise EdgeQRAError(f"`{flag}` picks what `--measure` runs; add `--measure`")
+    config = plan.planned.config if args.config is None else Config.parse(args.config)
+    if len(config) != spec.n_units:
+        raise EdgeQRAError(
+            f"`--config` has {len(config)} units but `{args.model}` has {spec.n_units} "
+            "decoder layers; give one `bits/rank` per layer"
+        )
+    if not args.cap:  # --config without --cap: the plain measurement of that config
+        plan = dataclasses.replace(plan, best=dataclasses.replace(plan.planned, config=config))
+        measured, reason = _plan_measurement(hf_config, plan, args)
+        if measured is None:
+            Console(stderr=True).print(f"[yellow]{escape(reason or '')}[/]", soft_wrap=True)
+            return EXIT_NO_GPU
+        if args.json:
+            print(json.dumps({"model": args.model, **plan.to_json(), "measured": measured}))
+        else:
+            _print_measurement(measured, plan, out)
+        return EXIT_OK
+    if not torch.cuda.is_available():
+        Console(stderr=True).print(
+            "[yellow]`plan --measure --cap` needs a CUDA GPU and none is visible "
+            f"(torch.cuda.is_available() is False); nothing was run (exit code {EXIT_NO_GPU})[/]",
+            soft_wrap=True,
+        )
+        return EXIT_NO_GPU
+    from edgeqra.measure import capped_run
+
+    with (
+        tempfile.TemporaryDirectory(prefix="edgeqra-cap-") as tmp,
+        contextlib.redirect_stdout(sys.stderr),
+    ):
+        result = capped_run(
+            hf_config, config, plan.profile, work_dir=Path(tmp), group_size=args.group_size
+        )
+    data = {
+        "model": args.model,
+        "profile": plan.profile.name,
+        "config": result.config,
+        "fits": result.fits,
+        "budget_bytes": result.budget_bytes,
+        "cap_bytes": result.cap_bytes,
+        "outside_bytes": result.outside_bytes,
+        "overrun": result.overrun,
+        "measured": result.record,
+    }
+    if args.json:
+        print(json.dumps(data, indent=2))
+    elif result.fits:
+        _print_measurement(result.record, plan, out)
+        out.print(
+            f"[green]fits:[/] {result.config} ran inside {plan.profile.name}'s budget of "
+            f"{_gib(result.budget_bytes)} GiB (cap {_gib(result.cap_bytes)} GiB for PyTorch)",
+            highlight=False,
+        )
+    if result.fits:
+        return EXIT_OK
+    Console(stderr=True).print(
+        f"[red]over budget:[/] {escape(result.overrun or '')}", highlight=False, soft_wrap=True
+    )
+    return EXIT_OVER_CAP
 
 
 def _plan_measurement(hf_config, plan, args: argparse.Namespace) -> tuple[dict | None, str | None]:
@@ -846,6 +924,19 @@ def _parser() -> argparse.ArgumentParser:
         help="GPU only: build the planned config with random weights of the model's shapes, "
         "run a short real inference / LoRA step and print predicted vs measured peak memory "
         f"(exit {EXIT_NO_GPU} without a CUDA GPU)",
+    )
+    p.add_argument(
+        "--cap",
+        action="store_true",
+        help="with --measure: run inference and a few LoRA steps with PyTorch's GPU memory "
+        "capped at the profile's budget (set_per_process_memory_fraction), so the config "
+        f"runs as on the device; exit {EXIT_OVER_CAP} with one line naming the phase that "
+        "overruns",
+    )
+    p.add_argument(
+        "--config",
+        help="with --measure: the config to run (one `bits/rank` per layer, comma-separated, "
+        "or a JSON file) instead of the planned one",
     )
     p.set_defaults(func=_cmd_plan)
 

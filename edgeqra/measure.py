@@ -34,14 +34,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from edgeqra.memory import ModelSpec, estimate
+from edgeqra.memory import ModelSpec, QuantizedBackward, estimate
 from edgeqra.models import find_units
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, InferenceWorkload
 from edgeqra.space import FP16_BITS, Config
 
 __all__ = [
+    "CapResult",
     "Reading",
     "build_model",
+    "capped_run",
     "cuda_context_bytes",
     "dry_run",
     "measure_config",
@@ -101,6 +103,7 @@ def _phase(device: torch.device, out: list[Reading]) -> Iterator[None]:
     """Reset the peak counters, run the body, append its Reading."""
     gc.collect()
     torch.cuda.synchronize(device)
+    torch.cuda.empty_cache()  # an earlier phase's cached blocks are not this phase's
     torch.cuda.reset_peak_memory_stats(device)
     start = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
@@ -194,12 +197,15 @@ def build_model(
     group_size: int = 64,
     kernels: Sequence[str] | None = None,
     seed: int = 0,
+    quantized_backward: QuantizedBackward | str = QuantizedBackward.RECOMPUTE,
 ) -> tuple[nn.Module, dict[int, str]]:
     """Random-weight model of ``config`` with its adapters; returns it and its kernels by bits.
 
     All-16-bit: a dense random model built on the device. Otherwise a random GPTQ checkpoint
     (written once into ``work_dir``/checkpoint, reused) loaded through GPTQModel with the
-    trainable (``trainable``) or inference kernels. Inference adapters are cast to ``dtype``.
+    trainable (``trainable``) or inference kernels; a trainable one gets edgeqra's recompute
+    backward (``edgeqra.qlinear``) unless ``quantized_backward`` is ``saved`` (GPTQModel's own
+    path, for comparison). Inference adapters are cast to ``dtype``.
     """
     from edgeqra.qmodel import kernels_by_bits, load_gptq, meta_model, write_random_checkpoint
     from edgeqra.tune import TuneSettings, attach_lora
@@ -222,6 +228,10 @@ def build_model(
             checkpoint, device=device, dtype=dtype, trainable=trainable, kernels=kernels
         )
         chosen = kernels_by_bits(base)
+        if trainable and QuantizedBackward(quantized_backward) is QuantizedBackward.RECOMPUTE:
+            from edgeqra.qlinear import enable_recompute_backward
+
+            enable_recompute_backward(base)
     # Units from the architecture: a GPTQ model's linears are QuantLinear, not nn.Linear.
     units = find_units(meta_model(hf_config))
     model = attach_lora(base, units, config, TuneSettings(steps=0, seed=seed))
@@ -241,8 +251,15 @@ def _cast_adapters(model: nn.Module, dtype: torch.dtype) -> None:
 
 
 def _release() -> None:
-    """Give freed memory back to the driver before the next build (callers drop refs first)."""
+    """Give freed memory back to the driver before the next build (callers drop refs first).
+
+    cuBLAS workspaces too (one per thread that ran a matmul, never freed otherwise), so that
+    a phase holds only the handles it uses itself, as in a fresh process.
+    """
     gc.collect()
+    clear = getattr(torch._C, "_cuda_clearCublasWorkspaces", None)
+    if clear is not None:
+        clear()
     torch.cuda.empty_cache()
 
 
@@ -260,14 +277,19 @@ def measure_config(
     finetune_steps: int = 2,
     seed: int = 0,
     device: str = "cuda",
+    quantized_backward: QuantizedBackward | str = QuantizedBackward.RECOMPUTE,
 ) -> dict[str, object]:
     """Predicted and measured memory of one config on the profile's workloads (JSON-ready).
 
     ``phases`` holds one entry per measured phase: its workload, the predicted components
     (the total with and without the profile's reserve) and the Reading, or ``error`` when the
-    phase failed (out of memory, a kernel that does not run).
+    phase failed (out of memory: ``oom`` true; a kernel that does not run). Predictions use
+    this GPU's compute capability (its cuBLAS workspace size) and ``quantized_backward``,
+    the path the fine-tuning phases run.
     """
     spec = ModelSpec.from_config(hf_config)
+    backward = QuantizedBackward(quantized_backward)
+    capability = torch.cuda.get_device_capability(device)
     record: dict[str, object] = {
         "config": config.short(),
         "average_bits": round(config.average_bits(spec.unit_params), 4),
@@ -292,10 +314,17 @@ def measure_config(
                     group_size=group_size,
                     kernels=kernels,
                     seed=seed,
+                    quantized_backward=backward,
                 )
             except Exception as exc:  # noqa: BLE001 - record and go on with the grid
                 log.exception("building %s for %s failed", config.short(), mode)
-                phases.append({"mode": mode, "error": f"build: {type(exc).__name__}: {exc}"})
+                phases.append(
+                    {
+                        "mode": mode,
+                        "error": f"build: {type(exc).__name__}: {exc}",
+                        "oom": isinstance(exc, torch.cuda.OutOfMemoryError),
+                    }
+                )
                 model = None
                 _release()
                 continue
@@ -319,10 +348,13 @@ def measure_config(
                 finetune=work if trainable else None,
                 reserve_bytes=profile.reserve_bytes,
                 group_size=group_size,
+                compute_capability=capability,
+                quantized_backward=backward,
             )
             entry: dict[str, object] = {
                 "mode": mode,
                 "workload": asdict(work),
+                "quantized_backward": backward.value,
                 "predicted": predicted.components,
                 "predicted_total": predicted.total,
                 "predicted_without_reserve": predicted.total - profile.reserve_bytes,
@@ -335,6 +367,7 @@ def measure_config(
             except Exception as exc:  # noqa: BLE001 - an OOM or kernel failure is a result too
                 log.exception("measuring %s %s failed", config.short(), mode)
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
+                entry["oom"] = isinstance(exc, torch.cuda.OutOfMemoryError)
                 gc.collect()
                 torch.cuda.empty_cache()
             else:
@@ -352,6 +385,111 @@ def measure_config(
     model = None
     _release()
     return record
+
+
+@dataclass(frozen=True)
+class CapResult:
+    """A config run under the profile's budget as a hard per-process GPU memory cap."""
+
+    config: str
+    budget_bytes: int  # the profile's budget (memory_gib - os_reserved_gib)
+    outside_bytes: int  # what the process holds outside PyTorch's allocator (CUDA context)
+    cap_bytes: int  # what the allocator may use: budget - outside
+    record: dict  # measure_config's record (phases, predictions, readings or errors)
+    overrun: str | None  # one line naming the phase that ran out of the cap, or None
+
+    @property
+    def fits(self) -> bool:
+        """Whether every phase ran inside the cap."""
+        return self.overrun is None
+
+
+def _gib(n: float) -> str:
+    return f"{n / (1 << 30):.2f} GiB"
+
+
+def capped_run(
+    hf_config: object,
+    config: Config,
+    profile: DeviceProfile,
+    *,
+    work_dir: Path,
+    group_size: int = 64,
+    finetune_steps: int = 2,
+    device: str = "cuda",
+) -> CapResult:
+    """Run ``config``'s inference and a few LoRA steps inside the profile's budget (issue 15).
+
+    ``torch.cuda.set_per_process_memory_fraction`` caps PyTorch's allocator at the budget
+    less what the process already holds outside it (CUDA context, libraries), so a big GPU
+    behaves like the device: a config that fits runs, one that does not hits an out-of-memory
+    error in the phase that overruns. The profile's workloads and kernels are used; the cap
+    is lifted afterwards.
+
+    Raises:
+        ModelError: no CUDA GPU, or this GPU has less memory than the budget to emulate.
+        BudgetError: the CUDA context alone leaves nothing of the budget.
+    """
+    from edgeqra.errors import BudgetError, ModelError
+
+    if not torch.cuda.is_available():
+        raise ModelError(
+            "`plan --measure --cap` needs a CUDA GPU and none is visible; run it on a GPU with "
+            f"at least the profile's {_gib(profile.budget_bytes)}"
+        )
+    dev = torch.device(device)
+    total = torch.cuda.get_device_properties(dev).total_memory
+    if profile.budget_bytes > total:
+        raise ModelError(
+            f"this GPU has {_gib(total)}, less than profile `{profile.name}`'s budget of "
+            f"{_gib(profile.budget_bytes)}: the cap cannot be emulated here; use a larger GPU"
+        )
+    _release()
+    outside = max(cuda_context_bytes(dev), 0)
+    cap = profile.budget_bytes - outside - torch.cuda.memory_reserved(dev)
+    if cap <= 0:
+        raise BudgetError(
+            f"the CUDA context ({_gib(outside)}) fills profile `{profile.name}`'s budget of "
+            f"{_gib(profile.budget_bytes)}; nothing can run on it"
+        )
+    modes = ["inference", "finetune"] if profile.mode is BudgetMode.BOTH else [profile.mode.value]
+    torch.cuda.set_per_process_memory_fraction((cap + torch.cuda.memory_reserved(dev)) / total, dev)
+    try:
+        record = measure_config(
+            hf_config,
+            config,
+            profile,
+            work_dir=work_dir,
+            modes=modes,
+            checkpointing=(profile.finetune.gradient_checkpointing,),
+            group_size=group_size,
+            kernels=profile.kernels,
+            finetune_steps=finetune_steps,
+            device=device,
+        )
+    finally:
+        torch.cuda.set_per_process_memory_fraction(1.0, dev)
+        _release()
+    overrun = None
+    for ph in record["phases"]:
+        if "error" not in ph:
+            continue
+        name = ph["mode"]
+        if ph.get("workload", {}).get("gradient_checkpointing"):
+            name += " (gradient checkpointing)"
+        first_line = str(ph["error"]).splitlines()[0][:160]
+        if not ph.get("oom"):
+            raise RuntimeError(f"{name} of {config.short()} failed, not for memory: {first_line}")
+        predicted = ph.get("predicted_total")
+        overrun = (
+            f"{name} of {config.short()} needs more than profile `{profile.name}`'s budget of "
+            f"{_gib(profile.budget_bytes)} ({_gib(cap)} for PyTorch after {_gib(outside)} "
+            f"outside it)"
+            + (f"; predicted {_gib(predicted)}" if predicted is not None else "")
+            + f": {first_line}"
+        )
+        break
+    return CapResult(config.short(), profile.budget_bytes, outside, cap, record, overrun)
 
 
 def dry_run(
