@@ -9,6 +9,15 @@ merged GPTQ checkpoint in torch (GPTQModel's torch kernel, float32, KV cache), b
     python bench/export_smollm2.py --out runs/export-bench   # ~40 min on 2 busy CPU cores
 
 Prints a markdown table and writes ``OUT/bench.json``.
+
+Issue 21 (the merge table, GPU; bench/gpu/run_issue21.sh has the calls): ``--search-only``
+runs the job without exports (``--device``, ``--n-eval``, ``--bits``, ``--target-bits``:
+a budget between the uniform widths around it, from ``edgeqra plan``; ``--uniform 4`` for a
+uniform 4-bit rank-8 run instead of a search); ``--merge-table FORMATS`` then exports each of
+``adapter``, ``grid`` (gptq merged on the bank's grid, RUN/export-gptq), ``requantize`` (the
+old merge, RUN/export-gptq-requantize) and ``onnx`` (reusing export-gptq) and prints the
+table: before merge, adapter form, merged old, merged new, held-out loss, per-layer merge
+error; ``--table`` prints it again from the manifests.
 """
 
 from __future__ import annotations
@@ -88,24 +97,179 @@ def _onnx_speed(onnx_dir: Path, ids) -> tuple[float, list[int]]:
     return NEW_TOKENS / (time.perf_counter() - start), list(tokens)
 
 
+def _budget_for_bits(target: float, profile: str) -> float:
+    """GiB between the uniform widths around ``target`` (rank 8), by ``edgeqra plan``."""
+    plan = subprocess.run(  # noqa: S603
+        [sys.executable, "-m", "edgeqra.cli", "plan", "--profile", profile, "--rank", "8", "--json"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    rows = {r["average_bits"]: r["total"] for r in json.loads(plan.stdout)["rows"]}
+    lo = max(b for b in rows if b <= target)
+    hi = min(b for b in rows if b >= target)
+    if lo == hi:
+        return rows[lo] / 2**30
+    frac = (target - lo) / (hi - lo)
+    return (rows[lo] + frac * (rows[hi] - rows[lo])) / 2**30
+
+
+def _job_text(args, out: Path) -> str:
+    """The job file: the default CPU job, or the issue-21 settings given on the command line."""
+    if not args.search_only:
+        return JOB.format(out=out)
+    profile = "jetson-orin-nano-8gb"
+    if args.uniform:
+        bits, ranks, budget, evals = [args.uniform], [8], 8.0, 1
+    else:
+        bits, ranks, evals = args.bits, [0, 4, 8, 16], args.evals
+        budget = args.budget_gb or _budget_for_bits(args.target_bits, profile)
+    return f"""\
+profile = "{profile}"
+budget_gb = {budget:.6f}
+model = "smollm2"
+task = "arc_easy"
+out = "{out}"
+seed = 0
+device = "{args.device}"
+export = []
+
+[space]
+bits = {bits}
+ranks = {ranks}
+
+[data]
+n_train = 1024
+n_eval = {args.n_eval}
+calib_samples = {args.calib_samples}
+
+[tuning]
+steps = {args.steps}
+
+[search]
+evals = {evals}
+population = 4
+children = 4
+generations = 2
+sensitivity = false
+baselines = false
+"""
+
+
+def _merge_table(out: Path, formats: list[str]) -> dict:
+    """Export the formats issue 21 compares (skipping finished ones); the table's figures."""
+    from edgeqra.exporters.merge import MergeSettings
+    from edgeqra.exporters.package import default_out, export_package
+
+    targets = {
+        "adapter": (default_out(out, "adapter"), "adapter", None),
+        "grid": (default_out(out, "gptq"), "gptq", MergeSettings()),
+        "requantize": (
+            out / "export-gptq-requantize", "gptq", MergeSettings(method="requantize")
+        ),
+        "onnx": (default_out(out, "onnx"), "onnx", MergeSettings()),
+    }  # fmt: skip
+    for name in formats:
+        path, fmt, merge = targets[name]
+        if (path / "manifest.json").is_file():
+            print(f"{name}: {path} exists, kept")
+            continue
+        started = time.perf_counter()
+        export_package(out, fmt, path, force=True, merge=merge,
+                       on_stage=lambda m, n=name: print(f"  {n}: {m}", flush=True))  # fmt: skip
+        print(f"{name}: exported in {time.perf_counter() - started:.0f} s", flush=True)
+    return _print_table(out, targets)
+
+
+def _print_table(out: Path, targets: dict) -> dict:
+    """The merge table from the packages' manifests (whichever exist)."""
+    manifests = {
+        name: json.loads((path / "manifest.json").read_text())
+        for name, (path, *_) in targets.items()
+        if (path / "manifest.json").is_file()
+    }
+    if not manifests:
+        print("no package yet")
+        return {}
+    any_m = next(iter(manifests.values()))
+    s = any_m["scores"]
+    before = s["before_merge"]
+    rows = [("before merge (bank base + adapter, in memory)", before)]
+    if "adapter" in manifests:
+        rows.append(("adapter form (package, reloaded)", manifests["adapter"]["scores"]["package"]))
+    if "requantize" in manifests:
+        rows.append(("merged, old (GPTQ again)", manifests["requantize"]["scores"]["after_merge"]))
+    if "grid" in manifests:
+        rows.append(
+            ("merged, new (on the bank's grid)", manifests["grid"]["scores"]["after_merge"])
+        )
+    print(f"\nconfig {any_m['config']['short']} ({any_m['config']['average_bits']:.2f} bits), "
+          f"{before['n']} eval items, metric {s['metric']}\n")  # fmt: skip
+    print("| model | score | Δ vs before | loss | Δ loss |\n|---|---|---|---|---|")
+    for label, e in rows:
+        print(f"| {label} | {e['score']:.4f} | {e['score'] - before['score']:+.4f} | "
+              f"{e['loss']:.4f} | {100 * (e['loss'] / before['loss'] - 1):+.2f}% |")  # fmt: skip
+    figures = {"rows": {label: e for label, e in rows}}
+    if "grid" in manifests:
+        layers = manifests["grid"]["merge"]["layers"]
+        merged = [la for la in layers if la["action"].startswith("merged")]
+        print("\nper-layer merge (new): lost = share of the adapter's output effect lost; "
+              "RTN = round-to-nearest on the same grid\n")  # fmt: skip
+        print("| unit | bits | rank | action | lost | RTN | output err | codes changed |")
+        print("|---|---|---|---|---|---|---|---|")
+        for la in layers:
+            print(f"| {la['unit']} | {la['bits']}→{la['bits_written']} | {la['rank']} | "
+                  f"{la['action']} | {la['lost']:.3f} | {la['lost_rtn']:.3f} | "
+                  f"{la['output_error']:.2e} | {100 * la['codes_changed']:.1f}% |")  # fmt: skip
+        if merged:
+            mean = sum(la["lost"] for la in merged) / len(merged)
+            print(f"\nmean lost {mean:.3f} over {len(merged)} merged layers (RTN "
+                  f"{sum(la['lost_rtn'] for la in merged) / len(merged):.3f})")  # fmt: skip
+        figures["layers"] = layers
+    for name, m in manifests.items():
+        print(f"{name}: {m['seconds']:.0f} s, "
+              f"{sum(f['bytes'] for f in m['files'].values()) / 2**20:.1f} MiB")  # fmt: skip
+    (out / "merge_table.json").write_text(json.dumps(figures, indent=2) + "\n")
+    return figures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="runs/export-bench", help="run directory")
+    parser.add_argument("--search-only", action="store_true", help="issue 21: run, no exports")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--n-eval", type=int, default=570)
+    parser.add_argument(
+        "--bits", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 8]
+    )
+    parser.add_argument("--target-bits", type=float, default=3.5)
+    parser.add_argument("--budget-gb", type=float)
+    parser.add_argument("--uniform", type=int, help="a uniform BITS/8 run instead of a search")
+    parser.add_argument("--evals", type=int, default=12)
+    parser.add_argument("--steps", type=int, default=32)
+    parser.add_argument("--calib-samples", type=int, default=64)
+    parser.add_argument("--merge-table", help="comma list of adapter,grid,requantize,onnx")
+    parser.add_argument("--table", action="store_true", help="print the merge table only")
     args = parser.parse_args()
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    job = out.parent / f"{out.name}.toml"
-    job.write_text(JOB.format(out=out))
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    if args.merge_table or args.table:
+        _merge_table(out, args.merge_table.split(",") if args.merge_table else [])
+        return 0
+    job = out.parent / f"{out.name}.toml"
+    job.write_text(_job_text(args, out))
 
     start = time.perf_counter()
-    if not (out / "summary.json").is_file() or "exports" not in json.loads(
-        (out / "summary.json").read_text()
-    ):
+    if not (out / "summary.json").is_file() or (not args.search_only and "exports" not in
+                                                 json.loads((out / "summary.json").read_text())):  # fmt: skip
         resume = ["--resume"] if (out / "job.json").is_file() else []
-        subprocess.run(["edgeqra", "run", str(job), *resume], check=True)  # noqa: S603,S607
+        cli = [sys.executable, "-m", "edgeqra.cli"]
+        subprocess.run([*cli, "run", str(job), *resume], check=True)  # noqa: S603
     run_seconds = time.perf_counter() - start
     summary = json.loads((out / "summary.json").read_text())
+    if args.search_only:
+        print(f"chosen {summary['chosen']['short']} ({summary['chosen']['average_bits']:.2f} "
+              f"bits), final {summary['chosen']['final']['score']:.4f}; {run_seconds:.0f} s")  # fmt: skip
+        return 0
 
     from edgeqra.exporters.package import verify_package
     from transformers import AutoTokenizer

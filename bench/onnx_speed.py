@@ -241,6 +241,8 @@ def main() -> None:
     parser.add_argument("--onnx", type=Path, help="time an existing ONNX folder (no export)")
     parser.add_argument("--keep-gptq", type=Path, help="copy the GPTQ checkpoint here")
     parser.add_argument("--eight-bit", default="split", choices=["split", "float32", "native"])
+    parser.add_argument("--two-bit-storage", type=int, default=4, choices=[2, 4])
+    parser.add_argument("--cache-io", default="genai", choices=["genai", "stacked"])
     parser.add_argument("--embedding-dtype", default="float16",
                         choices=["float16", "bfloat16", "float32"])  # fmt: skip
     parser.add_argument("--kernels-only", action="store_true",
@@ -275,7 +277,8 @@ def main() -> None:
             dest.mkdir()
             started = time.perf_counter()
             info = write_onnx(checkpoint, dest, progress=False, eight_bit=args.eight_bit,
-                              embedding_dtype=args.embedding_dtype)  # fmt: skip
+                              embedding_dtype=args.embedding_dtype, cache_io=args.cache_io,
+                              two_bit_storage=args.two_bit_storage)  # fmt: skip
             print(info["storage_line"])
             export_s = time.perf_counter() - started
 

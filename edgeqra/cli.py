@@ -707,11 +707,12 @@ def _print_summary(summary, run_dir, job, out: Console, *, as_json: bool) -> Non
 
 
 def _cmd_run(args: argparse.Namespace, out: Console) -> int:
-    """Run a job file: search -> final tuning (-> export), no terminal needed."""
+    """Run a job file: (prune ->) search -> final tuning (-> export), no terminal needed."""
+    import dataclasses
     from pathlib import Path
 
     from edgeqra.job import load_job, with_out
-    from edgeqra.pipeline import open_run_dir
+    from edgeqra.pipeline import PRUNED_DIR, open_run_dir
     from edgeqra.profiles import load_profile
 
     spec = load_job(args.job)
@@ -719,7 +720,13 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         spec = with_out(spec, Path(args.out))
     if args.resume:
         job = open_run_dir(spec.out, None, resume=True)
-        if job.to_json() != spec.search.to_json():
+        expected = spec.search
+        if spec.prune is not None:  # the run's model is its pruned folder (pipeline.prune_stage)
+            pruned = str((spec.out / PRUNED_DIR).resolve())
+            expected = dataclasses.replace(
+                expected, eval=dataclasses.replace(expected.eval, model=pruned)
+            )
+        if job.to_json() != expected.to_json():
             Console(stderr=True).print(
                 f"[yellow]note:[/] `{escape(str(spec.out))}` was started from a different job; "
                 "resuming it with the settings in its job.json",
@@ -727,8 +734,14 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
             )
     else:
         load_profile(spec.search.eval.profile or "")  # fail fast on a bad profile name
-        job = spec.search
-        open_run_dir(spec.out, job, resume=False)
+        if spec.prune is not None and not args.json:
+            Console(stderr=True).print(
+                f"prune: ratio {spec.prune.ratio} ({spec.prune.importance.value}) into "
+                f"{escape(str(spec.out / PRUNED_DIR))}",
+                highlight=False,
+            )
+        with contextlib.redirect_stdout(sys.stderr):
+            job = open_run_dir(spec.out, spec.search, resume=False, prune=spec.prune)
     summary = _run_search(job, spec.out, quiet=args.json)
     if spec.export:  # the job's `export = [...]`, recorded in summary.json
         from edgeqra.exporters import export_run

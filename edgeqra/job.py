@@ -13,7 +13,10 @@ and what to export. The file's keys are the CLI's option names grouped in tables
     [search]
     evals = 16
 
-Every key is optional except ``profile``; :data:`KEYS` lists them with their types and
+    [prune]                            # optional: prune first (edgeqra.prune), then search
+    ratio = 0.2
+
+Every key is optional except ``profile`` (and ``ratio`` once there is a ``[prune]`` table); :data:`KEYS` lists them with their types and
 defaults (the CLI's defaults). Validation names the bad key and the fix: an unknown key
 (with the nearest known one), a wrong type, a value the pipeline rejects. Parsing is
 tomllib's; writing is tomli-w's.
@@ -35,6 +38,7 @@ import tomli_w
 from edgeqra.errors import ConfigError
 from edgeqra.evaluate import EvalSettings
 from edgeqra.pipeline import EvalJob, SearchJob
+from edgeqra.prune import PruneSettings
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import SearchSettings
 from edgeqra.search.evolution import EvolutionSettings
@@ -89,7 +93,17 @@ KEYS: dict[str, tuple[object, object]] = {
     "search.workers": (_INT, None),
     "search.ray_address": (_STR, None),
     "search.attempts": (_INT, 3),
+    # [prune]: present = prune the model first (PruneSettings; its seed is the job's `seed`).
+    "prune.ratio": (_FLOAT, None),
+    "prune.importance": (_STR, "taylor"),
+    "prune.layout": (_STR, "uniform"),
+    "prune.calib_samples": (_INT, 32),
+    "prune.calib_seq_len": (_INT, 256),
+    "prune.calibration": (_STR, "c4"),
+    "prune.heads": (_INT, None),
+    "prune.round_to": (_INT, 32),
 }
+_PRUNE_KEYS = [k for k in KEYS if k.startswith("prune.")]
 _TABLES = sorted({k.split(".")[0] for k in KEYS if "." in k})
 
 
@@ -100,6 +114,7 @@ class JobSpec:
     search: SearchJob
     out: Path
     export: tuple[str, ...] = ()
+    prune: PruneSettings | None = None  # prune the model into RUN_DIR/pruned first
 
 
 def _type_name(kind: object) -> str:
@@ -231,9 +246,17 @@ def from_mapping(data: Mapping[str, Any]) -> JobSpec:
             attempts=v["search.attempts"],
         ),
     )  # type: ignore[arg-type]
+    prune = None
+    if any(k in flat for k in _PRUNE_KEYS):
+        if v["prune.ratio"] is None:
+            raise ConfigError("`[prune]` needs `ratio` (0 to 0.7), e.g. `ratio = 0.2`")
+        prune = PruneSettings(
+            seed=seed,
+            **{k.split(".", 1)[1]: v[k] for k in _PRUNE_KEYS},  # type: ignore[arg-type]
+        )
     # `out` is taken as the CLI's --out is (relative to where edgeqra runs), so the same job
     # file works from a repository root in CI and from the TUI.
-    return JobSpec(search=job, out=Path(v["out"]), export=export)  # type: ignore[arg-type]
+    return JobSpec(search=job, out=Path(v["out"]), export=export, prune=prune)  # type: ignore[arg-type]
 
 
 def load_job(path: str | Path) -> JobSpec:
@@ -296,6 +319,8 @@ def to_mapping(spec: JobSpec) -> dict[str, object]:
         "search.ray_address": job.executor.ray_address,
         "search.attempts": job.executor.attempts,
     }
+    prune = spec.prune.to_json() if spec.prune is not None else {}
+    values.update({k: prune.get(k.split(".", 1)[1]) for k in _PRUNE_KEYS})
     if set(values) != set(KEYS):  # a key added to KEYS but not here would be dropped silently
         raise RuntimeError(f"job keys out of sync: {set(values) ^ set(KEYS)}")
     data: dict[str, Any] = {}

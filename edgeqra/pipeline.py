@@ -1,7 +1,9 @@
 """Runs the stages for one job, in order; the only module that knows that order.
 
 ``prepare``: model -> data -> calibration -> bank -> Evaluator (``edgeqra evaluate``, the
-benchmarks). ``run_search_job``: prepare -> sensitivity (stage 1) -> evolution and Bayesian
+benchmarks). A job with a ``[prune]`` table is pruned first (:func:`prune_stage`, called by
+:func:`open_run_dir`): the run directory gets ``pruned/`` and its job names that folder as
+the model, so every later stage (bank, search, export, resume) sees an ordinary model. ``run_search_job``: prepare -> sensitivity (stage 1) -> evolution and Bayesian
 refinement (stages 2-3, :mod:`edgeqra.search`) -> full-length tuning of the chosen config ->
 summary, all inside one run directory whose journal makes the whole job resumable.
 """
@@ -27,6 +29,7 @@ from edgeqra.evaluate import EvalSettings, Evaluator, Result
 from edgeqra.memory import ModelSpec, estimate, estimate_for_profile
 from edgeqra.models import LoadedModel, cache_dir, load_model, resolve_model
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
+from edgeqra.prune import PruneSettings
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import (
     Evaluations,
@@ -50,12 +53,14 @@ from edgeqra.tune import TuneSettings
 
 __all__ = [
     "EvalJob",
+    "PRUNED_DIR",
     "Prepared",
     "SearchJob",
     "baseline_configs",
     "check_budget",
     "open_run_dir",
     "prepare",
+    "prune_stage",
     "resolve_device",
     "run_search_job",
 ]
@@ -290,8 +295,45 @@ def _chosen(outcome: SearchOutcome, alpha: float | None) -> Result:
     )
 
 
-def open_run_dir(out: Path, job: SearchJob | None, *, resume: bool) -> SearchJob:
-    """Create ``out`` for a new run (refusing to clobber one), or read its job to resume."""
+PRUNED_DIR = "pruned"  # the run directory's pruned model, when the job prunes
+
+
+def prune_stage(
+    model: str, settings: PruneSettings, folder: Path, *, device: str = "auto",
+    trust_remote_code: bool = False,
+) -> Path:  # fmt: skip
+    """Prune ``model`` into ``folder`` once; a folder already pruned with these settings is reused.
+
+    Returns the folder (absolute), which then stands for the model in every later stage.
+    """
+    from edgeqra.prune import prune_folder, read_record
+
+    folder = Path(folder).resolve()
+    if folder.exists():
+        record = read_record(folder)
+        same = record is not None and record["settings"] == settings.to_json()
+        if same and record["source"] == str(model):
+            log.info("reusing the pruned model in %s", folder)
+            return folder
+        raise ConfigError(
+            f"`{folder}` exists but was not pruned from `{model}` with these [prune] settings; "
+            "remove it or pick another `out`"
+        )
+    prune_folder(
+        model, folder, settings, device=resolve_device(device),
+        trust_remote_code=trust_remote_code,
+    )  # fmt: skip
+    return folder
+
+
+def open_run_dir(
+    out: Path, job: SearchJob | None, *, resume: bool, prune: PruneSettings | None = None
+) -> SearchJob:
+    """Create ``out`` for a new run (refusing to clobber one), or read its job to resume.
+
+    With ``prune`` (the job file's ``[prune]`` table) a new run first prunes ``job``'s model
+    into ``out/pruned`` and records that folder as the run's model in ``job.json``.
+    """
     job_file = out / "job.json"
     if resume:
         if not job_file.is_file():
@@ -305,6 +347,12 @@ def open_run_dir(out: Path, job: SearchJob | None, *, resume: bool) -> SearchJob
         raise ConfigError(
             f"`{out}` already holds a run; pass `--resume {out}` to continue it or another `--out`"
         )
+    if prune is not None:  # before anything is written: a bad [prune] leaves no run directory
+        folder = prune_stage(
+            job.eval.model, prune, out / PRUNED_DIR, device=job.eval.device,
+            trust_remote_code=job.eval.trust_remote_code,
+        )  # fmt: skip
+        job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, model=str(folder)))
     out.mkdir(parents=True, exist_ok=True)
     _write_json(job_file, job.to_json())
     return job

@@ -37,6 +37,7 @@ from edgeqra.space import FP16_BITS, Choice, Config
 
 __all__ = [
     "GridLayout",
+    "LayerInputs",
     "LayerMerge",
     "MergeMethod",
     "MergeSettings",
@@ -169,7 +170,7 @@ def gptq_on_grid(
     scales and zero points to the weights it is given; here they are the bank's, so that the
     merged layer stays on the grid the search tuned on (issue 21). Columns are processed in
     order; each column's rounding error is spread over the not-yet-rounded columns through
-    the Cholesky factor of H⁻¹, exactly as GPTQ does.
+    the Cholesky factor of H⁻¹, exactly as GPTQ does, in float32 on the tensors' device.
 
     Args:
         weight: (d_out, d_in) float target W* (the merged dense weight).
@@ -183,15 +184,23 @@ def gptq_on_grid(
     Returns:
         (d_out, d_in) int64 codes in [0, maxq]; Dequant = scales·(codes − zeros).
     """
-    W = weight.detach().clone().double()  # (d_out, d_in)
-    H = hessian.detach().clone().double()  # (d_in, d_in)
-    S, Z = scales.double(), zeros.double()
+    W = weight.detach().clone().float()  # (d_out, d_in)
+    H = hessian.detach().clone().float()  # (d_in, d_in)
+    S, Z = scales.float().to(W.device), zeros.float().to(W.device)
     safe_S = torch.where(S == 0, torch.ones_like(S), S)
     n = W.shape[1]
     dead = torch.diag(H) == 0
     H[dead, dead] = 1.0  # an input that is never active: no feedback through it
-    H += damp * torch.mean(torch.diag(H)) * torch.eye(n, dtype=H.dtype)
-    L = torch.linalg.cholesky(H)
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    for attempt in range(4):  # float32 Cholesky of a near-singular H: damp more, as GPTQ users do
+        L, info = torch.linalg.cholesky_ex(H + damp * 10**attempt * torch.mean(torch.diag(H)) * eye)
+        if int(info) == 0:
+            break
+    else:
+        raise ConfigError(
+            f"the layer Hessian is not positive definite even with damp {damp * 1000}; pass "
+            "more calibration rows (`hessian_rows`)"
+        )
     Hinv = torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)  # upper factor of H⁻¹
     Q = torch.zeros_like(W)
     for i1 in range(0, n, block_size):
@@ -220,9 +229,10 @@ def round_on_grid(weight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tenso
 
 
 def output_error(delta: torch.Tensor, hessian: torch.Tensor) -> float:
-    """‖X·Δᵀ‖_F / sqrt(n·2) from H = 2XᵀX/n: sqrt(tr(Δ H Δᵀ) / 2), Δ (d_out, d_in)."""
+    """‖X·Δᵀ‖_F / sqrt(n) from H = 2XᵀX/n: sqrt(tr(Δ H Δᵀ) / 2), Δ (d_out, d_in)."""
     d = delta.double()
-    return math.sqrt(max(float(torch.einsum("oi,ij,oj->", d, hessian.double(), d)), 0.0) / 2)
+    value = float(((d @ hessian.double()) * d).sum())  # tr(Δ H Δᵀ)
+    return math.sqrt(max(value, 0.0) / 2)
 
 
 # ----------------------------------------------------------------------------- Hessians
@@ -237,7 +247,9 @@ class _Hessians:
         self.sums: dict[str, torch.Tensor] = {}  # owner name -> Σ XᵀX (d_in, d_in) float64
         self.owner: dict[str, str] = {}  # module name -> owner of its matrix
         self.tokens: dict[str, int] = {}
-        self._seen: dict[tuple[int, tuple[int, ...]], str] = {}  # this forward's inputs
+        # This forward's inputs, held so that their memory cannot be reused by a later tensor
+        # of the same shape (which would then be taken for the same input).
+        self._seen: dict[tuple[int, tuple[int, ...]], tuple[str, torch.Tensor]] = {}
         self._handles: list[Any] = []
 
     def attach(self) -> _Hessians:
@@ -253,10 +265,10 @@ class _Hessians:
         def hook(_module, args):
             x = args[0].detach()
             key = (x.data_ptr(), tuple(x.shape))
-            owner = self._seen.get(key)
+            owner = self._seen.get(key, (None, None))[0]
             if owner is not None and self.owner.setdefault(name, owner) == owner:
                 return  # the same input tensor as `owner`: its matrix covers this module
-            self._seen[key] = name
+            self._seen[key] = (name, x)
             self.owner[name] = name
             x2 = x.reshape(-1, x.shape[-1]).double()  # (tokens, d_in)
             if name not in self.sums:
@@ -304,6 +316,91 @@ def collect_hessians(
     return hessians
 
 
+class _Stop(Exception):  # noqa: N818 - control flow, never escapes
+    """Ends a capture forward once the inputs are recorded."""
+
+
+class LayerInputs:
+    """GPTQ's sequential order for the merge: each decoder layer's inputs as the layers merged
+    before it produce them, so that a layer's rounding is fed back into the next layers'.
+
+    Lifecycle: ``capture()`` (one forward of the tuned model: layer 0's hidden states and
+    every layer's other arguments, which are shared tensors such as position embeddings)
+    → per layer in order: ``hessians(unit)`` → the caller writes that unit's merged weights
+    into the model → ``advance(unit)`` (run the layer: the next layer's inputs) → ``free()``.
+    """
+
+    def __init__(self, model: nn.Module, layers: Sequence[str], rows: torch.Tensor,
+                 batch_size: int = 4) -> None:  # fmt: skip
+        if rows.ndim != 2 or rows.shape[0] == 0:
+            raise ConfigError(
+                f"`rows` must be a non-empty (n, seq) tensor, got {tuple(rows.shape)}"
+            )
+        self.model, self.layers, self.rows, self.batch_size = model, list(layers), rows, batch_size
+        self.hidden: list[torch.Tensor] = []  # per batch: (b, seq, hidden) input of the next layer
+        self.calls: dict[
+            str, list[tuple[tuple, dict]]
+        ] = {}  # layer -> per batch (args[1:], kwargs)
+
+    @torch.no_grad()
+    def capture(self) -> LayerInputs:
+        device = next(self.model.parameters()).device
+        last = self.layers[-1]
+        for start in range(0, self.rows.shape[0], self.batch_size):
+
+            def hook(module, args, kwargs, name):  # noqa: ARG001
+                if name == self.layers[0]:
+                    self.hidden.append(args[0].detach())
+                self.calls.setdefault(name, []).append((tuple(args[1:]), dict(kwargs)))
+                if name == last:
+                    raise _Stop
+
+            handles = [
+                self.model.get_submodule(n).register_forward_pre_hook(
+                    lambda m, a, k, n=n: hook(m, a, k, n), with_kwargs=True
+                )
+                for n in self.layers
+            ]
+            try:
+                self.model(input_ids=self.rows[start : start + self.batch_size].to(device),
+                           use_cache=False)  # fmt: skip
+            except _Stop:
+                pass
+            finally:
+                for h in handles:
+                    h.remove()
+        return self
+
+    def _run(self, layer: str, keep: bool) -> None:
+        module = self.model.get_submodule(layer)
+        for i, (args, kwargs) in enumerate(self.calls[layer]):
+            out = module(self.hidden[i], *args, **kwargs)
+            if keep:
+                self.hidden[i] = (out[0] if isinstance(out, tuple) else out).detach()
+
+    @torch.no_grad()
+    def hessians(self, unit: Unit) -> dict[str, torch.Tensor]:
+        """H of the unit's linears on its inputs as the merged layers before it produce them."""
+        acc = _Hessians(self.model, [lin.name for lin in unit.linears]).attach()
+        try:
+            for i, (args, kwargs) in enumerate(self.calls[unit.name]):
+                acc.new_batch()
+                self.model.get_submodule(unit.name)(self.hidden[i], *args, **kwargs)
+        finally:
+            hessians = acc.detach()
+        return hessians
+
+    @torch.no_grad()
+    def advance(self, unit: Unit) -> None:
+        """Run the unit's layer (with the weights now in it): the next layer's inputs."""
+        self._run(unit.name, keep=True)
+        self.calls.pop(unit.name, None)
+
+    def free(self) -> None:
+        self.hidden.clear()
+        self.calls.clear()
+
+
 # ----------------------------------------------------------------------------- per unit
 
 
@@ -340,6 +437,7 @@ class _Try:
     output_error: float
     adapter_effect: float
     codes_changed: float
+    weights: dict[str, torch.Tensor]  # {module: (d_out, d_in) W' the package computes with}
 
 
 def _merge_unit(
@@ -351,26 +449,30 @@ def _merge_unit(
     w_hat: Mapping[str, torch.Tensor],
     hessians: Mapping[str, torch.Tensor],
     settings: MergeSettings,
+    device: str = "cpu",
 ) -> _Try:
-    """GPTQ-on-grid every linear of ``unit`` at ``bits``; the unit's errors, summed."""
+    """GPTQ-on-grid every linear of ``unit`` at ``bits`` (on ``device``); the unit's errors."""
     tensors = dict(packed)
     err2 = rtn2 = eff2 = ref2 = 0.0
     changed = total = 0
+    weights: dict[str, torch.Tensor] = {}
     for lin in unit.linears:
         grid = GridLayout.from_packed(packed, lin.name, bits, v1)
-        s = grid.scales[grid.g_idx].t()  # (d_out, d_in)
-        z = grid.zeros[grid.g_idx].t()
-        w_star = target[lin.name].float()  # (d_out, d_in)
-        h = hessians[lin.name]
+        s = grid.scales[grid.g_idx].t().to(device)  # (d_out, d_in)
+        z = grid.zeros[grid.g_idx].t().to(device)
+        w_star = target[lin.name].float().to(device)  # (d_out, d_in)
+        h = hessians[lin.name].to(device)
         codes = gptq_on_grid(
             w_star, h, s, z, maxq=grid.maxq, damp=settings.damp, block_size=settings.block_size
         )
-        tensors[f"{lin.name}.qweight"] = grid.pack(codes)
-        err2 += output_error(grid.dequantize(codes) - w_star, h) ** 2
+        err2 += output_error(s * (codes - z) - w_star, h) ** 2
         rtn = round_on_grid(w_star, s, z, grid.maxq)
-        rtn2 += output_error(grid.dequantize(rtn) - w_star, h) ** 2
-        eff2 += output_error(w_star - w_hat[lin.name].float(), h) ** 2
+        rtn2 += output_error(s * (rtn - z) - w_star, h) ** 2
+        eff2 += output_error(w_star - w_hat[lin.name].float().to(device), h) ** 2
         ref2 += output_error(w_star, h) ** 2
+        codes = codes.cpu()
+        tensors[f"{lin.name}.qweight"] = grid.pack(codes)
+        weights[lin.name] = grid.dequantize(codes)
         old = grid.codes_of(packed, lin.name)
         changed += int((old != codes).sum()) if bits == grid.bits else 0
         total += codes.numel()
@@ -383,6 +485,7 @@ def _merge_unit(
         output_error=math.sqrt(err2 / ref2) if ref2 > 0 else 0.0,
         adapter_effect=eff / math.sqrt(ref2) if ref2 > 0 else 0.0,
         codes_changed=changed / total if total else 0.0,
+        weights=weights,
     )
 
 
@@ -392,10 +495,12 @@ def merge_units(
     config: Config,
     target: Mapping[str, torch.Tensor],
     w_hat: Mapping[str, torch.Tensor],
-    hessians: Mapping[str, torch.Tensor],
+    hessians: Mapping[str, torch.Tensor] | Callable[[Unit], Mapping[str, torch.Tensor]],
     settings: MergeSettings,
     *,
     fits: Callable[[Config], bool] | None = None,
+    device: str = "cpu",
+    on_unit: Callable[[Unit, Mapping[str, torch.Tensor]], None] | None = None,
 ) -> tuple[dict[int, tuple[int, dict[str, torch.Tensor]]], list[LayerMerge]]:
     """Merge every quantized, adapted unit onto the bank's grid; apply ``over_threshold``.
 
@@ -405,10 +510,15 @@ def merge_units(
         config: the run's (bits, rank) per unit.
         target: {module: (d_out, d_in) W*}: the merged dense weights (tuned model).
         w_hat: {module: (d_out, d_in) W_hat}: the bank's dequantized weights the run tuned on.
-        hessians: {module: (d_in, d_in) H} from :func:`collect_hessians` on the tuned model.
+        hessians: {module: (d_in, d_in) H} (:func:`collect_hessians` on the tuned model), or
+            a function of the unit giving them (:class:`LayerInputs`: GPTQ's sequential
+            order, each layer's inputs through the layers merged before it).
         settings: threshold and what to do above it.
         fits: whether a config (after raising one unit's bits) fits the run's budget;
             ``upbits`` is refused for a unit where it says no (None: anything fits).
+        device: where the GPTQ loops run (a GPU is much faster; float32 either way).
+        on_unit: called after each unit, in order, with {module: the weight the package
+            computes with} (W' where merged; W* where dense or kept unmerged).
 
     Returns:
         ({unit index: (bits written, checkpoint tensors)} for quantized units, per-unit report);
@@ -417,64 +527,88 @@ def merge_units(
     """
     written: dict[int, tuple[int, dict[str, torch.Tensor]]] = {}
     report: list[LayerMerge] = []
-    current = list(config)
+    current = list(config)  # the config as written so far (``upbits`` raises entries)
     for pos, (unit, choice) in enumerate(zip(units, config, strict=True)):
         common = {"unit": unit.index, "name": unit.name, "bits": choice.bits, "rank": choice.rank}
-        if choice.bits >= FP16_BITS:
-            report.append(LayerMerge(**common, bits_written=choice.bits, action="dense", lost=0.0,
-                                     lost_rtn=0.0, output_error=0.0, adapter_effect=0.0,
-                                     codes_changed=0.0, flagged=False))  # fmt: skip
-            continue
-        packed = bank.packed(unit.index, choice.bits)
-        if choice.rank == 0:  # W* is W_hat: the bank's codes are the exact merge
-            written[unit.index] = (choice.bits, packed)
-            report.append(LayerMerge(**common, bits_written=choice.bits, action="no_adapter",
-                                     lost=0.0, lost_rtn=0.0, output_error=0.0,
-                                     adapter_effect=0.0, codes_changed=0.0, flagged=False))  # fmt: skip
-            continue
-        v1 = _is_v1(bank.quantize_config(choice.bits))
-        attempt = _merge_unit(unit, choice.bits, packed, v1, target, w_hat, hessians, settings)
-        action = "merged"
-        over = attempt.lost > settings.threshold
-        if over and settings.over_threshold is OverThreshold.UPBITS:
-            for up in sorted(b for b in bank.spec.bits if b > choice.bits and bank.done(b)):
-                trial = list(current)
-                trial[pos] = Choice(up, choice.rank)
-                if fits is not None and not fits(Config(tuple(trial))):
-                    log.info("%s: %d-bit merge would not fit the budget", unit.name, up)
-                    break
-                higher = _merge_unit(
-                    unit, up, bank.packed(unit.index, up), _is_v1(bank.quantize_config(up)),
-                    target, w_hat, hessians, settings,
-                )  # fmt: skip
-                current = trial
-                attempt, action = higher, "merged_upbits"
-                if higher.lost <= settings.threshold:
-                    break
-        elif over and settings.over_threshold is OverThreshold.UNMERGED:
-            written[unit.index] = (choice.bits, packed)
-            report.append(LayerMerge(**common, bits_written=choice.bits, action="unmerged",
-                                     lost=attempt.lost, lost_rtn=attempt.lost_rtn, output_error=0.0,
-                                     adapter_effect=attempt.adapter_effect, codes_changed=0.0,
-                                     flagged=False))  # fmt: skip
-            log.info("%s: merge would lose %.2f of the adapter; kept unmerged (base + adapter)",
-                     unit.name, attempt.lost)  # fmt: skip
-            continue
-        written[unit.index] = (attempt.bits, attempt.tensors)
-        report.append(
-            LayerMerge(
-                **common,
-                bits_written=attempt.bits,
-                action=action,
-                lost=attempt.lost,
-                lost_rtn=attempt.lost_rtn,
-                output_error=attempt.output_error,
-                adapter_effect=attempt.adapter_effect,
-                codes_changed=attempt.codes_changed,
-                flagged=attempt.lost > settings.threshold,
+        computes_with = {lin.name: target[lin.name] for lin in unit.linears}  # W*
+        if choice.bits >= FP16_BITS:  # dense: W* itself is written
+            report.append(LayerMerge(**common, **_EXACT, bits_written=choice.bits, action="dense"))
+        elif choice.rank == 0:  # W* is W_hat: the bank's codes are the exact merge
+            written[unit.index] = (choice.bits, bank.packed(unit.index, choice.bits))
+            report.append(
+                LayerMerge(**common, **_EXACT, bits_written=choice.bits, action="no_adapter")
             )
-        )
+        else:
+            h = hessians(unit) if callable(hessians) else hessians
+            attempt, action = _merge_adapted(
+                bank, unit, pos, choice, current, target, w_hat, h, settings, fits, device
+            )
+            if action == "unmerged":
+                written[unit.index] = (choice.bits, bank.packed(unit.index, choice.bits))
+                log.info("%s: merge would lose %.2f of the adapter; kept unmerged (base + "
+                         "adapter)", unit.name, attempt.lost)  # fmt: skip
+            else:
+                written[unit.index] = (attempt.bits, attempt.tensors)
+                computes_with = attempt.weights
+            report.append(
+                LayerMerge(
+                    **common,
+                    bits_written=attempt.bits,
+                    action=action,
+                    lost=attempt.lost,
+                    lost_rtn=attempt.lost_rtn,
+                    output_error=0.0 if action == "unmerged" else attempt.output_error,
+                    adapter_effect=attempt.adapter_effect,
+                    codes_changed=0.0 if action == "unmerged" else attempt.codes_changed,
+                    flagged=action != "unmerged" and attempt.lost > settings.threshold,
+                )
+            )
+        if on_unit is not None:
+            on_unit(unit, computes_with)
     return written, report
+
+
+_EXACT = {"lost": 0.0, "lost_rtn": 0.0, "output_error": 0.0, "adapter_effect": 0.0,
+          "codes_changed": 0.0, "flagged": False}  # fmt: skip
+
+
+def _merge_adapted(
+    bank: Any,
+    unit: Unit,
+    pos: int,
+    choice: Choice,
+    current: list[Choice],
+    target: Mapping[str, torch.Tensor],
+    w_hat: Mapping[str, torch.Tensor],
+    hessians: Mapping[str, torch.Tensor],
+    settings: MergeSettings,
+    fits: Callable[[Config], bool] | None,
+    device: str,
+) -> tuple[_Try, str]:
+    """Merge one adapted unit; apply ``over_threshold``. Returns (attempt, action);
+    ``current[pos]`` is raised in place when ``upbits`` writes a higher width."""
+    v1 = _is_v1(bank.quantize_config(choice.bits))
+    packed = bank.packed(unit.index, choice.bits)
+    attempt = _merge_unit(unit, choice.bits, packed, v1, target, w_hat, hessians, settings, device)
+    if attempt.lost <= settings.threshold or settings.over_threshold is OverThreshold.REPORT:
+        return attempt, "merged"
+    if settings.over_threshold is OverThreshold.UNMERGED:
+        return attempt, "unmerged"
+    action = "merged"
+    for up in sorted(b for b in bank.spec.bits if b > choice.bits and bank.done(b)):
+        trial = list(current)
+        trial[pos] = Choice(up, choice.rank)
+        if fits is not None and not fits(Config(tuple(trial))):
+            log.info("%s: a %d-bit merge would not fit the budget", unit.name, up)
+            break
+        attempt = _merge_unit(
+            unit, up, bank.packed(unit.index, up), _is_v1(bank.quantize_config(up)),
+            target, w_hat, hessians, settings, device,
+        )  # fmt: skip
+        current[pos], action = trial[pos], "merged_upbits"
+        if attempt.lost <= settings.threshold:
+            break
+    return attempt, action
 
 
 def _is_v1(qcfg: Mapping[str, Any]) -> bool:

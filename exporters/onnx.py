@@ -289,10 +289,12 @@ def plan_linear(
     bits: int,
     group_size: int,
     eight_bit: EightBit = EightBit.SPLIT,
+    two_bit_storage: int = LOW_BIT_STORAGE,
 ) -> LinearPlan:
     """The storage of one GPTQ linear: 2/3/4 bits as 4-bit MatMulNBits, 8 bits per ``eight_bit``.
 
-    Args as :func:`pack_matmul_nbits`.
+    Args as :func:`pack_matmul_nbits`; ``two_bit_storage`` 2 keeps 2-bit codes in the
+    (slow on CPU) 2-bit kernel, for comparison.
     """
     k, n = np.asarray(codes).shape
     common = {"name": name, "bits_requested": bits, "group_size": group_size, "k": k, "n": n}
@@ -301,7 +303,10 @@ def plan_linear(
         return LinearPlan(storage="split", parts=parts, **common)
     if bits == 8 and eight_bit is EightBit.FLOAT32:
         return LinearPlan(storage="float32", parts=(), **common)
-    part = pack_matmul_nbits(name, codes, zeros, scales, bits=bits, group_size=group_size)
+    stored = two_bit_storage if bits == 2 else None
+    part = pack_matmul_nbits(
+        name, codes, zeros, scales, bits=bits, group_size=group_size, stored_bits=stored
+    )
     return LinearPlan(storage="nbits", parts=(part,), **common)
 
 
@@ -323,7 +328,9 @@ def _quantize_config(gptq_dir: Path) -> dict:
     return qcfg
 
 
-def _gptq_modules(gptq_dir: Path, eight_bit: EightBit = EightBit.SPLIT) -> Iterator[LinearPlan]:
+def _gptq_modules(
+    gptq_dir: Path, eight_bit: EightBit = EightBit.SPLIT, two_bit_storage: int = LOW_BIT_STORAGE
+) -> Iterator[LinearPlan]:
     """Each quantized linear of the checkpoint, unpacked and planned for the ONNX graph."""
     from gptqmodel.quantization.config import dynamic_get
     from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
@@ -364,6 +371,7 @@ def _gptq_modules(gptq_dir: Path, eight_bit: EightBit = EightBit.SPLIT) -> Itera
             bits=bits,
             group_size=group,
             eight_bit=eight_bit,
+            two_bit_storage=two_bit_storage,
         )
 
 
@@ -966,6 +974,7 @@ def write_onnx(
     eight_bit: EightBit | str = EightBit.SPLIT,
     embedding_dtype: str = "float16",
     cache_io: str = "genai",
+    two_bit_storage: int = LOW_BIT_STORAGE,
 ) -> dict:
     """Export a GPTQModel checkpoint to ``dest/model.onnx`` (+ ``model.onnx.data``) and tokenizer.
 
@@ -988,7 +997,8 @@ def write_onnx(
     ``cache_io`` ``genai`` (default) names the cache per layer as onnxruntime-genai and
     Optimum do (``past_key_values.{i}.key`` → ``present.{i}.key``) and writes
     ``genai_config.json``; ``stacked`` keeps edgeqra's (layers, ...) ``past_keys`` tensors.
-    :func:`onnx_logits` / :func:`greedy_generate` run either.
+    :func:`onnx_logits` / :func:`greedy_generate` run either. ``two_bit_storage`` 2 keeps
+    2-bit codes in the 2-bit kernel (the slow layout before issue 21, for comparison).
     """
     import onnx_ir as ir
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -1037,7 +1047,9 @@ def write_onnx(
             bar.update(task, advance=1, description=steps[i] if i < len(steps) else "done")
             log.info("onnx export: %s", steps[i - 1])
 
-        plans = {p.name: p for p in _gptq_modules(gptq_dir, eight_bit)}
+        if two_bit_storage not in (2, 4):
+            raise ConfigError(f"`two_bit_storage`={two_bit_storage} must be 4 (fast) or 2")
+        plans = {p.name: p for p in _gptq_modules(gptq_dir, eight_bit, two_bit_storage)}
         advance(1)
         model = float_model(gptq_dir)
         from edgeqra.gptq import dequantized_weights

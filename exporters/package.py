@@ -331,6 +331,7 @@ def export_package(
     force: bool = False,
     on_stage: Stage | None = None,
     merge: Any | None = None,
+    onnx: dict[str, Any] | None = None,
 ) -> ExportResult:
     """Write the ``fmt`` package of a finished run to ``out`` (default ``RUN_DIR/export-FMT``).
 
@@ -344,6 +345,10 @@ def export_package(
         on_stage: called with a short description as each stage starts (progress display).
         merge: :class:`edgeqra.exporters.merge.MergeSettings` for ``gptq`` / ``onnx``
             (default: onto the bank's grid, flag layers losing over half their adapter).
+        onnx: keyword arguments of :func:`edgeqra.exporters.onnx.write_onnx` (``eight_bit``,
+            ``embedding_dtype``, ``accuracy_level``). An ``onnx`` export reuses the run's
+            ``export-gptq`` package when it was made with the same config, journal and merge
+            settings and its files verify (no second merge).
     """
     from edgeqra.exporters.merge import MergeSettings, OverThreshold
 
@@ -371,7 +376,7 @@ def export_package(
         run.job.eval, needed_bits=needed, budget_gb=run.job.budget_gb, progress=False
     )
     with _staging(out) as staging:
-        manifest = _build(run, fmt, prepared, staging, stage, merge)
+        manifest = _build(run, fmt, prepared, staging, stage, merge, dict(onnx or {}))
         manifest["seconds"] = round(time.perf_counter() - start, 2)
         stage("hashing files, writing manifest and model card")
         _write_card(staging, manifest)
@@ -387,7 +392,13 @@ def export_package(
 
 
 def _build(
-    run: RunDir, fmt: str, prepared: Any, staging: Path, stage: Stage, merge: Any
+    run: RunDir,
+    fmt: str,
+    prepared: Any,
+    staging: Path,
+    stage: Stage,
+    merge: Any,
+    onnx_options: dict[str, Any],
 ) -> dict[str, Any]:
     """Write the format's files into ``staging``; return the manifest without ``files``."""
     from edgeqra.exporters.gptq import (
@@ -399,6 +410,10 @@ def _build(
     )
     from edgeqra.exporters.merge import MergeMethod
 
+    if fmt == "onnx":
+        reuse = _reusable_gptq(run, merge)
+        if reuse is not None:
+            return _onnx_from_gptq(run, prepared, staging, stage, reuse, onnx_options)
     loaded, bank, config = prepared.loaded, prepared.bank, run.config
     device = prepared.device
     model = loaded.model
@@ -497,7 +512,8 @@ def _build(
             else:
                 stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit)")
                 onnx = _onnx_module()
-                extra["onnx"] = onnx.write_onnx(target, staging, progress=False)
+                extra["onnx"] = onnx.write_onnx(target, staging, progress=False, **onnx_options)
+                stage(extra["onnx"]["storage_line"])
                 reference = torch.as_tensor(onnx.onnx_logits(staging, ids.numpy()))[0].float()
                 parity = _probe(ids, reference, "onnxruntime")
                 parity["vs_merged_gptq_max_abs"] = _max_diff(reference, gptq_logits)
@@ -511,6 +527,73 @@ def _build(
         written = Config.parse(extra["merge"]["written_config"])
     per_module = _written_bits(qcfg, loaded.units, written)
     return _manifest(run, fmt, prepared, scores, parity, qcfg, per_module, extra)
+
+
+def _reusable_gptq(run: RunDir, merge: Any) -> Path | None:
+    """The run's ``export-gptq`` package if the ONNX export may reuse its merged checkpoint."""
+    from dataclasses import replace
+
+    from edgeqra.exporters.merge import OverThreshold
+
+    root = default_out(run.path, "gptq")
+    if not (root / MANIFEST).is_file():
+        return None
+    m = _read_json(root / MANIFEST)
+    journal = run.path / "journal.jsonl"
+    wanted = [merge.to_json()]
+    if merge.over_threshold is OverThreshold.UNMERGED:  # ONNX merges those layers anyway
+        wanted.append(replace(merge, over_threshold=OverThreshold.REPORT).to_json())
+    merge_record = m.get("merge") or {}
+    reasons = []
+    if m.get("format") != "gptq" or m.get("config", {}).get("spec") != str(run.config):
+        reasons.append("another config")
+    if (m.get("journal") or {}).get("sha256") != (_sha256(journal) if journal.is_file() else None):
+        reasons.append("another journal")
+    if merge_record.get("settings") not in wanted:
+        reasons.append("other merge settings")
+    if merge_record.get("unmerged_modules"):
+        reasons.append("layers kept unmerged (the ONNX graph holds no adapter)")
+    if not reasons and not verify_package(root, parity=False).ok:
+        reasons.append("its files do not verify")
+    if reasons:
+        log.info("not reusing %s for the ONNX export: %s", root, ", ".join(reasons))
+        return None
+    return root
+
+
+def _onnx_from_gptq(
+    run: RunDir,
+    prepared: Any,
+    staging: Path,
+    stage: Stage,
+    gptq: Path,
+    onnx_options: dict[str, Any],
+) -> dict[str, Any]:
+    """The ONNX package from the run's verified gptq package (its merge, scores and probe)."""
+    m = _read_json(gptq / MANIFEST)
+    stage(f"reusing the run's gptq package `{gptq}` (same config, journal and merge; verified)")
+    onnx = _onnx_module()
+    stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit)")
+    info = onnx.write_onnx(gptq, staging, progress=False, **onnx_options)
+    stage(info["storage_line"])
+    probe = m["parity"]
+    ids = torch.tensor(probe["input_ids"], dtype=torch.long)  # (1, seq)
+    reference = torch.as_tensor(onnx.onnx_logits(staging, ids.numpy()))[0].float()
+    parity = _probe(ids, reference, "onnxruntime")
+    got = reference[:, probe["vocab_ids"]]  # (seq, k): where the gptq probe stored logits
+    parity["vs_merged_gptq_max_abs"] = _max_diff(got, torch.tensor(probe["reference"]))
+    parity.update({k: v for k, v in probe.items() if k.startswith("merged_")})
+    scores = {**m["scores"], "package": None}
+    qcfg = json.loads((gptq / "quantize_config.json").read_text())
+    merge_record = m.get("merge") or {}
+    written = Config.parse(merge_record.get("written_config") or str(run.config))
+    per_module = _written_bits(qcfg, prepared.loaded.units, written)
+    extra = {
+        "onnx": info,
+        "merge": merge_record,
+        "reused_gptq": {"path": str(gptq.resolve()), "manifest_sha256": _sha256(gptq / MANIFEST)},
+    }
+    return _manifest(run, "onnx", prepared, scores, parity, qcfg, per_module, extra)
 
 
 def _hessian_rows(run: RunDir, prepared: Any, want: int) -> torch.Tensor:
@@ -564,7 +647,7 @@ def _merge_on_grid(
     from dataclasses import replace
 
     from edgeqra.exporters.gptq import write_grid_checkpoint, write_partial_adapter
-    from edgeqra.exporters.merge import OverThreshold, collect_hessians, merge_units
+    from edgeqra.exporters.merge import LayerInputs, OverThreshold, merge_units
 
     from edgeqra.space import Choice
 
@@ -575,26 +658,35 @@ def _merge_on_grid(
         settings = replace(settings, over_threshold=OverThreshold.REPORT)
     pairs = list(zip(units, config, strict=True))
     target_w = {
-        lin.name: merged.get_submodule(lin.name).weight.detach().float().cpu()
+        lin.name: merged.get_submodule(lin.name).weight.detach().float().cpu().clone()
         for u, _ in pairs
         for lin in u.linears
-    }  # (d_out, d_in) W* per module
+    }  # (d_out, d_in) W* per module (a copy: the merge writes W' into `merged` as it goes)
     w_hat = {
         lin.name: bank.entry(u.index, c.bits)[lin.name]
         for u, c in pairs
         if c.bits < FP16_BITS and c.rank > 0
         for lin in u.linears
     }
-    hessians: dict[str, torch.Tensor] = {}
     rows = _hessian_rows(run, prepared, settings.hessian_rows)
-    if w_hat:
-        stage(f"layer inputs of the tuned model on {rows.shape[0]} calibration rows (Hessians)")
-        hessians = collect_hessians(merged, list(w_hat), rows)
-    stage("merging onto the bank's grid (GPTQ error feedback, the bank's scales and zeros)")
-    packed, layers = merge_units(
-        bank, units, config, target_w, w_hat, hessians, settings,
-        fits=_fits_budget(run, prepared),
-    )  # fmt: skip
+    stage(f"capturing layer inputs of the tuned model on {rows.shape[0]} calibration rows")
+    inputs = LayerInputs(merged, [u.name for u in units], rows).capture()
+
+    @torch.no_grad()
+    def on_unit(unit, weights) -> None:  # the unit as the package computes it -> next inputs
+        for name, w in weights.items():
+            weight = merged.get_submodule(name).weight
+            weight.copy_(w.to(weight.device, weight.dtype))
+        inputs.advance(unit)
+
+    stage("merging onto the bank's grid, layer by layer (GPTQ error feedback, fixed grid)")
+    try:
+        packed, layers = merge_units(
+            bank, units, config, target_w, w_hat, inputs.hessians, settings,
+            fits=_fits_budget(run, prepared), device=prepared.device, on_unit=on_unit,
+        )  # fmt: skip
+    finally:
+        inputs.free()
     dense = {lin.name: target_w[lin.name] for u, c in pairs if c.bits >= FP16_BITS
              for lin in u.linears}  # fmt: skip
     write_grid_checkpoint(

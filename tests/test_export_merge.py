@@ -128,3 +128,33 @@ def test_merge_settings_name_bad_values():
     with pytest.raises(ConfigError, match="`threshold` -1"):
         MergeSettings(threshold=-1)
     assert MergeSettings(method="requantize").to_json()["method"] == "requantize"
+
+
+def test_layer_inputs_replay_the_model_layer_by_layer():
+    """Unchanged weights: the sequential pass sees exactly the inputs of one full forward;
+    a changed layer changes the next layer's inputs (the feedback GPTQ's order gives)."""
+    from edgeqra.exporters.merge import LayerInputs
+
+    from edgeqra.models import find_units
+
+    model = tiny_model("llama")
+    units = find_units(model)
+    rows = torch.randint(
+        0, model.config.vocab_size, (3, 12), generator=torch.Generator().manual_seed(5)
+    )
+    names = [lin.name for u in units for lin in u.linears]
+    once = collect_hessians(model, names, rows, batch_size=2)
+    seq = LayerInputs(model, [u.name for u in units], rows, batch_size=2).capture()
+    for unit in units:
+        got = seq.hessians(unit)
+        for lin in unit.linears:
+            torch.testing.assert_close(got[lin.name], once[lin.name], rtol=1e-5, atol=1e-6)
+        seq.advance(unit)
+    seq.free()
+    seq = LayerInputs(model, [u.name for u in units], rows, batch_size=2).capture()
+    seq.hessians(units[0])
+    with torch.no_grad():
+        model.get_submodule(units[0].linears[0].name).weight.mul_(0.5)
+    seq.advance(units[0])
+    moved = seq.hessians(units[1])[units[1].linears[0].name]
+    assert not torch.allclose(moved, once[units[1].linears[0].name], rtol=1e-3)

@@ -199,6 +199,10 @@ class PlanScreen(Screen[None]):
                 placeholder="budget GiB (profile)",
                 id="budget",
             )
+            ratio = draft.get("prune", {}).get("ratio")
+            yield Input(
+                "" if ratio is None else str(ratio), placeholder="prune ratio (none)", id="prune"
+            )
         yield Static(id="verdict")
         yield PlotextPlot(id="bars")
         yield Footer()
@@ -227,6 +231,14 @@ class PlanScreen(Screen[None]):
                 self.notify(f"budget {budget!r} is not a number of GiB", severity="error")
         else:
             draft.pop("budget_gb", None)
+        ratio = self.query_one("#prune", Input).value.strip()  # optional [prune] table
+        if not ratio:
+            draft.pop("prune", None)
+            return
+        try:
+            draft.setdefault("prune", {})["ratio"] = float(ratio)
+        except ValueError:
+            self.notify(f"prune ratio {ratio!r} is not a number in [0, 0.7]", severity="error")
 
     def plan(self) -> None:
         self._store_fields()
@@ -237,18 +249,22 @@ class PlanScreen(Screen[None]):
     def _plan(self, draft: dict[str, Any]) -> None:
         from transformers import AutoConfig
 
-        from edgeqra.memory import ModelSpec
+        from edgeqra.memory import ModelSpec, estimate_for_profile
         from edgeqra.models import resolve_model
         from edgeqra.plan import make_plan
+        from edgeqra.prune import pruned_config
 
         try:
-            spec = from_mapping(draft).search
+            job = from_mapping(draft)
+            spec = job.search
             path = resolve_model(spec.eval.model)
-            model = ModelSpec.from_config(
-                AutoConfig.from_pretrained(
-                    path, local_files_only=True, trust_remote_code=spec.eval.trust_remote_code
-                )
+            hf_config = AutoConfig.from_pretrained(
+                path, local_files_only=True, trust_remote_code=spec.eval.trust_remote_code
             )
+            original = ModelSpec.from_config(hf_config)
+            model = original
+            if job.prune is not None:  # plan the pruned shapes (no weights needed)
+                model = ModelSpec.from_config(pruned_config(hf_config, job.prune))
             profile = load_profile(spec.eval.profile or "")
             plan = make_plan(
                 model, profile, rank=spec.baseline_rank, bits=spec.eval.bits,
@@ -257,20 +273,31 @@ class PlanScreen(Screen[None]):
         except EdgeQRAError as exc:
             self.app.call_from_thread(self._show_error, str(exc))
             return
+        unpruned = None
+        if job.prune is not None:  # each baseline's bytes on the unpruned model
+            unpruned = {
+                r.label: estimate_for_profile(
+                    original, r.config, profile, mode=plan.mode, group_size=spec.eval.group_size
+                ).total
+                for r in plan.rows
+            }
         budget = profile.budget_bytes if spec.budget_gb is None else int(spec.budget_gb * 2**30)
-        self.app.call_from_thread(self._show_plan, plan, budget)
+        self.app.call_from_thread(self._show_plan, plan, budget, unpruned)
 
     def _show_error(self, message: str) -> None:
         self.query_one("#verdict", Static).update(Text(f"error: {message}", style="red"))
 
-    def _show_plan(self, plan: Any, budget: int) -> None:
+    def _show_plan(self, plan: Any, budget: int, unpruned: dict[str, int] | None = None) -> None:
         fits = [r for r in plan.rows if r.breakdown.total <= budget]
         best = max(fits, key=lambda r: r.average_bits, default=None)
+        pruned = ""
+        if unpruned is not None and best is not None:
+            pruned = f" (pruned; unpruned {unpruned[best.label] / 2**30:.3f} GiB)"
         self.query_one("#verdict", Static).update(
             f"budget [b]{budget / 2**30:.3f} GiB[/b] on {plan.profile.name}; "
             + (
                 f"largest uniform bit-width that fits: [b]{best.label}[/b] "
-                f"({best.breakdown.total / 2**30:.3f} GiB)"
+                f"({best.breakdown.total / 2**30:.3f} GiB){pruned}"
                 if best
                 else "[red]no uniform baseline fits[/red]"
             )
@@ -357,7 +384,12 @@ class SearchScreen(Screen[None]):
 
         try:
             spec = from_mapping(draft)
-            job = open_run_dir(spec.out, None if resume else spec.search, resume=resume)
+            if spec.prune is not None and not resume:
+                call(self._log, f"pruning (ratio {spec.prune.ratio}) into {spec.out}/pruned")
+            job = open_run_dir(
+                spec.out, None if resume else spec.search, resume=resume,
+                prune=None if resume else spec.prune,
+            )  # fmt: skip
             call(self._log, f"run directory [b]{spec.out}[/b]")
             call(self._total, job.search.max_evals)
             summary = run_search_job(job, spec.out, on_event=on_event, progress=False)

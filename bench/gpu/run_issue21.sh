@@ -1,0 +1,77 @@
+#!/usr/bin/env bash
+# Issue 21 on the lent H200: the SmolLM2 merge table (before merge / adapter form / merged old /
+# merged new, >= 570 ARC-Easy items, per-layer merge error) for a mixed config searched at
+# ~3.5 bits and for uniform 4-bit, plus the CUDA-kernel load-and-generate test.
+#
+# Prerequisite (../shared/gpu-kit/README.md): the kit unpacked on the machine, three calls
+# with part-aa, part-ab, part-ac (the last one ends with `. .kit/env`). Then one device call
+# per step below, back to back (the machine must stay warm: run dirs live in /tmp/issue21),
+# each with `timeout_s: 600`, run from the repository root:
+#
+#   bash bench/gpu/run_issue21.sh search        # mixed search at ~3.5 bits   (est. 6-9 min)
+#   bash bench/gpu/run_issue21.sh search        # again only if the first was cut off (--resume)
+#   bash bench/gpu/run_issue21.sh exports       # adapter + merged new (grid)  (est. 2-4 min)
+#   bash bench/gpu/run_issue21.sh old           # merged old (requantize) + table (est. 2-4 min)
+#   bash bench/gpu/run_issue21.sh uniform       # uniform 4/8: run + 3 exports + table (est. 6-9 min)
+#   bash bench/gpu/run_issue21.sh tests         # pytest tests/test_export.py -m gpu (est. 3-5 min)
+#   bash bench/gpu/run_issue21.sh onnx          # optional: ONNX from export-gptq, CPU tok/s
+#
+# None of these durations is measured yet (estimates from bench/RESULTS.md's H100/H200 figures:
+# bank of 4 widths ~2 min, a 32-step evaluation ~15 s, scoring 570 items < 2 s). Every step
+# writes its log and the manifests / merge_table.json under $OUT.
+set -euo pipefail
+STEP=${1:?usage: run_issue21.sh search|exports|old|uniform|tests|onnx|table}
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/issue21-out}
+mkdir -p "$OUT"
+if [ -f .kit/env ]; then
+  # shellcheck disable=SC1091
+  . .kit/env
+fi
+export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-4}
+RUNS=/tmp/issue21
+MIXED=$RUNS/mixed
+UNIFORM=$RUNS/uniform4
+BENCH="python3 $ROOT/bench/export_smollm2.py"
+mkdir -p "$RUNS"
+cd /tmp  # the repo's edgeqra/ must not shadow the installed package
+
+save() {  # copy what a step produced into $OUT (small files only)
+  local run=$1
+  for f in "$run"/summary.json "$run"/chosen.json "$run"/merge_table.json; do
+    [ -f "$f" ] && cp "$f" "$OUT/$(basename "$run")-$(basename "$f")"
+  done
+  for pkg in "$run"/export-*; do
+    [ -f "$pkg/manifest.json" ] && cp "$pkg/manifest.json" "$OUT/$(basename "$run")-$(basename "$pkg")-manifest.json"
+  done
+  return 0
+}
+
+case "$STEP" in
+  search)
+    $BENCH --out "$MIXED" --search-only --device cuda --n-eval 570 --bits 2,3,4,8 \
+      --target-bits 3.5 --evals 12 --steps 32 --calib-samples 64 2>&1 | tee "$OUT/search.log"
+    save "$MIXED" ;;
+  exports)
+    $BENCH --out "$MIXED" --merge-table adapter,grid 2>&1 | tee "$OUT/exports.log"
+    save "$MIXED" ;;
+  old)
+    $BENCH --out "$MIXED" --merge-table requantize 2>&1 | tee "$OUT/old.log"
+    save "$MIXED" ;;
+  uniform)
+    $BENCH --out "$UNIFORM" --search-only --device cuda --n-eval 570 --uniform 4 --steps 32 \
+      --calib-samples 64 2>&1 | tee "$OUT/uniform.log"
+    $BENCH --out "$UNIFORM" --merge-table adapter,grid,requantize 2>&1 | tee -a "$OUT/uniform.log"
+    save "$UNIFORM" ;;
+  onnx)
+    $BENCH --out "$MIXED" --merge-table onnx 2>&1 | tee "$OUT/onnx.log"
+    save "$MIXED" ;;
+  table)
+    $BENCH --out "$MIXED" --table | tee "$OUT/table-mixed.md"
+    $BENCH --out "$UNIFORM" --table | tee "$OUT/table-uniform.md" ;;
+  tests)
+    python3 -m pytest "$ROOT/tests/test_export.py" -m gpu -q -p no:cacheprovider \
+      --rootdir "$ROOT" 2>&1 | tee "$OUT/tests-gpu.log" ;;
+  *)
+    echo "unknown step $STEP" >&2; exit 2 ;;
+esac
