@@ -805,6 +805,7 @@ def _cmd_export(args: argparse.Namespace, out: Console) -> int:
             force=args.force,
             on_stage=on_stage,
             merge=_merge_settings(args),
+            onnx={"eight_bit": args.eight_bit, "embedding_dtype": args.embedding_dtype},
         )
     m = result.manifest
     data = {
@@ -1098,6 +1099,19 @@ def _parser() -> argparse.ArgumentParser:
         default="report",
         help="flagged layers: merge anyway (report), keep their adapter unmerged (package "
         "loads as base + adapter), or merge at the next bit-width up if the budget allows",
+    )
+    p.add_argument(
+        "--eight-bit",
+        choices=["split", "float32", "native"],
+        default="split",
+        help="onnx: 8-bit layers as two 4-bit MatMulNBits (split, default), a float32 MatMul "
+        "(fastest, 4 bytes per weight) or 8-bit MatMulNBits (native, slow on CPU)",
+    )
+    p.add_argument(
+        "--embedding-dtype",
+        choices=["float16", "bfloat16", "float32"],
+        default="float16",
+        help="onnx: dtype the (tied) embedding table is stored in (default float16)",
     )
     p.set_defaults(func=_cmd_export)
 

@@ -19,12 +19,13 @@ Both load with ``GPTQModel.load`` (:func:`load_checkpoint`; transformers cannot 
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
 import tempfile
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +49,7 @@ __all__ = [
     "load_adapter_form",
     "load_checkpoint",
     "merge_adapter",
+    "eager_torch_kernel",
     "module_bits",
     "unit_bits",
     "write_base_checkpoint",
@@ -335,13 +337,43 @@ def write_merged_checkpoint(
 UNMERGED_ADAPTER = "adapter"  # a merged package's subfolder: the units kept unmerged
 
 
-def load_checkpoint(path: Path, device: str = "cpu") -> nn.Module:
+@contextlib.contextmanager
+def eager_torch_kernel(enabled: bool = True) -> Iterator[None]:
+    """Load GPTQModel's ``TorchLinear`` without ``torch.compile`` of its dequantization.
+
+    Why (issue 21): ``TorchLinear.post_init`` compiles each module's bound
+    ``dequantize_weight``; dynamo guards on the module (and on the ``qzeros.data_ptr()``
+    that ``_stream_decode_qzeros`` compares to its cache key), so every linear recompiles the
+    same code object: one inductor compile per module until GPTQModel's raised
+    ``cache_size_limit`` (128) is hit, then one recompile warning per further module. In eval
+    the kernel caches the dequantized weight after the first call, so eager costs nothing
+    per token; skipping the compiles removes the warnings and most of the reload time.
+    """
+    if not enabled:
+        yield
+        return
+    from gptqmodel.nn_modules.qlinear.torch import TorchLinear
+
+    original = TorchLinear.optimize
+
+    def optimize(self, backend=None, mode=None, fullgraph=False):  # noqa: ARG001 - same signature
+        self.optimized = True  # what BaseQuantLinear.optimize records, without compiling
+
+    TorchLinear.optimize = optimize
+    try:
+        yield
+    finally:
+        TorchLinear.optimize = original
+
+
+def load_checkpoint(path: Path, device: str = "cpu", *, compile_kernels: bool = False) -> nn.Module:
     """A GPTQ checkpoint folder as a float32 HF model (GPTQModel's torch kernel, quietly).
 
+    ``compile_kernels`` False (default) loads the torch kernel eagerly (:func:`eager_torch_kernel`).
     A merged package whose merge kept some units unmerged holds their adapter in
     ``adapter/``: it is applied on top (PEFT, not merged), so the package loads as base + adapter.
     """
-    with quiet_gptqmodel():
+    with quiet_gptqmodel(), eager_torch_kernel(not compile_kernels):
         model = load_quantized(Path(path), device=device)
     partial = Path(path) / UNMERGED_ADAPTER
     if (partial / "adapter_config.json").is_file():
