@@ -75,6 +75,7 @@ class EngineSettings:
     graphs: bool = True  # capture the step in a CUDA graph (CUDA only; eager otherwise)
     check_every: int = 16  # steps between host reads of the loss (non-finite stop)
     warmup_steps: int = 3  # eager steps before capture (cuBLAS / autograd lazy init)
+    compile: bool = False  # torch.compile the training forward + loss (fuses small kernels)
 
     def __post_init__(self) -> None:
         for name in ("max_rank", "check_every", "warmup_steps"):
@@ -186,6 +187,8 @@ class GraphLoRA:
         self._static_ids: torch.Tensor | None = None
         self._static_labels: torch.Tensor | None = None
         self.capture_seconds = 0.0  # time spent warming up and capturing, summed
+        # Static shapes only (dynamic=False): one compile per (batch, width), done in warm-up.
+        self._loss_fn = torch.compile(self._loss, dynamic=False) if settings.compile else self._loss
 
     # ------------------------------------------------------------ per-config state
 
@@ -266,10 +269,14 @@ class GraphLoRA:
         self._data_key = id(batches)
         self._graph = None  # shapes changed
 
+    def _loss(self, input_ids: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        """The training loss of one batch (what ``compile`` compiles; scoring stays eager)."""
+        logits = self.model(input_ids=input_ids, use_cache=False).logits  # (bs, width, vocab)
+        return _completion_loss(logits, labels)
+
     def _step(self, opt: torch.optim.Optimizer, max_grad_norm: float) -> torch.Tensor:
         """Forward, loss, backward, clip, AdamW on the static batch; returns the loss tensor."""
-        logits = self.model(input_ids=self._static_ids, use_cache=False).logits
-        loss = _completion_loss(logits, self._static_labels)
+        loss = self._loss_fn(self._static_ids, self._static_labels)
         loss.backward()
         if math.isfinite(max_grad_norm):
             torch.nn.utils.clip_grad_norm_(self.params, max_grad_norm, foreach=True)

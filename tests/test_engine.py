@@ -253,3 +253,19 @@ def test_captured_step_follows_the_peft_reference_on_gpu():
     torch.testing.assert_close(
         torch.tensor(got), torch.tensor(ref_log.losses), rtol=2e-2, atol=2e-2
     )
+
+
+@pytest.mark.slow
+def test_compiled_step_is_deterministic_and_follows_the_uncompiled_one():
+    """torch.compile on/off: the same seed gives the same losses twice, and both agree."""
+    settings = TuneSettings(steps=4, lr=5e-3, batch_size=3, seed=4)
+    batches = _batches()
+    runs = {}
+    for name, compiled in (("off", False), ("on", True), ("on again", True)):
+        model = tiny_model()
+        engine = GraphLoRA(model, find_units(model), 2.0, EngineSettings(compile=compiled))
+        runs[name] = engine.train(CONFIGS[0], batches, settings).losses
+    assert runs["on"] == runs["on again"]
+    torch.testing.assert_close(
+        torch.tensor(runs["on"]), torch.tensor(runs["off"]), rtol=1e-4, atol=1e-5
+    )
