@@ -93,6 +93,9 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=100, help="timed steps per measurement")
     parser.add_argument("--eager-steps", type=int, default=20, help="timed eager PEFT steps")
     parser.add_argument("--batches", type=int, nargs="+", default=[4, 16, 32])
+    parser.add_argument(
+        "--compile-batches", type=int, nargs="*", default=[4], help="also time compile + graph"
+    )
     parser.add_argument("--curve-steps", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=None, help="ARC-Easy items (None: all 570)")
     parser.add_argument("--fidelity", type=int, default=64)
@@ -136,12 +139,18 @@ def main() -> None:
         tuned, log_ = tune(model, units, config, rows, s)
         detach_lora(tuned)
         step_ms["eager PEFT"][bs] = 1000 * log_.seconds / len(log_.losses)
-        for name, graphs in (("padded, eager", False), ("padded, CUDA graph", True)):
-            engine = GraphLoRA(model, units, 2.0, EngineSettings(max_rank=32, graphs=graphs))
+        variants = [("padded, eager", False, False), ("padded, CUDA graph", True, False)]
+        if bs in args.compile_batches:
+            variants.append(("padded, compile + CUDA graph", True, True))
+        for name, graphs, compiled in variants:
+            step_ms.setdefault(name, {})
+            engine = GraphLoRA(
+                model, units, 2.0, EngineSettings(max_rank=32, graphs=graphs, compile=compiled)
+            )
             steps = args.eager_steps if not graphs else args.steps
             engine.train(config, rows, TuneSettings(steps=2, batch_size=bs))  # capture / warm-up
             if graphs:
-                capture_s[bs] = engine.capture_seconds
+                capture_s[f"{bs}{' compiled' if compiled else ''}"] = engine.capture_seconds
             _sync(dev)
             t = time.perf_counter()
             out = engine.train(config, rows, TuneSettings(steps=steps, batch_size=bs))
@@ -248,10 +257,9 @@ def main() -> None:
     print("\n| step (ms) at batch × 256 | " + " | ".join(str(b) for b in args.batches) + " |")
     print("|---|" + "---|" * len(args.batches))
     for name, by_bs in step_ms.items():
-        print(f"| {name} | " + " | ".join(f"{by_bs[b]:.1f}" for b in args.batches) + " |")
-    print(
-        "| capture (s) | " + " | ".join(f"{capture_s.get(b, 0):.2f}" for b in args.batches) + " |"
-    )
+        cells = [f"{by_bs[b]:.1f}" if b in by_bs else "-" for b in args.batches]
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"capture / compile seconds: {capture_s}")
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(figures, indent=2, default=str))
