@@ -46,6 +46,7 @@ import shutil
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
@@ -223,6 +224,16 @@ class PruneTarget:
                 a layer without heads or channels.
         """
         cfg = _text_config(config)
+        missing = [
+            k for k in ("intermediate_size", "num_attention_heads", "hidden_size")
+            if not isinstance(getattr(cfg, k, None), int)
+        ]  # fmt: skip
+        if missing:
+            raise PruneError(
+                f"cannot prune model type `{getattr(cfg, 'model_type', '?')}`: its config has no "
+                f"{', '.join(f'`{k}`' for k in missing)}; edgeqra prunes gate/up/down MLPs and "
+                "q/k/v/o attention heads, as in Llama, Qwen2 and Gemma3"
+            )
         inter = int(cfg.intermediate_size)
         heads = int(cfg.num_attention_heads)
         kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
@@ -419,7 +430,9 @@ def _dependency_graph(model: nn.Module, layers: list[_Layer]) -> Any:
 
     vocab = int(_text_config(model.config).vocab_size)
     ids = torch.arange(8, device=next(model.parameters()).device).remainder(vocab)[None]
-    with _traceable(model, layers), torch.enable_grad():
+    with _traceable(model, layers), torch.enable_grad(), warnings.catch_warnings():
+        # Norm weights are "unwrapped parameters" to DepGraph; no group here ever prunes them.
+        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
         try:
             return tp.DependencyGraph().build_dependency(
                 model, example_inputs=ids, output_transform=lambda out: out.logits
