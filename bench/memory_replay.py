@@ -18,6 +18,15 @@ conditions of that measurement, and prints predicted vs measured peak allocated:
 
 For quantized fine-tuning rows it also prints the prediction for edgeqra's recompute path
 (what the same config costs with ``edgeqra.qlinear``): lower by the dense-weights term.
+
+``--reserve`` prints, per profile, the runtime reserve the measurements call for (how
+``bench/gpu/README.md`` says to fold them in): the most the process held outside PyTorch's
+allocator (CUDA context, libraries: process peak − peak reserved) plus the most allocator
+slack (peak reserved − peak allocated) among the measured phases whose process peak fits
+that profile's budget, rounded up to 64 MiB. Phases marked as carrying an earlier phase's
+reserved memory (``ft+ckpt`` before ``fresh_process_per_phase``) are left out.
+
+    python bench/memory_replay.py --reserve bench/measurements/*.json
 """
 
 from __future__ import annotations
@@ -123,12 +132,44 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def reserves(payloads: list[dict]) -> dict[str, dict[str, int]]:
+    """Per profile: measured outside-allocator bytes, slack, and the reserve (MiB) they give."""
+    import tomllib
+
+    phases = []
+    for payload in payloads:
+        fresh = bool(payload.get("fresh_process_per_phase"))
+        for records in payload["results"].values():
+            for rec in records:
+                for ph in rec["phases"]:
+                    m = ph.get("measured")
+                    carried = ph["workload"].get("gradient_checkpointing") and not fresh
+                    if m and not carried:
+                        phases.append(m)
+    outside = max(m["process_peak"] - m["peak_reserved"] for m in phases)
+    out: dict[str, dict[str, int]] = {}
+    for path in sorted((REPO / "profiles").glob("*.toml")):
+        data = tomllib.loads(path.read_text())
+        budget = (data["memory_gib"] - data["os_reserved_gib"]) * GiB
+        fit = [m for m in phases if m["process_peak"] <= budget]
+        slack = max((m["peak_reserved"] - m["peak_allocated"] for m in fit), default=0)
+        mib = -(-(outside + slack) // (64 << 20)) * 64
+        out[path.stem] = {"outside_mib": outside >> 20, "slack_mib": slack >> 20, "reserve_mib": mib}
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point: exit 1 if any row is under-predicted."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("files", nargs="+", type=Path)
     p.add_argument("--json", type=Path, help="write the rows here")
+    p.add_argument("--reserve", action="store_true", help="print the reserve per profile")
     args = p.parse_args(argv)
+    if args.reserve:
+        for name, r in reserves([json.loads(f.read_text()) for f in args.files]).items():
+            print(f"{name}: outside {r['outside_mib']} MiB + slack {r['slack_mib']} MiB "
+                  f"-> runtime_reserve_mib = {r['reserve_mib']}")  # fmt: skip
+        return 0
     rows: list[dict] = []
     for path in args.files:
         rows += replay(json.loads(path.read_text()))
