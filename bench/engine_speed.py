@@ -96,6 +96,9 @@ def main() -> None:
     parser.add_argument(
         "--compile-batches", type=int, nargs="*", default=[4], help="also time compile + graph"
     )
+    parser.add_argument(
+        "--parts", nargs="+", default=["step", "curve", "score", "e2e"], help="what to measure"
+    )
     parser.add_argument("--curve-steps", type=int, default=64)
     parser.add_argument("--n-eval", type=int, default=None, help="ARC-Easy items (None: all 570)")
     parser.add_argument("--fidelity", type=int, default=64)
@@ -131,7 +134,7 @@ def main() -> None:
         "padded, CUDA graph": {},
     }
     capture_s: dict[int, float] = {}
-    for bs in args.batches:
+    for bs in args.batches if "step" in args.parts else []:
         rows = _full_rows(vocab, max(64, bs * 4), 256)
         s = TuneSettings(steps=args.eager_steps, batch_size=bs)
         tune(model, units, config, rows, TuneSettings(steps=2, batch_size=bs))[0]  # warm-up
@@ -163,94 +166,99 @@ def main() -> None:
 
     # 2. loss curves on real rows
     task = load_task("arc_easy", n_train=1024, n_eval=args.n_eval)
-    from edgeqra.data import tokenize_examples
-
-    rows = TrainBatches(*tokenize_examples(loaded.tokenizer, task.train, 256))
     mixed = _mixed(len(units))
-    s = TuneSettings(steps=args.curve_steps, batch_size=4, seed=0)
-    tuned, ref = tune(model, units, mixed, rows, s)
-    detach_lora(tuned)
-    engine = GraphLoRA(model, units, 2.0)
-    got = engine.train(mixed, rows, s)
-    engine.close()
-    diffs = [abs(a - b) for a, b in zip(ref.losses, got.losses, strict=True)]
-    figures["curve"] = {
-        "config": mixed.short(),
-        "steps": args.curve_steps,
-        "max_abs_diff": max(diffs),
-        "first": [ref.losses[0], got.losses[0]],
-        "last": [ref.losses[-1], got.losses[-1]],
-        "mean_ref": sum(ref.losses) / len(ref.losses),
-        "mean_graph": sum(got.losses) / len(got.losses),
-    }
-    print(figures["curve"], flush=True)
+    if "curve" in args.parts:
+        from edgeqra.data import tokenize_examples
+
+        rows = TrainBatches(*tokenize_examples(loaded.tokenizer, task.train, 256))
+        s = TuneSettings(steps=args.curve_steps, batch_size=4, seed=0)
+        tuned, ref = tune(model, units, mixed, rows, s)
+        detach_lora(tuned)
+        engine = GraphLoRA(model, units, 2.0)
+        got = engine.train(mixed, rows, s)
+        engine.close()
+        diffs = [abs(a - b) for a, b in zip(ref.losses, got.losses, strict=True)]
+        figures["curve"] = {
+            "config": mixed.short(),
+            "steps": args.curve_steps,
+            "max_abs_diff": max(diffs),
+            "first": [ref.losses[0], got.losses[0]],
+            "last": [ref.losses[-1], got.losses[-1]],
+            "mean_ref": sum(ref.losses) / len(ref.losses),
+            "mean_graph": sum(got.losses) / len(got.losses),
+        }
+        print(figures["curve"], flush=True)
 
     # 3. scoring every validation item
-    requests = ev._mc_requests(model, loaded.tokenizer, task.eval_mc, None)
-    pad = ev._pad_id(loaded.tokenizer)
-    timing = {}
-    with torch.no_grad(), ev._eval_mode(model):
-        ev._score_requests(model, requests[:256], pad, 256)  # warm-up
-        _old_score_requests(model, requests[:64], pad, 16)
-        for name, fn, bs in (
-            ("today (batch 16, per-request sync)", _old_score_requests, 16),
-            ("batched, 16", ev._score_requests, 16),
-            ("batched, 256", ev._score_requests, 256),
-            ("batched, 512", ev._score_requests, 512),
-        ):
-            _sync(dev)
-            t = time.perf_counter()
-            values = fn(model, requests, pad, bs)
-            _sync(dev)
-            timing[name] = (time.perf_counter() - t, values)
-    base = timing["today (batch 16, per-request sync)"][1]
-    figures["scoring"] = {
-        "items": len(task.eval_mc),
-        "requests": len(requests),
-        "seconds": {k: v[0] for k, v in timing.items()},
-        "max_abs_diff_vs_today": {
-            k: max(abs(a - b) for a, b in zip(v[1], base, strict=True)) for k, v in timing.items()
-        },
-    }
-    print(figures["scoring"], flush=True)
+    if "score" in args.parts:
+        requests = ev._mc_requests(model, loaded.tokenizer, task.eval_mc, None)
+        pad = ev._pad_id(loaded.tokenizer)
+        timing = {}
+        with torch.no_grad(), ev._eval_mode(model):
+            ev._score_requests(model, requests[:256], pad, 256)  # warm-up
+            _old_score_requests(model, requests[:64], pad, 16)
+            for name, fn, bs in (
+                ("today (batch 16, per-request sync)", _old_score_requests, 16),
+                ("batched, 16", ev._score_requests, 16),
+                ("batched, 256", ev._score_requests, 256),
+                ("batched, 512", ev._score_requests, 512),
+            ):
+                _sync(dev)
+                t = time.perf_counter()
+                values = fn(model, requests, pad, bs)
+                _sync(dev)
+                timing[name] = (time.perf_counter() - t, values)
+        base = timing["today (batch 16, per-request sync)"][1]
+        figures["scoring"] = {
+            "items": len(task.eval_mc),
+            "requests": len(requests),
+            "seconds": {k: v[0] for k, v in timing.items()},
+            "max_abs_diff_vs_today": {
+                k: max(abs(a - b) for a, b in zip(v[1], base, strict=True))
+                for k, v in timing.items()
+            },
+        }
+        print(figures["scoring"], flush=True)
 
     # 4. one evaluation end to end
-    calibration = calibration_batches(
-        loaded.tokenizer, "c4", n_samples=args.calib_samples, seq_len=256
-    )
-    with tempfile.TemporaryDirectory() as cache:
-        t = time.perf_counter()
-        bank = build_bank(
-            loaded.path,
-            units,
-            calibration,
-            BankSpec(bits=(4,)),
-            cache_root=Path(cache),
-            device=dev,
-            progress=False,
+    if "e2e" in args.parts:
+        calibration = calibration_batches(
+            loaded.tokenizer, "c4", n_samples=args.calib_samples, seq_len=256
         )
-        figures["bank_4bit_s"] = time.perf_counter() - t
-        e2e = {}
-        for engine_name in ("eager", "graph"):
-            evaluator = Evaluator(
-                loaded,
-                task,
-                bank,
-                TuneSettings(steps=0, batch_size=4),
-                EvalSettings(seq_len=256, n_eval=args.n_eval),
-                engine=engine_name,
+        with tempfile.TemporaryDirectory() as cache:
+            t = time.perf_counter()
+            bank = build_bank(
+                loaded.path,
+                units,
+                calibration,
+                BankSpec(bits=(4,)),
+                cache_root=Path(cache),
+                device=dev,
+                progress=False,
             )
-            first = evaluator.evaluate(mixed, args.fidelity)
-            second = evaluator.evaluate(_mixed(len(units), 1), args.fidelity)
-            e2e[engine_name] = {
-                "first_s": first.seconds,
-                "second_s": second.seconds,
-                "score": first.score,
-                "score_2": second.score,
-            }
-            evaluator.close()
-        figures["evaluate"] = e2e
-        print(e2e, flush=True)
+            figures["bank_4bit_s"] = time.perf_counter() - t
+            e2e = {}
+            for engine_name in ("eager", "graph"):
+                evaluator = Evaluator(
+                    loaded,
+                    task,
+                    bank,
+                    TuneSettings(steps=0, batch_size=4),
+                    EvalSettings(seq_len=256, n_eval=args.n_eval),
+                    engine=engine_name,
+                )
+                first = evaluator.evaluate(mixed, args.fidelity)
+                second = evaluator.evaluate(_mixed(len(units), 1), args.fidelity)
+                e2e[engine_name] = {
+                    "first_s": first.seconds,
+                    "second_s": second.seconds,
+                    "score": first.score,
+                    "score_2": second.score,
+                }
+                evaluator.close()
+            figures["evaluate"] = e2e
+            print(e2e, flush=True)
+
     if dev.startswith("cuda"):
         figures["peak_allocated_gib"] = torch.cuda.max_memory_allocated() / 2**30
 
