@@ -345,3 +345,48 @@ def test_plan_of_a_pruned_folder_shows_the_unpruned_bytes(folders, tmp_path, cap
     assert {r["label"]: r["total"] for r in original["rows"]} == {
         label: unpruned[label] for label in (r["label"] for r in original["rows"])
     }
+
+
+# ----------------------------------------------------------------------------- end to end
+
+
+def test_job_file_prune_then_search_export_verify(folders, tmp_path, monkeypatch, capsys):
+    """prune → plan → bank → search → final tuning → gptq export → verify, from one job file."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    run = tmp_path / "run"
+    job = tmp_path / "job.toml"
+    job.write_text(
+        f'profile = "t4-16gb"\nmodel = "{folders["llama"]}"\ntask = "arc_easy"\n'
+        f'out = "{run}"\ndevice = "cpu"\nexport = ["gptq"]\n'
+        "[space]\nbits = [4, 8]\nranks = [0, 4]\n"
+        "[data]\nn_train = 8\nn_eval = 4\nseq_len = 64\ncalib_samples = 4\ngroup_size = 32\n"
+        "[tuning]\nsteps = 2\n"
+        "[search]\nevals = 4\npopulation = 2\nchildren = 2\ngenerations = 1\nrungs = 1\n"
+        "sensitivity = false\nbayes = false\nbaselines = false\nbaseline_rank = 4\n"
+        '[prune]\nratio = 0.3\nimportance = "magnitude"\n'
+    )
+    assert main(["run", str(job), "--json"]) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    pruned = run / "pruned"
+    record = read_record(pruned)
+    assert record["ratio"] == 0.3 and record["source"] == str(folders["llama"])
+    # Every later stage saw the pruned folder as the model.
+    recorded = json.loads((run / "job.json").read_text())
+    assert recorded["eval"]["model"] == str(pruned.resolve())
+    assert summary["chosen"]["fits"] and summary["exports"] == {"gptq": "export-gptq"}
+    package = run / "export-gptq"
+    config = json.loads((package / "config.json").read_text())
+    assert (config["intermediate_size"], config["num_attention_heads"]) == (96, 8)
+    with safe_open(str(next(package.glob("*.safetensors"))), "pt") as f:
+        scales = f.get_slice("model.layers.0.mlp.down_proj.scales").get_shape()
+    assert scales[0] == 96 // 32  # groups over the pruned 96 input channels
+    assert main(["verify", str(package)]) == EXIT_OK
+    capsys.readouterr()
+    # Resuming the job reuses the pruned folder and the journal: nothing new to evaluate.
+    assert main(["run", str(job), "--resume", "--json"]) == EXIT_OK
+    captured = capsys.readouterr()
+    assert json.loads(captured.out)["search"]["fresh_evaluations"] == 0
+    assert "different job" not in captured.err
