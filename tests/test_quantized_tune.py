@@ -201,6 +201,8 @@ def test_built_model_bytes_equal_the_memory_model(tmp_path):
     # Not in the memory model: TorchLinear's shift tables (2 small int32 tensors per module)
     # and rotary inv_freq; measured 1,696 B here, 0.20 % of the weights (bound 0.3 %).
     assert 0 < got["other"] < 0.003 * (got["quantized"] + got["dense"])
+    # ... and the memory model's kernel_caches term (issue 15) bounds them.
+    assert got["other"] <= predicted["kernel_caches"]
     plan = checkpoint_plan(hf, config, group_size=GROUP)
     on_disk = sum(
         e["data_offsets"][1] - e["data_offsets"][0] for e in _safetensors_headers(path).values()
@@ -210,6 +212,21 @@ def test_built_model_bytes_equal_the_memory_model(tmp_path):
     with torch.no_grad():
         logits = model(torch.arange(16).view(1, 16)).logits.float()
     assert torch.isfinite(logits).all() and logits.abs().max() < 50
+
+
+def test_quantized_lora_recomputes_the_base_backward_by_default(dense, checkpoint):
+    """Issue 15: every QuantLinear gets edgeqra.qlinear's backward; False keeps GPTQModel's."""
+    from edgeqra.qlinear import is_recompute_backward, quant_linears
+
+    on = quantized_lora(dense, CONFIG, TuneSettings(steps=0), checkpoint=checkpoint)
+    layers = [q for _, q in quant_linears(on.model)]
+    assert on.recompute_backward and len(layers) == 4 * 7
+    assert all(is_recompute_backward(q) for q in layers)
+    off = quantized_lora(
+        dense, CONFIG, TuneSettings(steps=0), checkpoint=checkpoint, recompute_backward=False
+    )
+    assert not off.recompute_backward
+    assert not any(is_recompute_backward(q) for _, q in quant_linears(off.model))
 
 
 def test_allowed_kernels_restricts_auto_and_restores(checkpoint):
