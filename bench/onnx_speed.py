@@ -244,7 +244,7 @@ def main() -> None:
     parser.add_argument("--two-bit-storage", type=int, default=4, choices=[2, 4])
     parser.add_argument("--cache-io", default="genai", choices=["genai", "stacked"])
     parser.add_argument("--embedding-dtype", default="float16",
-                        choices=["float16", "bfloat16", "float32"])  # fmt: skip
+                        choices=["float16", "bfloat16", "int8", "float32"])  # fmt: skip
     parser.add_argument("--kernels-only", action="store_true",
                         help="only the per-kernel table (no model, seconds)")  # fmt: skip
     args = parser.parse_args()
@@ -287,9 +287,12 @@ def main() -> None:
         prompt = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.prompt_tokens]
         model = float_model(checkpoint)
         if args.embedding_dtype != "float32":  # the reference holds the exported table
+            from edgeqra.exporters.onnx import embedding_storage
+
             with torch.no_grad():
                 table = model.get_input_embeddings().weight
-                table.copy_(table.to(getattr(torch, args.embedding_dtype)).float())
+                _, back = embedding_storage(table.numpy(), args.embedding_dtype)
+                table.copy_(torch.from_numpy(back))
         torch_tps, torch_tokens = _torch_tokens_per_s(model, prompt, args.new_tokens, args.repeats)
         ort_tps, ort_tokens = _ort_tokens_per_s(
             dest, prompt[0].tolist(), args.new_tokens, args.repeats

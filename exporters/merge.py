@@ -473,8 +473,7 @@ def _merge_unit(
         codes = codes.cpu()
         tensors[f"{lin.name}.qweight"] = grid.pack(codes)
         weights[lin.name] = grid.dequantize(codes)
-        old = grid.codes_of(packed, lin.name)
-        changed += int((old != codes).sum()) if bits == grid.bits else 0
+        changed += int((grid.codes_of(packed, lin.name) != codes).sum())  # vs the bank's codes
         total += codes.numel()
     eff = math.sqrt(eff2)
     return _Try(

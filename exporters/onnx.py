@@ -54,6 +54,7 @@ __all__ = [
     "float_model",
     "genai_config",
     "greedy_generate",
+    "embedding_storage",
     "nbits_bytes",
     "onnx_logits",
     "plan_linear",
@@ -73,7 +74,7 @@ MS_DOMAIN = "com.microsoft"
 ORT_BITS = (2, 4, 8)  # what the onnxruntime CPU kernel of MatMulNBits executes
 THREE_BIT_STORAGE = 4
 LOW_BIT_STORAGE = 4  # 2- and 3-bit codes run in the 4-bit kernel (the only fast fp32 one)
-EMBEDDING_DTYPES = ("float16", "bfloat16", "float32")
+EMBEDDING_DTYPES = ("float16", "bfloat16", "int8", "float32")
 
 
 class EightBit(str, Enum):
@@ -584,13 +585,37 @@ def _swap_matmuls(
     return swapped
 
 
-def _embedding_to(model, dtype: str) -> dict:
+def embedding_storage(table: np.ndarray, dtype: str) -> tuple[dict[str, np.ndarray], np.ndarray]:
+    """How the (vocab, hidden) float32 table is stored in ``dtype``, and what it reads back as.
+
+    ``float16`` / ``bfloat16``: the table rounded to nearest. ``int8``: symmetric round-to-
+    nearest per vocabulary row, codes int8 and one float32 scale per row (max|row| / 127),
+    read back by a per-axis ``DequantizeLinear``. Returns ({"table"[, "scale"]}, float32 table).
+    """
+    if dtype == "float16":
+        stored = table.astype(np.float16)
+        return {"table": stored}, stored.astype(np.float32)
+    if dtype == "bfloat16":
+        import ml_dtypes
+
+        stored = table.astype(ml_dtypes.bfloat16)
+        return {"table": stored}, stored.astype(np.float32)
+    if dtype == "int8":
+        scale = (np.abs(table).max(axis=1) / 127).astype(np.float32)  # (vocab,)
+        safe = np.where(scale == 0, np.float32(1), scale)
+        codes = np.clip(np.rint(table / safe[:, None]), -127, 127).astype(np.int8)
+        return {"table": codes, "scale": scale}, codes.astype(np.float32) * scale[:, None]
+    return {"table": table}, table
+
+
+def _embedding_to(model, dtype: str) -> tuple[dict, np.ndarray]:
     """Store the token-embedding table (tied: also lm_head's weight) once, in ``dtype``.
 
     The table feeds a Gather (and, tied, a Transpose for lm_head); it is replaced by a
-    ``dtype`` initializer plus one Cast to float32, so the file holds it at 2 bytes per value
-    (onnxruntime folds the Cast at session start: the in-memory copy is float32).
-    Returns {"name", "shape", "dtype", "bytes", "bytes_float32", "max_abs_rounding"}.
+    ``dtype`` initializer plus one Cast (16-bit) or DequantizeLinear (int8) to float32, so the
+    file holds it at 2 or 1 bytes per value (onnxruntime folds that node at session start: the
+    in-memory copy is float32). Returns ({"name", "shape", "dtype", "bytes", "bytes_float32",
+    "max_abs_rounding"}, the float32 table the graph computes with).
     """
     import onnx_ir as ir
 
@@ -608,28 +633,29 @@ def _embedding_to(model, dtype: str) -> dict:
     info = {"name": value.name, "shape": list(table.shape), "dtype": dtype,
             "bytes_float32": int(table.nbytes)}  # fmt: skip
     if dtype == "float32":
-        return {**info, "bytes": int(table.nbytes), "max_abs_rounding": 0.0}
-    if dtype == "float16":
-        small = ir.tensor(table.astype(np.float16), name=f"{value.name}.{dtype}")
-        back = small.numpy().astype(np.float32)
-    else:  # bfloat16: round-to-nearest-even on the upper 16 bits
-        import ml_dtypes
-
-        small = ir.tensor(table.astype(ml_dtypes.bfloat16), name=f"{value.name}.{dtype}")
-        back = small.numpy().astype(np.float32)
-    stored = ir.Value(name=f"{value.name}.{dtype}", const_value=small)
-    stored.shape = ir.Shape(table.shape)
-    stored.type = ir.TensorType(small.dtype)
-    graph.register_initializer(stored)
-    cast = ir.Node("", "Cast", [stored], attributes={"to": ir.AttrInt64("to", 1)},
-                   name=f"{value.name}.Cast")  # fmt: skip
-    cast.outputs[0].shape = ir.Shape(table.shape)
-    cast.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
-    value.replace_all_uses_with(cast.outputs[0])
+        return {**info, "bytes": int(table.nbytes), "max_abs_rounding": 0.0}, table
+    arrays, back = embedding_storage(table, dtype)
+    inputs = []
+    for key, array in arrays.items():
+        tensor = ir.tensor(array, name=f"{value.name}.{dtype}.{key}")
+        stored = ir.Value(name=tensor.name, const_value=tensor)
+        stored.shape = ir.Shape(array.shape)
+        stored.type = ir.TensorType(tensor.dtype)
+        graph.register_initializer(stored)
+        inputs.append(stored)
+    if dtype == "int8":
+        node = ir.Node("", "DequantizeLinear", inputs, attributes={"axis": ir.AttrInt64("axis", 0)},
+                       name=f"{value.name}.DequantizeLinear")  # fmt: skip
+    else:
+        node = ir.Node("", "Cast", inputs, attributes={"to": ir.AttrInt64("to", 1)},
+                       name=f"{value.name}.Cast")  # fmt: skip
+    node.outputs[0].shape = ir.Shape(table.shape)
+    node.outputs[0].type = ir.TensorType(ir.DataType.FLOAT)
+    value.replace_all_uses_with(node.outputs[0])
     graph.initializers.pop(value.name)
-    graph.insert_before(graph.node(0), [cast])
-    return {**info, "bytes": int(small.nbytes),
-            "max_abs_rounding": float(np.abs(back - table).max())}  # fmt: skip
+    graph.insert_before(graph.node(0), [node])
+    nbytes = sum(int(a.nbytes) for a in arrays.values())
+    return {**info, "bytes": nbytes, "max_abs_rounding": float(np.abs(back - table).max())}, back
 
 
 def _per_layer_io(model, layers: int) -> None:
@@ -991,8 +1017,9 @@ def write_onnx(
     MatMulNBits (onnxruntime's fast kernel); 8-bit per ``eight_bit`` (``split``: two 4-bit
     nodes, 8-bit bytes, about 2x the 4-bit time; ``float32``: a float MatMul, 4 bytes per
     weight, the fastest; ``native``: 8-bit MatMulNBits, slow on CPU). The token embedding
-    (tied: also lm_head) is stored once in ``embedding_dtype`` (float16 by default; the
-    rounding is reported and the parity check measures it).
+    (tied: also lm_head) is stored once in ``embedding_dtype`` (float16 by default; int8:
+    per-row symmetric codes, half the bytes again; the rounding is reported, and the parity
+    reference holds the same table).
 
     ``cache_io`` ``genai`` (default) names the cache per layer as onnxruntime-genai and
     Optimum do (``past_key_values.{i}.key`` → ``present.{i}.key``) and writes
@@ -1066,7 +1093,7 @@ def write_onnx(
         advance(3)
         swapped = _swap_matmuls(onnx_model, plans, w_hat, accuracy_level)
         del w_hat
-        embedding = _embedding_to(onnx_model, embedding_dtype)
+        embedding, table = _embedding_to(onnx_model, embedding_dtype)
         if cache_io == "genai":
             _per_layer_io(onnx_model, model.config.num_hidden_layers)
         advance(4)
@@ -1089,10 +1116,8 @@ def write_onnx(
             cfg = genai_config(model.config, json.loads(gen.read_text()) if gen.is_file() else None)
             (dest / GENAI_CONFIG).write_text(json.dumps(cfg, indent=2) + "\n")
         advance(5)
-        if embedding["dtype"] != "float32":  # the reference holds the same (rounded) table
-            with torch.no_grad():
-                table = model.get_input_embeddings().weight
-                table.copy_(table.to(getattr(torch, embedding["dtype"])).float())
+        with torch.no_grad():  # the reference holds the table the graph computes with
+            model.get_input_embeddings().weight.copy_(torch.from_numpy(table))
         parity = _parity(dest, model)
         advance(6)
 

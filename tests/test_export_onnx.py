@@ -419,3 +419,30 @@ def test_onnxruntime_genai_runs_the_package(exported):
     want = onnx_logits(dest, np.array([prompt]))[0, -1]  # (vocab,)
     np.testing.assert_allclose(np.array(got["prompt_logits"]), want, atol=1e-4, rtol=0)
     assert got["tokens"] == greedy_generate(dest, prompt, 12)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "int8"])
+def test_embedding_storage_reads_back_in_onnxruntime(dtype):
+    """The stored table, through the node the export puts after it (Cast / DequantizeLinear),
+    is the table the parity reference holds; int8 rounds within half a step per row."""
+    import onnxruntime as ort
+    from edgeqra.exporters.onnx import embedding_storage
+    from onnx import numpy_helper
+
+    rng = np.random.default_rng(7)
+    table = (rng.standard_normal((64, 48)) * 0.05).astype(np.float32)
+    arrays, back = embedding_storage(table, dtype)
+    inits = [numpy_helper.from_array(np.asarray(a), f"t.{k}") for k, a in arrays.items()]
+    if dtype == "int8":
+        node = helper.make_node("DequantizeLinear", [i.name for i in inits], ["Y"], axis=0)
+        step = np.abs(table).max(1, keepdims=True) / 127
+        assert np.all(np.abs(back - table) <= step / 2 + 1e-9)
+        assert sum(a.nbytes for a in arrays.values()) == 64 * 48 + 64 * 4
+    else:
+        node = helper.make_node("Cast", [inits[0].name], ["Y"], to=onnx.TensorProto.FLOAT)
+        assert arrays["table"].nbytes == 64 * 48 * 2
+    graph = helper.make_graph([node], "g", [], [helper.make_tensor_value_info("Y", 1, [64, 48])],
+                              initializer=inits)  # fmt: skip
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
+    sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    np.testing.assert_array_equal(sess.run(None, {})[0], back)
