@@ -22,9 +22,12 @@ Only sequential groups are supported (``desc_act`` off: ``g_idx[i] == i // group
 an act-order ``g_idx`` would need a permuted activation and is refused with a clear error.
 
 The graph has a KV cache: inputs ``input_ids`` (batch, seq), ``attention_mask`` (batch,
-past + seq), ``past_keys`` / ``past_values`` (layers, batch, kv_heads, past, head_dim);
-outputs ``logits`` (batch, seq, vocab), ``present_keys`` / ``present_values`` (past + seq).
-A prefill passes past length 0. ``EDGEQRA_ORT_THREADS`` sets onnxruntime's intra-op threads
+past + seq), ``past_key_values.{i}.key`` / ``.value`` (batch, kv_heads, past, head_dim) per
+layer; outputs ``logits`` (batch, seq, vocab), ``present.{i}.key`` / ``.value`` (past + seq):
+onnxruntime-genai's (and Optimum's) names, with a ``genai_config.json`` beside the graph
+(issue 21; ``cache_io="stacked"`` keeps the older (layers, ...) ``past_keys`` tensors).
+A prefill passes past length 0. Storage (issue 21): 2- and 3-bit codes run in the 4-bit
+kernel, 8-bit layers as two 4-bit nodes by default, the tied embedding once in float16. ``EDGEQRA_ORT_THREADS`` sets onnxruntime's intra-op threads
 for :func:`onnx_logits` / :func:`greedy_generate` (unset: one per core).
 """
 

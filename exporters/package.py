@@ -829,6 +829,21 @@ from edgeqra.exporters.onnx import greedy_generate  # onnxruntime on {name}/mode
 from transformers import AutoTokenizer
 tok = AutoTokenizer.from_pretrained("{name}")
 print(tok.decode(greedy_generate("{name}", np.array(tok("Hello")["input_ids"]), 20)))
+```
+
+Or with onnxruntime-genai alone (`pip install onnxruntime-genai`; `genai_config.json` is here):
+
+```python
+import onnxruntime_genai as og
+model = og.Model("{name}")
+tok = og.Tokenizer(model)
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=64, do_sample=False)
+gen = og.Generator(model, params)
+gen.append_tokens(tok.encode("Hello"))
+while not gen.is_done():
+    gen.generate_next_token()
+print(tok.decode(gen.get_sequence(0)))
 ```""",
 }
 
