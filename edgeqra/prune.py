@@ -774,7 +774,7 @@ def prune_folder(
         out: the new folder; must not exist. It gets safetensors, config, tokenizer and
             ``pruning.json`` (settings, calibration, parameter counts, kept indices).
         settings: what to prune.
-        device: where importance is computed (``cpu`` or ``cuda``).
+        device: where importance is computed (``auto``, ``cpu`` or ``cuda``).
 
     Returns:
         The ``pruning.json`` record.
@@ -787,10 +787,12 @@ def prune_folder(
     from edgeqra import __version__
     from edgeqra.data import calibration_batches
     from edgeqra.models import load_model, resolve_model
+    from edgeqra.pipeline import resolve_device
 
     out = Path(out)
     if out.exists():
         raise PruneError(f"`out` {out} already exists; remove it or pass another folder")
+    device = resolve_device(device)
     path = resolve_model(source)
     config = AutoConfig.from_pretrained(
         path, local_files_only=True, trust_remote_code=trust_remote_code
