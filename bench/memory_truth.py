@@ -13,6 +13,13 @@ GPU (one H200 call per architecture group; ``bench/gpu/README.md`` has the exact
     python bench/memory_truth.py --arch qwen2.5-7b --out $OUT/memory_truth_qwen2.5-7b.json
     python bench/memory_truth.py --arch llama-3.1-8b --out $OUT/memory_truth_llama-3.1-8b.json
 
+Issue 15: by default (``--isolation phase``) every (config, phase) runs in a fresh Python
+process (``--child``), so no phase inherits an earlier one's reserved memory, cuBLAS handles
+or library caches, and the process figure is that phase's own; the random checkpoint is
+written once per config. ``--gpus N`` measures N configs at once, one per GPU. Quantized
+fine-tuning runs edgeqra's recompute backward (``--quantized-backward saved``: GPTQModel's
+own path, for comparison). ``bench/memory_replay.py`` replays a JSON through the memory model.
+
 ``--time-limit`` (default 530 s) stops starting configs so that the table still prints
 inside a 10-minute call; the ones left are listed, to rerun with ``--configs``.
 
@@ -83,6 +90,28 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         default=530.0,
         help="seconds: start no config that, at the pace of the slowest so far, would end later",
     )
+    p.add_argument(
+        "--isolation",
+        choices=["phase", "config"],
+        default="phase",
+        help="phase: every (config, phase) runs in a fresh Python process, so no phase "
+        "inherits another's reserved memory, cuBLAS handles or caches (issue 15); config: all "
+        "phases of a config in this process (faster; reserved memory is emptied in between)",
+    )
+    p.add_argument(
+        "--gpus",
+        type=int,
+        default=1,
+        help="phase isolation: run this many configs at once, one per GPU (CUDA_VISIBLE_DEVICES)",
+    )
+    p.add_argument(
+        "--quantized-backward",
+        choices=["recompute", "saved"],
+        default="recompute",
+        help="fine-tuning path of quantized configs: edgeqra.qlinear's recompute backward "
+        "(default) or GPTQModel's own autograd path (saves every dense weight; for comparison)",
+    )
+    p.add_argument("--child", help=argparse.SUPPRESS)  # internal: `arch/label/phase` to measure
     p.add_argument("--out", type=Path, help="JSON results")
     p.add_argument("--work-dir", type=Path, help="where random checkpoints go (default: temp)")
     p.add_argument("--dry-run", action="store_true", help="CPU: predictions and byte checks only")
@@ -224,66 +253,203 @@ def _dry_table(results: dict) -> None:
     print(f"weight-term mismatches: {bad}")
 
 
-def measure(args: argparse.Namespace) -> dict:
-    """GPU: the grid, one config at a time, JSON rewritten after each."""
+PHASES = ("inference", "ft", "ft+ckpt")
+
+
+def _phase_args(phase: str) -> dict:
+    """measure_config arguments of one phase name."""
+    if phase == "inference":
+        return {"modes": ["inference"], "checkpointing": (False,)}
+    return {"modes": ["finetune"], "checkpointing": (phase == "ft+ckpt",)}
+
+
+def _wanted_phases(args: argparse.Namespace) -> list[str]:
+    """The phases ``--modes`` asks for, in order."""
+    modes = args.modes.split(",")
+    return (["inference"] if "inference" in modes else []) + (
+        ["ft", "ft+ckpt"] if "finetune" in modes else []
+    )
+
+
+def _measure_one(args: argparse.Namespace, arch: str, label: str, phases: list[str], work: Path):
+    """This process: the given phases of one config (a child runs one phase)."""
     import gptqmodel  # noqa: F401 - sets its PYTORCH_ALLOC_CONF before CUDA starts, as in use
-    import torch
     from transformers import AutoConfig
 
-    from edgeqra.measure import cuda_context_bytes, measure_config
+    from edgeqra.measure import measure_config
     from edgeqra.memory import ModelSpec
     from edgeqra.profiles import load_profile
 
-    if not torch.cuda.is_available():
-        sys.exit("memory_truth needs a CUDA GPU; on CPU use --dry-run")
+    profile = load_profile(REPO / "profiles" / f"{args.profile}.toml")
+    hf = AutoConfig.from_pretrained(ARCH_DIR / arch)
+    config = grid(ModelSpec.from_config(hf).n_units, args.n_mixed, args.seed, arch)[label]
+    record = None
+    for phase in phases:
+        part = measure_config(
+            hf,
+            config,
+            profile,
+            work_dir=work,
+            group_size=args.group_size,
+            kernels=args.kernels.split(","),
+            decode_tokens=args.decode_tokens,
+            finetune_steps=args.finetune_steps,
+            seed=args.seed,
+            quantized_backward=args.quantized_backward,
+            **_phase_args(phase),
+        )
+        if record is None:
+            record = part
+        else:
+            record["phases"] += part["phases"]
+            record["kernels"].update(part["kernels"])
+            record.update({k: v for k, v in part.items() if k.startswith(("allocated_", "build_"))})
+    return record
+
+
+def _child(args: argparse.Namespace) -> None:
+    """``--child arch/label/phase``: measure one phase in this fresh process, JSON to --out."""
+    import torch
+
+    from edgeqra.measure import cuda_context_bytes
+
+    arch, label, phase = args.child.split("/")
+    context = cuda_context_bytes()  # before anything else is on the GPU
+    record = _measure_one(args, arch, label, [phase], args.work_dir)
+    record["cuda_context_bytes"] = context
+    record["environment"] = _environment()
+    record["gpu_index"] = os.environ.get("CUDA_VISIBLE_DEVICES")
+    record["max_reserved_any_phase"] = torch.cuda.max_memory_reserved()
+    args.out.write_text(json.dumps(record))
+
+
+def _run_children(args: argparse.Namespace, arch: str, label: str, work: Path, gpu: int) -> dict:
+    """One fresh process per phase of one config, on one GPU; their records merged."""
+    import subprocess
+
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": str(gpu)}
+    record: dict | None = None
+    for phase in _wanted_phases(args):
+        out = work / f"{phase}.json"
+        cmd = [
+            sys.executable, str(Path(__file__).resolve()), "--child", f"{arch}/{label}/{phase}",
+            "--work-dir", str(work), "--out", str(out), "--profile", args.profile,
+            "--kernels", args.kernels, "--group-size", str(args.group_size),
+            "--decode-tokens", str(args.decode_tokens), "--n-mixed", str(args.n_mixed),
+            "--finetune-steps", str(args.finetune_steps), "--seed", str(args.seed),
+            "--quantized-backward", args.quantized_backward,
+        ]  # fmt: skip
+        # Our own script with arguments built here (no shell).
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)  # noqa: S603
+        if done.returncode != 0 or not out.exists():
+            tail = (done.stderr or done.stdout).strip().splitlines()[-3:]
+            part = {"phases": [{"mode": phase, "error": f"child exit {done.returncode}: {tail}"}],
+                    "kernels": {}}  # fmt: skip
+        else:
+            part = json.loads(out.read_text())
+        for ph in part["phases"]:
+            ph["process"] = {k: part.get(k) for k in ("cuda_context_bytes", "gpu_index")}
+        if record is None:
+            record = part
+        else:
+            record["phases"] += part["phases"]
+            record["kernels"].update(part.get("kernels", {}))
+            record.update({k: v for k, v in part.items() if k.startswith(("allocated_", "build_"))})
+    assert record is not None  # noqa: S101 - at least one phase
+    return record
+
+
+def measure(args: argparse.Namespace) -> dict:
+    """GPU: the grid, one config at a time (or one per GPU), JSON rewritten after each."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    from transformers import AutoConfig
+
+    from edgeqra.memory import ModelSpec
+    from edgeqra.profiles import load_profile
+    from edgeqra.qmodel import write_random_checkpoint
+    from edgeqra.space import FP16_BITS
+
     start = time.perf_counter()
     profile = load_profile(REPO / "profiles" / f"{args.profile}.toml")
-    kernels = args.kernels.split(",")
     payload: dict = {
         "profile": args.profile,
         "reserve_bytes": profile.reserve_bytes,
         "inference": vars(profile.inference),
         "finetune": vars(profile.finetune),
-        "kernels_allowed": kernels,
+        "kernels_allowed": args.kernels.split(","),
         "group_size": args.group_size,
         "command": " ".join(sys.argv),
-        "environment": _environment(),
-        "cuda_context_bytes": cuda_context_bytes(),
+        "isolation": args.isolation,
+        "fresh_process_per_phase": args.isolation == "phase",
+        "quantized_backward": args.quantized_backward,
         "results": {},
         "skipped": [],
     }
+    if args.isolation == "config":
+        import gptqmodel  # noqa: F401 - its PYTORCH_ALLOC_CONF before CUDA starts
+        import torch
+
+        from edgeqra.measure import cuda_context_bytes
+
+        if not torch.cuda.is_available():
+            sys.exit("memory_truth needs a CUDA GPU; on CPU use --dry-run")
+        payload["environment"] = _environment()
+        payload["cuda_context_bytes"] = cuda_context_bytes()
     root = args.work_dir or Path(tempfile.mkdtemp(prefix="memtruth-"))
-    longest = 0.0  # the slowest config so far: do not start one that would overrun the limit
+    jobs = []
     for arch in _archs(args.arch):
         hf = AutoConfig.from_pretrained(ARCH_DIR / arch)
-        spec = ModelSpec.from_config(hf)
-        configs = grid(spec.n_units, args.n_mixed, args.seed, arch)
+        configs = grid(ModelSpec.from_config(hf).n_units, args.n_mixed, args.seed, arch)
         wanted = list(configs) if args.configs == "all" else args.configs.split(",")
-        for label in wanted:
-            if time.perf_counter() - start + longest > args.time_limit:
+        jobs += [(arch, hf, label, configs[label]) for label in wanted]
+    lock = threading.Lock()
+    longest = [0.0]  # the slowest config so far: do not start one that would overrun the limit
+    free_gpus = list(range(max(args.gpus, 1)))
+
+    def run(job) -> None:
+        arch, hf, label, config = job
+        with lock:
+            if time.perf_counter() - start + longest[0] > args.time_limit:
                 payload["skipped"].append(f"{arch}/{label}")
-                continue
-            work = root / f"{arch}-{label}"
-            t0 = time.perf_counter()
-            record = measure_config(
-                hf,
-                configs[label],
-                profile,
-                work_dir=work,
-                modes=args.modes.split(","),
-                group_size=args.group_size,
-                kernels=kernels,
-                decode_tokens=args.decode_tokens,
-                finetune_steps=args.finetune_steps,
-                seed=args.seed,
-            )
+                return
+            gpu = free_gpus.pop()
+        work = root / f"{arch}-{label}"
+        work.mkdir(parents=True, exist_ok=True)
+        t0 = time.perf_counter()
+        try:
+            if args.isolation == "config":
+                record = _measure_one(args, arch, label, _wanted_phases(args), work)
+            else:
+                if any(c.bits < FP16_BITS for c in config):  # once, on the CPU, for 3 phases
+                    write_random_checkpoint(
+                        hf, config, work / "checkpoint", group_size=args.group_size,
+                        seed=args.seed,
+                    )  # fmt: skip
+                record = _run_children(args, arch, label, work, gpu)
+        finally:
             shutil.rmtree(work, ignore_errors=True)
-            record["label"] = label
-            record["seconds"] = round(time.perf_counter() - t0, 1)
-            longest = max(longest, record["seconds"])
+            with lock:
+                free_gpus.append(gpu)
+        record["label"] = label
+        record["seconds"] = round(time.perf_counter() - t0, 1)
+        with lock:
+            longest[0] = max(longest[0], record["seconds"])
+            for key in ("environment", "cuda_context_bytes"):
+                if key in record and key not in payload:
+                    payload[key] = record[key]
             payload["results"].setdefault(arch, []).append(record)
             print(json.dumps({"arch": arch, **record}), flush=True)
             _write(args.out, payload)
+
+    workers = max(args.gpus, 1) if args.isolation == "phase" else 1
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(run, jobs))
+    order = {(a, lab): i for i, (a, _, lab, _) in enumerate(jobs)}
+    for arch, records in payload["results"].items():
+        records.sort(key=lambda r: order[(arch, r["label"])])
+    payload.setdefault("environment", {})
     payload["seconds"] = round(time.perf_counter() - start, 1)
     _write(args.out, payload)
     return payload
@@ -336,7 +502,9 @@ def main(argv: list[str] | None = None) -> None:
     args = _parse_args(argv)
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     sys.path.insert(0, str(REPO))
-    if args.dry_run:
+    if args.child:
+        _child(args)
+    elif args.dry_run:
         _dry_table(dry_run(args))
     else:
         _table(measure(args))
