@@ -8,10 +8,17 @@ Same architecture, batch and adapters (rank 8 on every layer) for every config:
 * generation tokens/s: the mixed checkpoint vs uniform 4-bit (and FP16 for scale), greedy,
   with GPTQModel's inference kernels; prefill is timed apart so decode tokens/s is shown too.
 
+Issue 15: the quantized configs fine-tune through edgeqra's recompute backward
+(``edgeqra.qlinear``, no dense weight kept for backward); ``u4-saved`` is the same 4-bit
+model on GPTQModel's own autograd path (every dense weight saved), for the comparison; each
+fine-tuning row also reports its peak allocated memory over the timed steps.
+
 Random weights of the architecture's shapes (``edgeqra.qmodel.write_random_checkpoint``):
 speed does not depend on the values. GPU:
 
     python bench/throughput.py --arch llama-3.2-1b --out $OUT/throughput.json
+    python bench/throughput.py --arch llama-3.1-8b --configs fp16,u4,u4-saved \
+        --phases finetune --kernels triton,torch --out $OUT/throughput_8b.json
 
 CPU smoke check (tiny model, seconds): ``python bench/throughput.py --arch tiny --device cpu``.
 """
@@ -58,20 +65,41 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--prompt", type=int, default=128)
     p.add_argument("--new-tokens", type=int, default=64)
     p.add_argument("--kernels", default="marlin,triton,torch", help="GPTQModel kernels allowed")
+    p.add_argument(
+        "--configs",
+        default="fp16,u4,u4-saved,mixed",
+        help=f"comma list of {sorted(CONFIGS)}",
+    )
+    p.add_argument("--phases", default="finetune,generate", help="finetune and/or generate")
+    p.add_argument("--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=False)
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON results")
     return p.parse_args(argv)
 
 
-def _configs(n_units: int, rank: int) -> dict[str, object]:
+CONFIGS = {  # key: (label, quantized backward)
+    "fp16": ("FP16 LoRA", "recompute"),
+    "u4": ("GPTQ 4-bit", "recompute"),
+    "u4-saved": ("GPTQ 4-bit, GPTQModel backward", "saved"),
+    "mixed": ("mixed 3.5-bit", "recompute"),
+}
+
+
+def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[object, str]]:
+    """Label -> (Config, quantized backward) for the keys asked for."""
     from edgeqra.space import Config
 
-    return {
-        "FP16 LoRA": Config.uniform(n_units, 16, rank),
-        "GPTQ 4-bit": Config.uniform(n_units, 4, rank),
-        "mixed 3.5-bit": Config.from_pairs([(3 if i % 2 else 4, rank) for i in range(n_units)]),
+    bad = [k for k in keys if k not in CONFIGS]
+    if bad:
+        sys.exit(f"unknown --configs {bad}; use some of {sorted(CONFIGS)}")
+    make = {
+        "fp16": lambda: Config.uniform(n_units, 16, rank),
+        "u4": lambda: Config.uniform(n_units, 4, rank),
+        "u4-saved": lambda: Config.uniform(n_units, 4, rank),
+        "mixed": lambda: Config.from_pairs([(3 if i % 2 else 4, rank) for i in range(n_units)]),
     }
+    return {CONFIGS[k][0]: (make[k](), CONFIGS[k][1]) for k in keys}
 
 
 def _fmt(value: float) -> str:
@@ -97,11 +125,21 @@ def finetune_speed(model, args, device: str) -> dict[str, float]:
     rows = args.micro_batch * (args.steps + 1)
     ids = torch.randint(0, vocab, (rows, args.seq_len), generator=g)
     batches = TrainBatches(ids, ids.clone(), torch.ones_like(ids))
-    settings = TuneSettings(steps=1, batch_size=args.micro_batch, seed=args.seed)
+    ckpt = args.gradient_checkpointing
+    settings = TuneSettings(
+        steps=1, batch_size=args.micro_batch, seed=args.seed, gradient_checkpointing=ckpt
+    )
     train(model, batches, settings)  # warm-up: kernel compilation, first allocations
-    log = train(model, batches, TuneSettings(steps=args.steps, batch_size=args.micro_batch))
+    on_cuda = device.startswith("cuda")
+    if on_cuda:
+        torch.cuda.reset_peak_memory_stats()
+    timed = TuneSettings(steps=args.steps, batch_size=args.micro_batch, gradient_checkpointing=ckpt)
+    log = train(model, batches, timed)
     tokens = args.steps * args.micro_batch * args.seq_len
-    return {"seconds": log.seconds, "tokens_per_s": tokens / log.seconds}
+    out = {"seconds": log.seconds, "tokens_per_s": tokens / log.seconds}
+    if on_cuda:
+        out["peak_allocated_bytes"] = torch.cuda.max_memory_allocated()
+    return out
 
 
 def generation_speed(model, args, device: str) -> dict[str, float]:
@@ -159,13 +197,17 @@ def main(argv: list[str] | None = None) -> None:
         torch.set_num_threads(1)
     hf = _hf_config(args.arch)
     spec = ModelSpec.from_config(hf)
-    configs = _configs(spec.n_units, args.rank)
+    configs = _configs(spec.n_units, args.rank, args.configs.split(","))
     kernels = args.kernels.split(",") if device.startswith("cuda") else None
-    results: dict[str, dict] = {"finetune": {}, "generate": {}}
+    phases = [p for p in ("finetune", "generate") if p in args.phases.split(",")]
+    results: dict[str, dict] = {p: {} for p in phases}
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        for label, config in configs.items():
-            work = Path(tmp) / label.replace(" ", "_")
-            for phase, trainable in (("finetune", True), ("generate", False)):
+        for label, (config, backward) in configs.items():
+            work = Path(tmp) / config.short().replace("/", "_")  # u4 and u4-saved share it
+            for phase in phases:
+                trainable = phase == "finetune"
+                if not trainable and backward == "saved":
+                    continue  # generation does not depend on the backward path
                 model, chosen = build_model(
                     hf,
                     config,
@@ -176,10 +218,12 @@ def main(argv: list[str] | None = None) -> None:
                     group_size=args.group_size,
                     kernels=kernels,
                     seed=args.seed,
+                    quantized_backward=backward,
                 )
                 speed = (finetune_speed if trainable else generation_speed)(model, args, device)
                 results[phase][label] = {
                     "config": config.short(),
+                    "quantized_backward": backward,
                     "average_bits": round(config.average_bits(spec.unit_params), 3),
                     "kernels": {str(b): k for b, k in chosen.items()},
                     **speed,
@@ -203,21 +247,24 @@ def main(argv: list[str] | None = None) -> None:
         args.out.write_text(json.dumps(payload, indent=1))
 
     table = Table(title=f"throughput, {args.arch} on {payload['device']}")
-    for col in ("phase", "config", "avg bits", "tokens/s", "vs FP16", "vs 4-bit", "kernels"):
+    cols = ("phase", "config", "avg bits", "tokens/s", "vs FP16", "vs 4-bit", "peak GiB")
+    for col in (*cols, "kernels"):
         table.add_column(col, justify="right")
     for phase, rows in results.items():
-        fp16 = rows["FP16 LoRA"]["tokens_per_s"]
-        u4 = rows["GPTQ 4-bit"]["tokens_per_s"]
+        fp16 = rows.get("FP16 LoRA", {}).get("tokens_per_s")
+        u4 = rows.get("GPTQ 4-bit", {}).get("tokens_per_s")
         for label, r in rows.items():
             tps = r["tokens_per_s"]
+            peak = r.get("peak_allocated_bytes")
             table.add_row(
                 phase,
                 label,
                 f"{r['average_bits']:.2f}",
                 _fmt(tps)
                 + (f" (decode {_fmt(r['decode_tokens_per_s'])})" if phase == "generate" else ""),
-                f"{tps / fp16:.2f}x",
-                f"{tps / u4:.2f}x",
+                f"{tps / fp16:.2f}x" if fp16 else "-",
+                f"{tps / u4:.2f}x" if u4 else "-",
+                "-" if peak is None else f"{peak / 2**30:.2f}",
                 ", ".join(f"{b}: {k}" for b, k in r["kernels"].items()) or "dense",
             )
     Console(width=200).print(table)
