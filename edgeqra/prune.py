@@ -276,7 +276,8 @@ class PruneTarget:
             wanted = group * keep * kv if gqa else heads * keep
             # The nearest count the config accepts; ties keep more heads.
             new_heads = min(valid, key=lambda h: (abs(h - wanted), -h))
-            if new_heads != math.floor(wanted + 0.5) and not quiet:
+            natural = kv * math.floor(group * keep + 0.5) if gqa else math.floor(wanted + 0.5)
+            if new_heads != natural and not quiet:
                 log.warning(
                     "`ratio` %s asks for %.1f query heads; %s holds %d (choices %s)",
                     settings.ratio, wanted, type(cfg).__name__, new_heads, valid,
