@@ -16,7 +16,8 @@ GPU (one H200 call per architecture group; ``bench/gpu/README.md`` has the exact
 Issue 15: by default (``--isolation phase``) every (config, phase) runs in a fresh Python
 process (``--child``), so no phase inherits an earlier one's reserved memory, cuBLAS handles
 or library caches, and the process figure is that phase's own; the random checkpoint is
-written once per config. ``--gpus N`` measures N configs at once, one per GPU. Quantized
+written once per config. ``--jobs N`` measures N configs at once (``--gpus G`` spreads them
+over G GPUs; peaks are per process, so jobs may share one). Quantized
 fine-tuning runs edgeqra's recompute backward (``--quantized-backward saved``: GPTQModel's
 own path, for comparison). ``bench/memory_replay.py`` replays a JSON through the memory model.
 
@@ -99,10 +100,14 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
         "phases of a config in this process (faster; reserved memory is emptied in between)",
     )
     p.add_argument(
-        "--gpus",
+        "--jobs",
         type=int,
         default=1,
-        help="phase isolation: run this many configs at once, one per GPU (CUDA_VISIBLE_DEVICES)",
+        help="phase isolation: measure this many configs at once (each phase's peaks are its "
+        "own process's, so jobs may share a GPU; only wall time is shared)",
+    )
+    p.add_argument(
+        "--gpus", type=int, default=1, help="spread the jobs over this many GPUs (round robin)"
     )
     p.add_argument(
         "--quantized-backward",
@@ -406,7 +411,7 @@ def measure(args: argparse.Namespace) -> dict:
         jobs += [(arch, hf, label, configs[label]) for label in wanted]
     lock = threading.Lock()
     longest = [0.0]  # the slowest config so far: do not start one that would overrun the limit
-    free_gpus = list(range(max(args.gpus, 1)))
+    free_slots = [k % max(args.gpus, 1) for k in range(max(args.jobs, 1))]  # slot -> GPU
 
     def run(job) -> None:
         arch, hf, label, config = job
@@ -414,7 +419,7 @@ def measure(args: argparse.Namespace) -> dict:
             if time.perf_counter() - start + longest[0] > args.time_limit:
                 payload["skipped"].append(f"{arch}/{label}")
                 return
-            gpu = free_gpus.pop()
+            gpu = free_slots.pop()
         work = root / f"{arch}-{label}"
         work.mkdir(parents=True, exist_ok=True)
         t0 = time.perf_counter()
@@ -431,7 +436,7 @@ def measure(args: argparse.Namespace) -> dict:
         finally:
             shutil.rmtree(work, ignore_errors=True)
             with lock:
-                free_gpus.append(gpu)
+                free_slots.append(gpu)
         record["label"] = label
         record["seconds"] = round(time.perf_counter() - t0, 1)
         with lock:
@@ -443,7 +448,7 @@ def measure(args: argparse.Namespace) -> dict:
             print(json.dumps({"arch": arch, **record}), flush=True)
             _write(args.out, payload)
 
-    workers = max(args.gpus, 1) if args.isolation == "phase" else 1
+    workers = max(args.jobs, 1) if args.isolation == "phase" else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(run, jobs))
     order = {(a, lab): i for i, (a, _, lab, _) in enumerate(jobs)}

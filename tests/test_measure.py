@@ -151,7 +151,7 @@ def test_memory_truth_runs_each_phase_in_a_fresh_process(tmp_path, monkeypatch):
     import subprocess
 
     bench = _bench("memory_truth")
-    args = bench._parse_args(["--arch", "smollm2-135m", "--configs", "u4", "--gpus", "2"])
+    args = bench._parse_args(["--arch", "smollm2-135m", "--configs", "u4", "--jobs", "2"])
     assert args.isolation == "phase" and args.quantized_backward == "recompute"
     assert bench._wanted_phases(args) == ["inference", "ft", "ft+ckpt"]
     assert bench._phase_args("ft+ckpt") == {"modes": ["finetune"], "checkpointing": (True,)}
