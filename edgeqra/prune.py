@@ -84,10 +84,10 @@ MAX_RATIO = 0.7
 LAYERWISE_REFUSAL = (
     "`layout` 'layerwise' is refused: per-layer widths (LLM-Pruner's block-wise rule) cannot "
     "be written as a standard Hugging Face config, which holds one `intermediate_size` and one "
-    "`num_attention_heads` for every layer (LlamaConfig, Qwen2Config, Gemma3TextConfig), so "
-    "the folder would load only through custom modelling code (trust_remote_code) or pickled "
-    "modules, and GPTQModel and transformers would rebuild the layers at the wrong widths; "
-    "use `layout` 'uniform'"
+    "`num_attention_heads` for every layer (LlamaConfig, Qwen2Config, Gemma3TextConfig); "
+    "transformers' per-layer `per_layer_config` is not read by these models (building one "
+    "raises AmbiguousGlobalPerLayerAttributeError), so the folder would load only through "
+    "custom modelling code (trust_remote_code) or pickled modules; use `layout` 'uniform'"
 )
 
 

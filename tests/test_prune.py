@@ -390,3 +390,17 @@ def test_job_file_prune_then_search_export_verify(folders, tmp_path, monkeypatch
     captured = capsys.readouterr()
     assert json.loads(captured.out)["search"]["fresh_evaluations"] == 0
     assert "different job" not in captured.err
+
+
+def test_layerwise_is_refused_because_transformers_cannot_build_per_layer_widths():
+    """The README's reason, checked: a per-layer intermediate_size does not build a Llama."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64, per_layer_config={1: {"intermediate_size": 64}},
+    )  # fmt: skip
+    with pytest.raises(RuntimeError, match="per-layer attribute"):
+        LlamaForCausalLM(config)
+    with pytest.raises(PruneError, match="per_layer_config"):
+        PruneSettings(layout="layerwise")
