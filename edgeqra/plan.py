@@ -7,14 +7,15 @@ does, so that an impossible budget is rejected with the minimum memory it would 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
-from edgeqra.errors import BudgetError
+from edgeqra.errors import BudgetError, ConfigError
 from edgeqra.memory import Breakdown, ModelSpec, estimate_for_profile
 from edgeqra.profiles import BudgetMode, DeviceProfile
 from edgeqra.space import DEFAULT_BITS, FP16_BITS, Choice, Config
 
-__all__ = ["Plan", "PlanRow", "largest_fitting", "make_plan"]
+__all__ = ["Plan", "PlanRow", "budget_for_bits", "largest_fitting", "make_plan"]
 
 GiB = 1 << 30
 
@@ -162,3 +163,41 @@ def make_plan(
         else _row("largest fitting", spec, best_config, profile, mode, group_size)
     )
     return Plan(profile, mode, tuple(rows), best, minimum)
+
+
+def budget_for_bits(
+    spec: ModelSpec,
+    profile: DeviceProfile,
+    bits: float,
+    space_bits: tuple[int, ...] = DEFAULT_BITS,
+    *,
+    rank: int = 8,
+    group_size: int = 64,
+) -> int:
+    """The memory budget that ``bits`` average bits means: ``--budget-bits`` (issue 20).
+
+    The predicted bytes, under the profile's workload, of a rank-``rank`` config whose
+    weights average ``bits``: between the two uniform configs whose bit-widths bracket it
+    (from ``space_bits`` and 16), the bytes are interpolated linearly in bits, which is how
+    the quantized weights' bytes grow (the rest of the memory does not depend on bits).
+    For a small model whose memory is mostly the runtime reserve and logits, a budget in
+    GiB hardly binds; one in bits does, and it means the same on every profile.
+    """
+    ladder = sorted({*space_bits, FP16_BITS})
+    if isinstance(bits, bool) or not isinstance(bits, int | float) or not math.isfinite(bits):
+        raise ConfigError(f"`budget_bits` must be a number of bits, got {bits!r}; e.g. 3.5")
+    if not ladder[0] <= bits <= FP16_BITS:
+        raise ConfigError(
+            f"`budget_bits` {bits} is outside [{ladder[0]}, {FP16_BITS}] (the bit set "
+            f"{list(space_bits)} up to unquantized); pick a value in that range, e.g. 3.5"
+        )
+    lo = max(b for b in ladder if b <= bits)
+    hi = min(b for b in ladder if b >= bits)
+
+    def total(b: int) -> int:
+        config = Config.uniform(spec.n_units, b, rank)
+        return estimate_for_profile(spec, config, profile, group_size=group_size).total
+
+    if lo == hi:
+        return total(lo)
+    return int(total(lo) + (bits - lo) / (hi - lo) * (total(hi) - total(lo)))

@@ -24,6 +24,7 @@ __all__ = [
     "Choice",
     "Config",
     "SearchSpace",
+    "fill",
     "repair",
 ]
 
@@ -411,6 +412,93 @@ def repair(
             raise _budget_error(space, current, current_bytes, budget)
         _, current, current_bytes = best
     return current
+
+
+def fill(
+    config: Config,
+    space: SearchSpace,
+    memory: Callable[[Config], int],
+    budget: int,
+    importance: Sequence[float] | None = None,
+    *,
+    fields: tuple[str, ...] = ("bits", "rank"),
+) -> Config:
+    """Raise the most valuable steps while ``memory(config) <= budget``: the mirror of :func:`repair`.
+
+    A hard budget is not an objective: bytes left unused below it buy nothing, so a config
+    the search evaluates should use them (issue 20: repair only lowers, and the quick-start's
+    children sat at 2-3 bits where 4 fitted everywhere).
+
+    Greedy: each round takes the single up step (one unit's bits or rank one step higher,
+    among ``fields``) with the most importance gained per byte spent that still fits; the
+    gain mirrors repair's loss, ``importance[l]`` times the relative step measured at the
+    larger value. Byte costs are taken per unit and refreshed for the unit that moved (the
+    memory model is nearly additive over units); every accepted step is checked against the
+    exact ``memory``, and a last exact pass over every up step makes sure none fits when it
+    returns. A config over the budget is returned unchanged (repair it first).
+
+    Args:
+        config: a config in ``space``.
+        space: the allowed bits and ranks.
+        memory: exact bytes of a config (monotone in bits and ranks).
+        budget: the hard limit in bytes.
+        importance: per-unit sensitivity (non-negative); ``None`` = all ones.
+        fields: which steps may be raised (``("bits",)``: a bits-only knapsack).
+    """
+    space.validate(config)
+    imp = space._unit_weights(importance, "importance")
+    current_bytes = memory(config)
+    if current_bytes > budget:
+        return config
+    current = config
+
+    def up_moves(index: int, choice: Choice) -> list[tuple[int, str, Config]]:
+        out = []
+        for order, (name, delta) in enumerate(space._moves(choice)):
+            if delta > 0 and name in fields:
+                choices = list(current.choices)
+                choices[index] = space._step(choice, name, delta)
+                out.append((order, name, Config(tuple(choices))))
+        return out
+
+    def gain(index: int, old: Choice, new: Choice, name: str) -> float:
+        old_v, new_v = (old.bits, new.bits) if name == "bits" else (old.rank, new.rank)
+        return imp[index] * (new_v - old_v) / max(new_v, 1)
+
+    def costs(index: int) -> list[tuple[int, str, int]]:
+        return [(o, n, memory(c) - current_bytes) for o, n, c in up_moves(index, current[index])]
+
+    cost = {i: costs(i) for i in range(space.n_units)}  # per unit: (order, field, bytes)
+    blocked: set[tuple[int, int]] = set()  # (unit, order) found over budget at the exact check
+    while True:
+        ranked = []
+        for index, moves in cost.items():
+            for order, name, spent in moves:
+                if (index, order) in blocked or current_bytes + spent > budget:
+                    continue
+                new = space._step(current[index], name, 1)
+                g = gain(index, current[index], new, name)
+                key = (0, -g, index, order) if spent <= 0 else (1, -g / spent, index, order)
+                ranked.append((key, index, order, name))
+        taken = False
+        for _, index, order, name in sorted(ranked):
+            choices = list(current.choices)
+            choices[index] = space._step(current[index], name, 1)
+            candidate = Config(tuple(choices))
+            after = memory(candidate)
+            if after <= budget:
+                current, current_bytes, taken = candidate, after, True
+                blocked = {b for b in blocked if b[0] != index}
+                cost[index] = costs(index)
+                break
+            blocked.add((index, order))
+        if taken:
+            continue
+        # Exact pass: with refreshed costs, is any up step still affordable?
+        cost = {i: costs(i) for i in range(space.n_units)}
+        blocked.clear()
+        if not any(current_bytes + spent <= budget for m in cost.values() for _, _, spent in m):
+            return current
 
 
 def _budget_error(

@@ -144,3 +144,62 @@ def test_search_impossible_budget_exits_3_before_any_work(capsys, tiny_folder, t
     err = capsys.readouterr().err
     assert "nothing fits" in err and err.count("\n") == 1
     assert not (out / "journal.jsonl").exists()
+
+
+def test_budget_bits_search_fills_every_candidate_to_the_budget(
+    capsys, tiny_folder, tmp_path, monkeypatch
+):
+    """--budget-bits 3.5 is the memory of a rank-8 config at 3.5 average bits, exactly; every
+    evaluated config that is not a uniform anchor has no single up step left that fits."""
+    from transformers import AutoConfig
+
+    from edgeqra.plan import budget_for_bits
+    from edgeqra.space import SearchSpace
+
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "cache"))
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(tiny_folder))
+    profile = load_profile(PROFILE)
+    budget = budget_for_bits(spec, profile, 3.5, group_size=GROUP)
+    out = tmp_path / "run"
+    argv = _argv(tiny_folder, out, 1.0, "--no-bayes", "--evals", "12")
+    at = argv.index("--budget-gb")
+    argv[at : at + 2] = ["--budget-bits", "3.5"]
+    assert main(argv) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["budget_bytes"] == budget
+
+    def memory(config: Config) -> int:
+        return estimate_for_profile(spec, config, profile, group_size=GROUP).total
+
+    space = SearchSpace(spec.n_units)
+    lines = [json.loads(x) for x in (out / "journal.jsonl").read_text().splitlines()]
+    searched = [Config.parse(x["config"]) for x in lines]
+    searched = [c for c in searched if len(set(c)) > 1]  # uniform anchors are references
+    assert searched, "the search evaluated no mixed config"
+    for config in searched:
+        assert memory(config) <= budget
+        for index, choice in enumerate(config):
+            for name, delta in space._moves(choice):
+                if delta > 0:
+                    choices = list(config.choices)
+                    choices[index] = space._step(choice, name, delta)
+                    assert memory(Config(tuple(choices))) > budget, (config.short(), index, name)
+
+
+def test_budget_bits_bad_values_exit_2(capsys, tiny_folder, tmp_path):
+    for bad in ("1.5", "17", "nan"):
+        argv = _argv(tiny_folder, tmp_path / f"run{bad}", 1.0)
+        at = argv.index("--budget-gb")
+        argv[at : at + 2] = ["--budget-bits", bad]
+        assert main(argv) == EXIT_INPUT, bad
+        err = capsys.readouterr().err
+        assert "budget_bits" in err and err.count("\n") == 1
+        assert not (tmp_path / f"run{bad}" / "journal.jsonl").exists()
+    both = _argv(tiny_folder, tmp_path / "both", 1.0, "--budget-bits", "4")
+    assert main(both) == EXIT_INPUT
+    assert "not both" in capsys.readouterr().err
+    assert (
+        main(["plan", "--profile", PROFILE, "--model", str(tiny_folder), "--budget-bits", "1"])
+        == EXIT_INPUT
+    )
+    assert "budget_bits" in capsys.readouterr().err

@@ -294,3 +294,22 @@ def test_killed_search_resumes_without_reevaluating(tmp_path):
     assert killed.calls + resumed.calls == planned.calls
     assert evaluations.count == full.evaluations
     assert outcome.best == full.best
+
+
+def test_population_clips_memory_at_the_budget_unless_the_front_is_asked():
+    """Under a hard budget, bytes left unused are no merit: ranking is by score alone."""
+    from edgeqra.evaluate import Result
+    from edgeqra.search.evolution import _Population, _reference
+
+    def result(score: float, memory: int) -> Result:
+        return Result("c", 4, score, "acc", 1.0, 2.7, score, score, None, memory, True, 0.0, 0)
+
+    a, b = Config.uniform(2, 4, 8), Config.uniform(2, 2, 8)
+    for front, expected in (
+        (False, [(-0.5, 1.0), (-0.4, 1.0)]),
+        (True, [(-0.5, 0.9), (-0.4, 0.5)]),
+    ):
+        pop = _Population(100, front)
+        pop.seen = {a: result(0.5, 90), b: result(0.4, 50)}
+        assert pop.objectives([a, b]) == expected
+        assert _reference(pop)[1] == (1.0 if front else 2.0)

@@ -10,7 +10,7 @@ from conftest import tiny_model
 from edgeqra.errors import BudgetError, ConfigError
 from edgeqra.memory import ModelSpec, estimate_for_profile
 from edgeqra.profiles import load_profile
-from edgeqra.space import FP16_BITS, Choice, Config, SearchSpace, repair
+from edgeqra.space import FP16_BITS, Choice, Config, SearchSpace, fill, repair
 
 SMALL = SearchSpace(2, bits=(2, 4, 8), ranks=(0, 8, 16))
 
@@ -326,3 +326,69 @@ def test_repair_property_with_the_real_memory_model(real_memory):
             for old, new in zip(config, result, strict=True):
                 assert new.bits <= old.bits and new.rank <= old.rank
     assert min(outcomes.values()) >= 15, outcomes
+
+
+# --- fill (the mirror of repair) -----------------------------------------------------------------
+
+
+def _no_up_step_fits(config: Config, space: SearchSpace, memory, budget: int, fields) -> bool:
+    """True when raising any one unit's bits or rank one step would leave the budget."""
+    for index, choice in enumerate(config):
+        for name, delta in space._moves(choice):
+            if delta > 0 and name in fields:
+                choices = list(config.choices)
+                choices[index] = space._step(choice, name, delta)
+                if memory(Config(tuple(choices))) <= budget:
+                    return False
+    return True
+
+
+def test_fill_raises_the_important_unit_first():
+    # 2 x (2, 4) = 2 * 240 = 480 B; budget 700 B. Gains per byte, by hand:
+    #   unit 0 bits 2->3: 1.0 * 1/3 / 100     unit 0 rank 4->8: 1.0 * 0.5 / 40
+    #   unit 1 bits 2->3: 0.1 * 1/3 / 100     unit 1 rank 4->8: 0.1 * 0.5 / 40
+    # -> unit 0 rank 4->8 (520 B), then unit 0 rank 8->16 (0.5/80: 600 B), then unit 0 bits
+    # 2->3 (1/300 > 0.5/160 for rank 16->32 -> 700 B): nothing more fits.
+    start = Config.uniform(2, 2, 4)
+    space = SearchSpace(2, bits=(2, 3, 4, 8), ranks=(4, 8, 16, 32))
+    got = fill(start, space, _additive, 700, importance=[1.0, 0.1])
+    assert got == Config.from_pairs([(3, 16), (2, 4)])
+    assert _additive(got) <= 700
+    assert _no_up_step_fits(got, space, _additive, 700, ("bits", "rank"))
+
+
+def test_fill_bits_only_is_a_knapsack_over_bits():
+    space = SearchSpace(3, bits=(2, 3, 4, 8), ranks=(8,))
+    start = Config.uniform(3, 2, 8)
+    got = fill(
+        start, space, _additive, 3 * 100 * 4 + 240, importance=[0.2, 1.0, 0.5], fields=("bits",)
+    )
+    assert got.ranks == (8, 8, 8)
+    assert _no_up_step_fits(got, space, _additive, 3 * 400 + 240, ("bits",))
+    assert got[1].bits >= got[2].bits >= got[0].bits  # bytes go to the sensitive units first
+
+
+def test_fill_leaves_an_over_budget_config_alone_and_is_idempotent():
+    space = SearchSpace(2, bits=(2, 4, 8), ranks=(0, 8))
+    over = Config.uniform(2, 8, 8)
+    assert fill(over, space, _additive, 100) is over
+    once = fill(Config.uniform(2, 2, 0), space, _additive, 1300)
+    assert fill(once, space, _additive, 1300) == once
+
+
+def test_fill_property_with_the_real_memory_model(real_memory):
+    """No filled config leaves room for one more up step, and filling never lowers a unit."""
+    spec, memory = real_memory
+    space = SearchSpace(spec.n_units)
+    low = memory(Config.uniform(spec.n_units, space.bits[0], space.ranks[0]))
+    high = memory(Config.uniform(spec.n_units, space.bits[-1], space.ranks[-1]))
+    rng = random.Random(3)
+    for _ in range(12):
+        budget = rng.randint(low, high)
+        config = repair(space.sample(rng), space, memory, budget)
+        importance = [rng.random() for _ in range(spec.n_units)]
+        got = fill(config, space, memory, budget, importance)
+        assert memory(got) <= budget
+        assert _no_up_step_fits(got, space, memory, budget, ("bits", "rank"))
+        for old, new in zip(config, got, strict=True):
+            assert new.bits >= old.bits and new.rank >= old.rank

@@ -55,6 +55,7 @@ class SearchSettings:
     use_evolution: bool = True  # stage 2; off = only the initial population is measured
     use_bayes: bool = True  # stage 3
     seed_baselines: bool = True  # put the uniform baselines that fit into the initial population
+    fill: bool = True  # raise every candidate to the budget before it is evaluated (space.fill)
     evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
     bayes: BayesSettings = field(default_factory=BayesSettings)
 

@@ -55,6 +55,7 @@ class EvolutionSettings:
     patience: int = 2  # generations without hypervolume gain before stopping
     hv_tolerance: float = 1e-3  # relative gain below which a generation counts as stagnant
     optimizer: str = "DiscreteLenglerOnePlusOne"
+    front: bool = False  # rank on (score, memory); False: memory under the budget is no merit
 
     def __post_init__(self) -> None:
         if self.population < 2 or self.children < 1:
@@ -119,17 +120,26 @@ def run_rungs(
 
 
 class _Population:
-    """Configs with their low-fidelity objectives ``(-score, memory / budget)``."""
+    """Configs with their low-fidelity objectives ``(-score, memory / budget)``.
 
-    def __init__(self, budget: int) -> None:
+    Without ``front`` the memory objective is clipped at the budget: every feasible config
+    gets 1.0, so NSGA-II ranks by score alone (a hard budget is a constraint, and bytes left
+    unused below it buy the user nothing); with ``front`` it is the real memory, for users who
+    want the whole score–memory trade-off (``--front`` / ``--alpha``).
+    """
+
+    def __init__(self, budget: int, front: bool = False) -> None:
         self.budget = budget
+        self.front = front
         self.members: list[Config] = []
         self.seen: dict[Config, Result] = {}
 
     def objectives(self, configs: Sequence[Config]) -> list[tuple[float, float]]:
-        return [
-            (-self.seen[c].score, (self.seen[c].memory_bytes or 0) / self.budget) for c in configs
-        ]
+        out = []
+        for c in configs:
+            memory = (self.seen[c].memory_bytes or 0) / self.budget
+            out.append((-self.seen[c].score, memory if self.front else max(memory, 1.0)))
+        return out
 
 
 def _tournament(pop: _Population, rng: random.Random) -> Config:
@@ -177,7 +187,7 @@ def evolve(
     optimizer = ng.optimizers.registry[settings.optimizer](
         parametrization=_parametrization(space, seed), num_workers=1
     )
-    pop = _Population(budget)
+    pop = _Population(budget, settings.front)
     surrogate = Surrogate(space)
 
     def measure(configs: Sequence[Config], stage: str) -> None:
@@ -225,11 +235,13 @@ def evolve(
 def _reference(pop: _Population) -> tuple[float, float]:
     """Hypervolume reference point, fixed after the initial population so values compare.
 
-    Worst initial score minus 10 % of the initial score range (at least 0.01), and the budget.
+    Worst initial score minus 10 % of the initial score range (at least 0.01), and the budget
+    (twice the budget when memory is clipped at it: every point then sits at 1.0 and the
+    hypervolume is the best score's gain over the reference, a single-objective progress).
     """
     scores = [r.score for r in pop.seen.values()]
     span = max(max(scores) - min(scores), 0.01)
-    return (-(min(scores) - 0.1 * span), 1.0)
+    return (-(min(scores) - 0.1 * span), 1.0 if pop.front else 2.0)
 
 
 def _children(
