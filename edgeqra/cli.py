@@ -122,6 +122,32 @@ def _profile_json(profile: object) -> dict[str, object]:
     }
 
 
+def _plan_budget(spec, profile, args: argparse.Namespace, out: Console):
+    """The profile with its budget replaced by ``--budget-gb`` / ``--budget-bits`` (if given)."""
+    import dataclasses
+
+    from edgeqra.plan import budget_for_bits
+
+    if args.budget_gb is not None and args.budget_bits is not None:
+        raise EdgeQRAError("give the budget once: `--budget-gb` or `--budget-bits`, not both")
+    if args.budget_gb is not None:
+        if not args.budget_gb > 0:
+            raise EdgeQRAError(f"`--budget-gb` must be positive, got {args.budget_gb}")
+        budget = int(args.budget_gb * 2**30)
+    elif args.budget_bits is not None:
+        budget = budget_for_bits(spec, profile, args.budget_bits, group_size=args.group_size)
+        if not args.json:
+            out.print(
+                f"--budget-bits {args.budget_bits}: the predicted memory of a rank-8 config "
+                f"averaging {args.budget_bits} bits on {profile.name} = {budget:,} bytes "
+                f"({budget / 2**30:.4f} GiB)"
+            )
+    else:
+        return profile
+    # The budget is memory_gib - os_reserved_gib: move the OS share so the budget is `budget`.
+    return dataclasses.replace(profile, os_reserved_gib=profile.memory_gib - budget / 2**30)
+
+
 def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
     """Memory breakdown of the baselines on a profile and the most bits that fit."""
     from edgeqra.memory import ModelSpec
@@ -139,6 +165,7 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
         )
         spec = ModelSpec.from_config(hf_config)
     mode = BudgetMode(args.mode) if args.mode else None
+    profile = _plan_budget(spec, profile, args, out)
     plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
     if args.cap or args.config:
         return _plan_capped(hf_config, spec, plan, args, out)
@@ -574,10 +601,12 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
             use_sensitivity=args.sensitivity,
             use_evolution=args.evolution,
             use_bayes=args.bayes,
+            fill=args.fill,
             evolution=EvolutionSettings(
                 population=args.population,
                 children=args.children,
                 generations=args.generations,
+                front=args.front or args.alpha is not None,  # a trade-off needs a front
             ),
             bayes=BayesSettings(seed=args.seed),
         )
@@ -585,6 +614,7 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
             eval=_eval_job(args, steps=args.steps),
             search=settings,
             budget_gb=args.budget_gb,
+            budget_bits=args.budget_bits,
             baseline_rank=args.baseline_rank,
             final_steps=args.final_steps,
             alpha=args.alpha,
@@ -926,6 +956,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rank", type=int, default=8, help="uniform LoRA rank of the baselines")
     p.add_argument("--group-size", type=int, default=64, help="GPTQ group size")
+    p.add_argument("--budget-gb", type=float, help="override the profile's usable budget (GiB)")
+    p.add_argument(
+        "--budget-bits",
+        type=float,
+        metavar="B",
+        help="budget = the predicted memory of a rank-8 config averaging B bits (e.g. 3.5)",
+    )
     p.add_argument(
         "--mode",
         choices=["inference", "finetune", "both"],
@@ -997,6 +1034,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", help="profile name or .toml path (the hard budget)")
     p.add_argument("--budget-gb", type=float, help="override the profile's usable budget (GiB)")
+    p.add_argument(
+        "--budget-bits",
+        type=float,
+        metavar="B",
+        help="budget = the predicted memory of a rank-8 config averaging B bits (e.g. 3.5)",
+    )
     p.add_argument("--steps", type=int, default=64, help="full-length tuning steps (top fidelity)")
     p.add_argument("--evals", type=int, default=60, help="evaluations at any fidelity")
     p.add_argument("--time-limit", type=float, metavar="S", help="wall-time budget in seconds")
@@ -1010,6 +1053,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--final-steps", type=int, help="tuning steps of the chosen config")
     p.add_argument(
         "--alpha", type=float, help="pick the front's trade-off point α·score−(1−α)·memory"
+    )
+    p.add_argument(
+        "--fill",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="raise every candidate's bits/ranks to the budget before it is evaluated",
+    )
+    p.add_argument(
+        "--front",
+        action="store_true",
+        help="rank candidates on score and memory (the whole front), not on score under the "
+        "budget (implied by --alpha)",
     )
     p.add_argument("--baseline-rank", type=int, default=8, help="rank of the uniform baselines")
     p.add_argument(

@@ -28,6 +28,7 @@ from edgeqra.errors import BudgetError, ConfigError
 from edgeqra.evaluate import EvalSettings, Evaluator, Result
 from edgeqra.memory import ModelSpec, estimate, estimate_for_profile
 from edgeqra.models import LoadedModel, cache_dir, load_model, resolve_model
+from edgeqra.plan import budget_for_bits
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
 from edgeqra.prune import PruneSettings
 from edgeqra.search.bayes import BayesSettings
@@ -48,7 +49,15 @@ from edgeqra.search.executors import (
 )
 from edgeqra.search.journal import Journal
 from edgeqra.sensitivity import initial_population, measure_sensitivity, seed_config
-from edgeqra.space import DEFAULT_BITS, DEFAULT_RANKS, FP16_BITS, Config, SearchSpace, repair
+from edgeqra.space import (
+    DEFAULT_BITS,
+    DEFAULT_RANKS,
+    FP16_BITS,
+    Config,
+    SearchSpace,
+    fill,
+    repair,
+)
 from edgeqra.tune import TuneSettings
 
 __all__ = [
@@ -228,6 +237,7 @@ class SearchJob:
     eval: EvalJob
     search: SearchSettings = field(default_factory=SearchSettings)
     budget_gb: float | None = None  # overrides the profile's usable budget
+    budget_bits: float | None = None  # the budget = memory of a rank-8 config at these avg bits
     baseline_rank: int = 8  # rank of the uniform baselines seeded and reported
     final_steps: int | None = None  # full-length tuning of the chosen config (None = search.steps)
     alpha: float | None = None  # trade-off α·norm(score) − (1−α)·norm(memory); None = best score
@@ -239,6 +249,22 @@ class SearchJob:
             raise ConfigError("a search needs a device profile; pass `--profile NAME`")
         if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
             raise ConfigError(f"`alpha` must be in [0, 1], got {self.alpha}")
+        if self.budget_gb is not None and self.budget_bits is not None:
+            raise ConfigError(
+                "give the budget once: `budget_gb` or `budget_bits`, not both; drop one of them"
+            )
+        if self.budget_bits is not None:
+            ladder = sorted({*self.eval.bits, FP16_BITS})
+            ok = isinstance(self.budget_bits, int | float) and not isinstance(
+                self.budget_bits, bool
+            )
+            if not ok or not ladder[0] <= self.budget_bits <= FP16_BITS:
+                raise ConfigError(
+                    f"`budget_bits` {self.budget_bits!r} must be a number in [{ladder[0]}, "
+                    f"{FP16_BITS}] (the bit set {list(self.eval.bits)} up to unquantized), e.g. 3.5"
+                )
+        if self.budget_gb is not None and not self.budget_gb > 0:
+            raise ConfigError(f"`budget_gb` must be positive, got {self.budget_gb}")
         if self.baseline_rank not in self.eval.ranks:
             raise ConfigError(
                 f"`baseline_rank` {self.baseline_rank} is not in the rank set "
@@ -358,21 +384,42 @@ def open_run_dir(
     return job
 
 
+def _arch_spec(job: SearchJob) -> ModelSpec:
+    """The model's shapes from its config alone (meta tensors, seconds)."""
+    from transformers import AutoConfig
+
+    path = resolve_model(job.eval.model)
+    return ModelSpec.from_config(
+        AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=job.eval.trust_remote_code
+        )
+    )
+
+
+def budget_gb_of(job: SearchJob) -> float | None:
+    """The job's budget override in GiB: ``budget_gb``, or the bytes ``budget_bits`` means.
+
+    bytes / 2**30 is exact in a float, so ``int(gb * 2**30)`` gives the bytes back exactly
+    (a budget equal to uniform 4-bit's memory still admits uniform 4-bit).
+    """
+    if job.budget_bits is None:
+        return job.budget_gb
+    profile = load_profile(job.eval.profile or "")
+    budget = budget_for_bits(
+        _arch_spec(job), profile, job.budget_bits, job.eval.bits, group_size=job.eval.group_size
+    )
+    return budget / 2**30
+
+
 def check_budget(job: SearchJob) -> int:
     """Fail fast when not even the smallest config (lowest bits, lowest rank) fits.
 
     Uses the architecture alone (meta tensors), so it costs seconds. Returns the budget.
     """
-    from transformers import AutoConfig
-
     profile = load_profile(job.eval.profile or "")
-    budget = profile.budget_bytes if job.budget_gb is None else int(job.budget_gb * 2**30)
-    path = resolve_model(job.eval.model)
-    spec = ModelSpec.from_config(
-        AutoConfig.from_pretrained(
-            path, local_files_only=True, trust_remote_code=job.eval.trust_remote_code
-        )
-    )
+    budget_gb = budget_gb_of(job)
+    budget = profile.budget_bytes if budget_gb is None else int(budget_gb * 2**30)
+    spec = _arch_spec(job)
     smallest = Config.uniform(spec.n_units, min(job.eval.bits), min(job.eval.ranks))
     need = estimate_for_profile(spec, smallest, profile, group_size=job.eval.group_size).total
     if need > budget:
@@ -400,7 +447,8 @@ def run_search_job(
     settings = job.search
     check_budget(job)  # seconds, before minutes of model loading and GPTQ
     check_available(job.executor)  # e.g. Ray not installed: say so now
-    prepared = prepare(job.eval, budget_gb=job.budget_gb, progress=progress)
+    budget_gb = budget_gb_of(job)
+    prepared = prepare(job.eval, budget_gb=budget_gb, progress=progress)
     space, spec, profile = prepared.space, prepared.spec, prepared.profile
     if profile is None or prepared.budget_bytes is None:  # SearchJob.__post_init__ checks
         raise ConfigError("a search needs a device profile; pass `--profile NAME`")
@@ -423,7 +471,8 @@ def run_search_job(
         importance = sens.importance()
 
     def fix(config: Config) -> Config:
-        return repair(config, space, memory, budget, importance)
+        fitted = repair(config, space, memory, budget, importance)
+        return fill(fitted, space, memory, budget, importance) if settings.fill else fitted
 
     rng = random.Random(settings.seed)
     baselines = baseline_configs(space.n_units, space.bits, job.baseline_rank)
@@ -455,7 +504,7 @@ def run_search_job(
         local=prepared.evaluator.evaluate,
         job=lambda: EvalWorkerJob(
             job.eval,
-            job.budget_gb,
+            budget_gb,
             None if prepared.bank is None else str(prepared.bank.root),
             str(cache_dir()),
         ),
