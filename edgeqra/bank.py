@@ -338,9 +338,14 @@ def _build_shared(
         shutil.rmtree(folder, ignore_errors=True)  # a half-written bit-width starts over
         folder.mkdir()
         qcfgs[bits] = saved_quantize_config(
-            QuantizeConfig(bits=bits, group_size=spec.group_size, desc_act=spec.desc_act,
-                           sym=spec.sym)
-        )  # fmt: skip
+            QuantizeConfig(
+                bits=bits,
+                group_size=spec.group_size,
+                desc_act=spec.desc_act,
+                sym=spec.sym,
+                offload_to_disk_path=str(bank.root / "offload"),  # never written; not saved
+            )
+        )
     for position, per_bits in quantize_shared_hessian(
         model_dir,
         calibration,

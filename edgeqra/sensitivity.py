@@ -149,6 +149,48 @@ def _token_kl(ref: torch.Tensor, other: torch.Tensor) -> torch.Tensor:
     return (ref.exp() * (ref - other)).sum(-1).clamp_min(0.0)
 
 
+@contextlib.contextmanager
+def _recording(layers: Sequence[nn.Module]) -> Iterator[list[object]]:
+    """The outputs of ``layers``, in the order they run, for the forwards inside the block."""
+    outputs: list[object] = []
+    hooks = [
+        layer.register_forward_hook(lambda _m, _i, out: outputs.append(out)) for layer in layers
+    ]
+    try:
+        yield outputs
+    finally:
+        for hook in hooks:
+            hook.remove()
+
+
+@contextlib.contextmanager
+def _replayed(layers: Sequence[nn.Module], outputs: Sequence[object]) -> Iterator[None]:
+    """Each of ``layers`` returns its recorded output instead of computing it.
+
+    With only unit l changed, every layer before it computes exactly what the reference
+    forward computed; replaying those outputs skips about half of the layer work of the
+    KL pass and changes no number (tensors are cloned, so in-place use downstream is safe).
+    """
+
+    def replay(output: object):
+        def forward(*args: object, **kwargs: object) -> object:
+            if isinstance(output, torch.Tensor):
+                return output.clone()
+            if isinstance(output, tuple):
+                return tuple(o.clone() if isinstance(o, torch.Tensor) else o for o in output)
+            return output
+
+        return forward
+
+    for layer, output in zip(layers, outputs, strict=True):
+        layer.forward = replay(output)  # instance attribute: shadows the class method
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer.forward
+
+
 @torch.no_grad()
 def _kl_scores(
     model: nn.Module,
@@ -162,23 +204,31 @@ def _kl_scores(
     The model must hold its original weights. Batches are the outer loop so the reference
     log-probabilities of one batch are computed once and never all held at once (for a
     49k vocabulary they would be gigabytes); only unit l is swapped in and back, which is
-    the config "unit l low, every other unit 16-bit" without re-assembling the model.
+    the config "unit l low, every other unit 16-bit" without re-assembling the model. The
+    units before l replay the reference forward's outputs (``_replayed``): units are decoder
+    layers, run in order.
     """
+    layers = [model.get_submodule(unit.name) for unit in units]
     sums = [0.0] * len(units)
     tokens = 0
     for batch in batches:  # (batch, seq)
-        ref = _log_probs(model, batch)  # (batch, seq, vocab)
+        with _recording(layers) as recorded:
+            ref = _log_probs(model, batch)  # (batch, seq, vocab)
+        replay = len(recorded) == len(layers)  # each unit ran once, in order: safe to replay
         for position, unit in enumerate(units):
             saved = {
                 lin.name: w.detach().clone()
                 for lin, w in zip(unit.linears, _unit_weights(model, unit), strict=True)
             }
             _load_unit(model, unit, low_weights(unit))
+            earlier = (layers[:position], recorded[:position]) if replay else ((), ())
             try:
-                sums[position] += float(_token_kl(ref, _log_probs(model, batch)).sum())
+                with _replayed(*earlier):
+                    sums[position] += float(_token_kl(ref, _log_probs(model, batch)).sum())
             finally:
                 _load_unit(model, unit, saved)  # bit-identical: a copy of the clone
             advance(1.0 / len(batches))
+        del recorded
         tokens += batch.numel()
     return [s / tokens for s in sums]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import random
 from pathlib import Path
@@ -262,3 +263,32 @@ def test_a_quantized_model_is_measured_from_the_remembered_originals(setup, meas
     assert again.fisher == pytest.approx(result.fisher, rel=1e-5)
     after = loaded.model.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2", "gemma3"])
+def test_kl_replaying_earlier_layers_changes_no_number_and_skips_them(arch, monkeypatch):
+    """Units before l replay the reference forward: same KL bit for bit, fewer layer runs."""
+    model = tiny_model(arch)
+    units = find_units(model)
+    g = torch.Generator().manual_seed(3)
+    batches = list(torch.randint(0, 256, (4, 24), generator=g).split(2))  # 2 x (2, 24)
+    low = {  # a perturbed copy of each unit's weights stands in for its low-bit entry
+        u.index: {
+            lin.name: model.get_submodule(lin.name).weight.detach()
+            + 0.05 * torch.randn(lin.d_out, lin.d_in, generator=g)
+            for lin in u.linears
+        }
+        for u in units
+    }
+    first = model.get_submodule(units[0].linears[0].name)
+    runs = []
+    first.register_forward_pre_hook(lambda *_: runs.append(1))
+    fast = sens._kl_scores(model, units, lambda u: low[u.index], batches, lambda _s: None)
+    fast_runs = len(runs)
+    runs.clear()
+    monkeypatch.setattr(sens, "_replayed", lambda *_: contextlib.nullcontext())
+    slow = sens._kl_scores(model, units, lambda u: low[u.index], batches, lambda _s: None)
+    assert fast == slow  # exactly: the replayed tensors are the ones the layers computed
+    assert all(v > 0 for v in fast)
+    # Unit 0's first linear runs for the reference and for unit 0 only, not for units 1, 2.
+    assert fast_runs == 2 * len(batches) and len(runs) == (1 + len(units)) * len(batches)
