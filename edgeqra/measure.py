@@ -423,8 +423,8 @@ def capped_run(
     ``torch.cuda.set_per_process_memory_fraction`` caps PyTorch's allocator at the budget
     less what the process already holds outside it (CUDA context, libraries), so a big GPU
     behaves like the device: a config that fits runs, one that does not hits an out-of-memory
-    error in the phase that overruns. The profile's workloads and kernels are used; the cap
-    is lifted afterwards.
+    error in the phase that overruns. The profile's workloads and kernels are used, and
+    cuBLAS gets the profile's device's default workspace size; the cap is lifted afterwards.
 
     Raises:
         ModelError: no CUDA GPU, or this GPU has less memory than the budget to emulate.
@@ -444,6 +444,11 @@ def capped_run(
             f"this GPU has {_gib(total)}, less than profile `{profile.name}`'s budget of "
             f"{_gib(profile.budget_bytes)}: the cap cannot be emulated here; use a larger GPU"
         )
+    # cuBLAS sizes its workspace per GPU (32 MiB on sm_90, 8.125 MiB elsewhere): give this
+    # one the profile's device's default, as the memory model assumes, unless the user chose.
+    if "CUBLAS_WORKSPACE_CONFIG" not in os.environ:
+        sm90 = profile.compute_capability_tuple == (9, 0)
+        os.environ["CUBLAS_WORKSPACE_CONFIG"] = ":4096:8" if sm90 else ":4096:2:16:8"
     _release()
     outside = max(cuda_context_bytes(dev), 0)
     cap = profile.budget_bytes - outside - torch.cuda.memory_reserved(dev)

@@ -107,7 +107,11 @@ def test_capped_run_sets_and_lifts_the_cap_and_names_the_overrun(monkeypatch, ov
         return _record(overrun)
 
     monkeypatch.setattr(measure, "measure_config", fake_measure)
+    env: dict[str, str] = {}
+    monkeypatch.setattr(measure.os, "environ", env)  # restored after the test
     result = measure.capped_run(None, Config.uniform(30, 4, 8), profile, work_dir=Path("."))
+    # cuBLAS gets the 4090's (sm_89) default workspace, not the H200's 32 MiB.
+    assert env == {"CUBLAS_WORKSPACE_CONFIG": ":4096:2:16:8"}
     cap = profile.budget_bytes - (512 << 20)
     assert result.cap_bytes == cap and result.outside_bytes == 512 << 20
     assert seen["fractions"] == [pytest.approx(cap / (140 * GIB))]  # capped while it ran
@@ -125,6 +129,7 @@ def test_capped_run_sets_and_lifts_the_cap_and_names_the_overrun(monkeypatch, ov
 
 def test_capped_run_raises_on_a_failure_that_is_not_memory(monkeypatch):
     _FakeCuda(monkeypatch, total=140 * GIB)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # the user's choice is kept
     monkeypatch.setattr(measure, "measure_config", lambda *a, **k: _record(True, oom=False))
     with pytest.raises(RuntimeError, match="not for memory"):
         measure.capped_run(
@@ -134,6 +139,7 @@ def test_capped_run_raises_on_a_failure_that_is_not_memory(monkeypatch):
 
 def test_capped_run_refuses_a_gpu_smaller_than_the_budget(monkeypatch):
     _FakeCuda(monkeypatch, total=16 * GIB)
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
     with pytest.raises(ModelError, match="less than profile `rtx-4090-24gb`"):
         measure.capped_run(
             None, Config.uniform(30, 4, 8), load_profile("rtx-4090-24gb"), work_dir=Path(".")
