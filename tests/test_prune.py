@@ -404,3 +404,40 @@ def test_layerwise_is_refused_because_transformers_cannot_build_per_layer_widths
         LlamaForCausalLM(config)
     with pytest.raises(PruneError, match="per_layer_config"):
         PruneSettings(layout="layerwise")
+
+
+def test_tui_prune_ratio_field_plans_the_pruned_model_and_saves_the_table(folders, tmp_path):
+    import asyncio
+
+    from edgeqra.tui.app import EdgeQRAApp, PlanScreen
+
+    from edgeqra.job import load_job
+
+    saved = tmp_path / "job.toml"
+    draft = {"model": str(folders["llama"]), "out": str(tmp_path / "run"), "device": "cpu"}
+
+    async def wait(pilot, condition) -> None:
+        for _ in range(1200):
+            if condition():
+                return
+            await pilot.pause(0.05)
+        raise AssertionError("the TUI did not get there in time")
+
+    async def drive() -> None:
+        app = EdgeQRAApp(draft, job_path=saved)
+        async with app.run_test(size=(80, 24)) as pilot:
+            app.choose_profile("t4-16gb")
+            await wait(pilot, lambda: isinstance(app.screen, PlanScreen))
+            await wait(pilot, lambda: bool(app.screen.query("#verdict")))
+            verdict = app.screen.query_one("#verdict")
+            await wait(pilot, lambda: "budget" in str(verdict.render()))
+            assert "unpruned" not in str(verdict.render())
+            app.screen.query_one("#prune").value = "0.3"
+            app.screen.plan()
+            await wait(pilot, lambda: "unpruned" in str(verdict.render()))
+            assert app.draft["prune"] == {"ratio": 0.3}
+            await pilot.press("ctrl+s")
+            await wait(pilot, saved.is_file)
+
+    asyncio.run(drive())
+    assert load_job(saved).prune == PruneSettings(ratio=0.3)
