@@ -217,6 +217,43 @@ def _export_rows(info: dict, quant_s: float | None, export_s: float) -> list[tup
     ]
 
 
+def _compare(args) -> None:
+    """Greedy tok/s of torch fp32 and of each ONNX folder, rounds interleaved (a busy machine
+    moves every figure; interleaving moves them alike), medians printed."""
+    from edgeqra.exporters.onnx import float_model
+    from transformers import AutoTokenizer
+
+    from edgeqra.models import resolve_model
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(args.model))
+    text = "The history of the printing press begins in the fifteenth century, when " * 8
+    prompt = tokenizer(text, return_tensors="pt")["input_ids"][:, : args.prompt_tokens]
+    model = float_model(args.checkpoint)  # float32 throughout, the fp32 embedding included
+    rates: dict[str, list[float]] = {"torch": []}
+    tokens: dict[str, list[int]] = {}
+    for folder in args.compare:
+        rates[str(folder)] = []
+    for _ in range(args.repeats):
+        for name in rates:
+            if name == "torch":
+                tps, toks = _torch_tokens_per_s(model, prompt, args.new_tokens, 1)
+            else:
+                tps, toks = _ort_tokens_per_s(Path(name), prompt[0].tolist(), args.new_tokens, 1)
+            rates[name].append(tps)
+            tokens[name] = toks
+    print(f"| greedy {args.prompt_tokens}+{args.new_tokens} tokens, {args.threads} thread(s) | "
+          "tok/s (median of rounds) | rounds | tokens equal to torch |")  # fmt: skip
+    print("|---|---|---|---|")
+    for name, values in rates.items():
+        same = _prefix(tokens["torch"], tokens[name])
+        info = ""
+        if name != "torch":
+            size = _folder_bytes(Path(name), (".onnx", ".onnx.data")) / 2**20
+            info = f" ({size:.1f} MiB)"
+        print(f"| {name}{info} | {statistics.median(values):.1f} | "
+              f"{', '.join(f'{v:.1f}' for v in values)} | {same} / {args.new_tokens} |")  # fmt: skip
+
+
 def _print_kernels(rows) -> None:
     """The per-kernel markdown table."""
     print("\nOne linear 576 -> 1536, M=1, group 64 (µs, median of 100):\n")
@@ -245,6 +282,8 @@ def main() -> None:
     parser.add_argument("--cache-io", default="genai", choices=["genai", "stacked"])
     parser.add_argument("--embedding-dtype", default="float16",
                         choices=["float16", "bfloat16", "int8", "float32"])  # fmt: skip
+    parser.add_argument("--compare", type=Path, nargs="+",
+                        help="ONNX folders to time against torch, interleaved (no export)")  # fmt: skip
     parser.add_argument("--kernels-only", action="store_true",
                         help="only the per-kernel table (no model, seconds)")  # fmt: skip
     args = parser.parse_args()
@@ -253,6 +292,9 @@ def main() -> None:
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
     if args.kernels_only:
         _print_kernels(kernel_table())
+        return
+    if args.compare:
+        _compare(args)
         return
 
     from edgeqra.exporters.onnx import float_model, onnx_logits, write_onnx

@@ -513,7 +513,8 @@ def _build(
                 stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit)")
                 onnx = _onnx_module()
                 extra["onnx"] = onnx.write_onnx(target, staging, progress=False, **onnx_options)
-                stage(extra["onnx"]["storage_line"])
+                extra["onnx"]["budget"] = _onnx_budget(run, extra["onnx"])
+                stage(extra["onnx"]["storage_line"] + "; " + extra["onnx"]["budget"]["line"])
                 reference = torch.as_tensor(onnx.onnx_logits(staging, ids.numpy()))[0].float()
                 parity = _probe(ids, reference, "onnxruntime")
                 parity["vs_merged_gptq_max_abs"] = _max_diff(reference, gptq_logits)
@@ -527,6 +528,22 @@ def _build(
         written = Config.parse(extra["merge"]["written_config"])
     per_module = _written_bits(qcfg, loaded.units, written)
     return _manifest(run, fmt, prepared, scores, parity, qcfg, per_module, extra)
+
+
+def _onnx_budget(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
+    """The ONNX weights' bytes next to the memory model's weight bytes and the run's budget."""
+    stored = sum(row["bytes"] for row in info["storage"].values()) + info["embedding"]["bytes"]
+    components = (run.chosen.get("predicted_memory") or {}).get("components") or {}
+    predicted = sum(components.get(k, 0) for k in ("quantized_weights", "unquantized_weights"))
+    budget = run.chosen.get("budget_bytes")
+    mib = 2**20
+    line = f"ONNX linears + embedding {stored / mib:.1f} MiB"
+    if predicted:
+        line += f" (memory model's weights {predicted / mib:.1f} MiB)"
+    if budget:
+        line += f", budget {budget / mib:.0f} MiB"
+    return {"stored_bytes": stored, "predicted_weight_bytes": predicted or None,
+            "budget_bytes": budget, "line": line}  # fmt: skip
 
 
 def _reusable_gptq(run: RunDir, merge: Any) -> Path | None:
@@ -575,7 +592,8 @@ def _onnx_from_gptq(
     onnx = _onnx_module()
     stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit)")
     info = onnx.write_onnx(gptq, staging, progress=False, **onnx_options)
-    stage(info["storage_line"])
+    info["budget"] = _onnx_budget(run, info)
+    stage(info["storage_line"] + "; " + info["budget"]["line"])
     probe = m["parity"]
     ids = torch.tensor(probe["input_ids"], dtype=torch.long)  # (1, seq)
     reference = torch.as_tensor(onnx.onnx_logits(staging, ids.numpy()))[0].float()

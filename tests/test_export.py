@@ -498,6 +498,10 @@ def test_onnx_export_reuses_the_gptq_package_and_matches_it(run, monkeypatch):
     assert manifest["parity"]["vs_merged_gptq_max_abs"] < 1e-2
     info = manifest["onnx"]
     assert info["storage"]["3"]["storage"] == "nbits4" and info["embedding"]["dtype"] == "float16"
+    assert (
+        info["budget"]["stored_bytes"]
+        == sum(r["bytes"] for r in info["storage"].values()) + (info["embedding"]["bytes"])
+    )
     ids = torch.tensor(manifest["parity"]["input_ids"])
     assert onnx_logits(result.path, ids.numpy()).shape[:2] == tuple(ids.shape)
     assert package.verify_package(result.path).ok

@@ -70,8 +70,8 @@ case "$STEP" in
     $BENCH --out "$MIXED" --table | tee "$OUT/table-mixed.md"
     $BENCH --out "$UNIFORM" --table | tee "$OUT/table-uniform.md" ;;
   tests)
-    python3 -m pytest "$ROOT/tests/test_export.py" -m gpu -q -p no:cacheprovider \
-      --rootdir "$ROOT" 2>&1 | tee "$OUT/tests-gpu.log" ;;
+    python3 -m pytest "$ROOT/tests/test_export.py" -m gpu -q -s -p no:cacheprovider 2>&1 \
+      | tee "$OUT/tests-gpu.log" ;;
   *)
     echo "unknown step $STEP" >&2; exit 2 ;;
 esac
