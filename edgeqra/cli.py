@@ -912,6 +912,18 @@ def _cmd_verify(args: argparse.Namespace, out: Console) -> int:
     return EXIT_OK
 
 
+def _cmd_report(args: argparse.Namespace, out: Console) -> int:
+    """Draw a finished run directory's measured front as SVG (edgeqra.report)."""
+    from edgeqra.report import write_report
+
+    path = write_report(args.run_dir, args.out)
+    if args.json:
+        print(json.dumps({"run_dir": args.run_dir, "report": str(path)}))
+    else:
+        out.print(f"report: {path}", highlight=False, soft_wrap=True)
+    return EXIT_OK
+
+
 def _cmd_tui(args: argparse.Namespace, out: Console) -> int:
     """Start the Textual app (a thin face over the same job and pipeline as `run`)."""
     from edgeqra.tui.app import run_tui
@@ -1184,6 +1196,15 @@ def _parser() -> argparse.ArgumentParser:
         help="reload the weights and compare logits with the stored reference",
     )
     p.set_defaults(func=_cmd_verify)
+
+    p = sub.add_parser(
+        "report",
+        parents=[common],
+        help="an SVG of a finished run's measured front, baselines, budget and chosen config",
+    )
+    p.add_argument("run_dir", metavar="RUN_DIR", help="the run directory of a finished search")
+    p.add_argument("--out", help="the .svg file to write (default RUN_DIR/report.svg)")
+    p.set_defaults(func=_cmd_report)
 
     p = sub.add_parser("tui", parents=[common], help="the terminal UI: profile, plan, search")
     p.add_argument("job", nargs="?", help="start from this job file (`w` saves back to it)")
