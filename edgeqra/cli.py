@@ -608,7 +608,7 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
                 generations=args.generations,
                 front=args.front or args.alpha is not None,  # a trade-off needs a front
             ),
-            bayes=BayesSettings(seed=args.seed),
+            bayes=BayesSettings(seed=args.seed, method=args.stage3),
         )
         job = SearchJob(
             eval=_eval_job(args, steps=args.steps),
@@ -1071,6 +1071,13 @@ def _parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="raise every candidate's bits/ranks to the budget before it is evaluated",
+    )
+    p.add_argument(
+        "--stage3",
+        choices=["gp", "lengler"],
+        default="gp",
+        help="stage 3: the GP with expected improvement in a trust region, or nevergrad's "
+        "discrete (1+1) evolution (DiscreteLenglerOnePlusOne) from the best config",
     )
     p.add_argument(
         "--front",

@@ -90,6 +90,7 @@ KEYS: dict[str, tuple[object, object]] = {
     "search.alpha": (_FLOAT, None),
     "search.fill": (_BOOL, True),
     "search.front": (_BOOL, False),
+    "search.stage3": (_STR, "gp"),
     "search.baseline_rank": (_INT, 8),
     "search.baselines": (_BOOL, True),
     "search.executor": (_STR, "local"),
@@ -234,7 +235,7 @@ def from_mapping(data: Mapping[str, Any]) -> JobSpec:
             generations=v["search.generations"],
             front=v["search.front"] or v["search.alpha"] is not None,  # a trade-off needs a front
         ),
-        bayes=BayesSettings(seed=seed),
+        bayes=BayesSettings(seed=seed, method=v["search.stage3"]),
     )  # type: ignore[arg-type]
     job = SearchJob(
         eval=ev,
@@ -321,6 +322,7 @@ def to_mapping(spec: JobSpec) -> dict[str, object]:
         "search.alpha": job.alpha,
         "search.fill": s.fill,
         "search.front": s.evolution.front,
+        "search.stage3": s.bayes.method,
         "search.baseline_rank": job.baseline_rank,
         "search.baselines": job.baselines,
         "search.executor": job.executor.kind.value,

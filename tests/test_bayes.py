@@ -170,3 +170,23 @@ def test_refine_rejects_an_empty_or_failed_history():
         refine(_score, [(Config.uniform(6, 4, 8), float("nan"))], SPACE, _feasible, BayesSettings())
     with pytest.raises(EdgeQRAError, match="ei_threshold"):
         BayesSettings(ei_threshold=-1.0)
+
+
+def test_lengler_stage3_improves_stays_feasible_and_is_deterministic():
+    history = _start(8, seed=1)
+    settings = BayesSettings(max_rounds=12, seed=3, method="lengler")
+
+    def fix(config: Config) -> Config:
+        return repair(config, SPACE, _memory, BUDGET)
+
+    runs = [refine(_score, history, SPACE, _feasible, settings, repair=fix) for _ in range(2)]
+    assert runs[0] == runs[1]  # seeded
+    new = runs[0]
+    assert 0 < len(new) <= 12
+    assert all(_feasible(c) for c, _ in new)
+    seen = {c for c, _ in history}
+    assert not seen & {c for c, _ in new}  # nothing measured twice
+    assert len({c for c, _ in new}) == len(new)
+    assert max(s for _, s in new) > max(s for _, s in history)
+    with pytest.raises(EdgeQRAError, match="stage 3"):
+        BayesSettings(method="cma")

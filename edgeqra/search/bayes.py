@@ -56,6 +56,9 @@ _GROW_AFTER = 2  # consecutive successes before the region doubles (TuRBO's τ_s
 _SHRINK_AFTER = 3  # consecutive failures before it halves (TuRBO uses ⌈d/q⌉; fixed here)
 
 
+STAGE3_METHODS = ("gp", "lengler")
+
+
 @dataclass(frozen=True)
 class BayesSettings:
     """How long to refine, when to stop, and how the trust region moves."""
@@ -68,8 +71,16 @@ class BayesSettings:
     max_radius: int = 16
     candidates: int = 256  # random feasible proposals scored by EI per round
     seed: int = 0
+    method: str = "gp"  # "gp": this module; "lengler": nevergrad's discrete (1+1) from the best
 
     def __post_init__(self) -> None:
+        if self.method not in STAGE3_METHODS:
+            raise EdgeQRAError(
+                f"`method` {self.method!r} is not one of {list(STAGE3_METHODS)} (stage 3)"
+            )
+        self._check()
+
+    def _check(self) -> None:
         if self.max_rounds < 0:
             raise EdgeQRAError(f"`max_rounds` must be >= 0, got {self.max_rounds}")
         if not (self.ei_threshold >= 0 and math.isfinite(self.ei_threshold)):
@@ -262,6 +273,10 @@ def refine(
     """
     for config, _ in history:
         space.validate(config)
+    if settings.method == "lengler":
+        return refine_lengler(
+            evaluate, history, space, feasible, settings, repair=repair, on_result=on_result
+        )
     rng = random.Random(settings.seed)
     region = TrustRegion(settings.initial_radius)
     seen = list(history)
@@ -293,4 +308,60 @@ def refine(
         if low >= settings.patience:
             logger.info("refine: EI below %g for %d rounds", settings.ei_threshold, low)
             break
+    return new
+
+
+def refine_lengler(
+    evaluate: Callable[[Config], float],
+    history: Sequence[tuple[Config, float]],
+    space: SearchSpace,
+    feasible: Callable[[Config], bool],
+    settings: BayesSettings,
+    *,
+    repair: Callable[[Config], Config] | None = None,
+    on_result: Callable[[Config, float], None] | None = None,
+) -> list[tuple[Config, float]]:
+    """Stage 3 as nevergrad's ``DiscreteLenglerOnePlusOne`` started at the best config so far.
+
+    On the synthetic problem of ``bench/bayes_compare.py`` it closed 85 % of the gap against
+    the GP's 34.5 %; this runs it on the real objective so the two can be compared there.
+    Every ask is repaired (and filled, through ``repair``) into the budget; a config already
+    measured is told its known score without a new evaluation. ``max_rounds`` evaluations,
+    at most ``4 × max_rounds`` asks. Same contract as :func:`refine`.
+    """
+    import nevergrad as ng
+
+    from edgeqra.search.evolution import _parametrization, _value
+
+    scored = _scored(history)
+    if not scored:
+        return []
+    best, _ = max(scored, key=lambda item: item[1])
+    param = _parametrization(space, settings.seed)
+    param.value = _value(best)
+    optimizer = ng.optimizers.registry["DiscreteLenglerOnePlusOne"](
+        parametrization=param, budget=None
+    )
+    known = {config: score for config, score in history}
+    new: list[tuple[Config, float]] = []
+    for _ in range(4 * settings.max_rounds):
+        if len(new) >= settings.max_rounds:
+            break
+        candidate = optimizer.ask()
+        config = Config.from_pairs(candidate.value)
+        if repair is not None:
+            config = repair(config)
+        if not feasible(config):
+            optimizer.tell(candidate, math.inf)
+            continue
+        if config not in known:
+            score = float(evaluate(config))
+            known[config] = score
+            new.append((config, score))
+            if on_result is not None:
+                on_result(config, score)
+        score = known[config]
+        # Tell the repaired point (nevergrad learns from what was measured, not the raw ask).
+        child = optimizer.parametrization.spawn_child(new_value=_value(config))
+        optimizer.tell(child, -score if math.isfinite(score) else math.inf)
     return new
