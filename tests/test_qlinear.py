@@ -186,3 +186,26 @@ def test_trainable_bias_falls_back_to_the_kernel_graph(checkpoint):
     _, grads, _ = _step(model, _ids())
     assert q.bias.grad is not None and q.bias.grad.abs().sum() > 0
     assert grads
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_recompute_on_cuda_kernels_matches_and_saves_no_weight(checkpoint):
+    """Triton (2/4/8 bits) and torch (3 bits) kernels: same checks on the GPU, bf16."""
+    base = load_gptq(checkpoint, device="cuda", dtype=torch.bfloat16, kernels=["triton", "torch"])
+    model = attach_lora(base, find_units(meta_model(_hf())), CONFIG, TuneSettings(steps=0))
+    g = torch.Generator().manual_seed(0)
+    for name, p in model.named_parameters():
+        if "lora_B" in name:
+            p.data = (torch.randn(p.shape, generator=g) * 0.1).to(p.device, p.dtype)
+    model.train()
+    ids = _ids().cuda()
+    saved_old, grads_old, gx_old = _step(model, ids)
+    assert _dense_weights(model, saved_old)
+    enable_recompute_backward(model)
+    saved_new, grads_new, gx_new = _step(model, ids)
+    assert _dense_weights(model, saved_new) == []
+    for name, grad in grads_old.items():
+        scale = grad.abs().max().item()
+        assert (grads_new[name] - grad).abs().max().item() <= 2e-2 * scale, name
+    assert (gx_new - gx_old).abs().max().item() <= 2e-2 * gx_old.abs().max().item()

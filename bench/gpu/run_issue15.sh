@@ -73,6 +73,7 @@ case "$step" in
   gputests)
     python3 -m pytest -p no:cacheprovider -m gpu -q \
       "$REPO/tests/test_cap.py" "$REPO/tests/test_measure.py" "$REPO/tests/test_quantized_tune.py" \
+      "$REPO/tests/test_qlinear.py" \
       2>&1 | tail -n 30 | tee "$OUT/gputests.log"
     ;;
   *)
