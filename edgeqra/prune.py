@@ -29,6 +29,10 @@ Two details of Torch-Pruning 1.6.1 that this module works around (so it pins tha
   GQA layer drop to the key-value count, starts pruning key-value heads; the counts here are
   computed up front (:class:`PruneTarget`) and each group is pruned with exactly those indices.
 
+The DepGraph side (tracing, coupling checks, pruning by index) lives in
+:mod:`edgeqra._depgraph`; this module holds the settings, the widths, the importance ranking
+and the folder I/O.
+
 ``layout = layerwise`` (LLM-Pruner's block-wise rule: first and last layers whole, the middle
 pruned harder) is refused: no standard config can hold per-layer widths (see
 :data:`LAYERWISE_REFUSAL`).
@@ -36,18 +40,14 @@ pruned harder) is refused: no standard config can hold per-layer widths (see
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import importlib.metadata
 import json
 import logging
 import math
 import shutil
-import sys
 import tempfile
 import time
-import warnings
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
@@ -333,169 +333,6 @@ def _apply_widths(cfg: Any, target: PruneTarget) -> None:
     cfg.head_dim = target.head_dim
 
 
-# ----------------------------------------------------------------------------- tracing
-
-
-@dataclass(frozen=True)
-class _Layer:
-    """The linears of one decoder layer that pruning touches."""
-
-    name: str
-    q: nn.Linear
-    k: nn.Linear
-    v: nn.Linear
-    o: nn.Linear
-    gate: nn.Linear
-    up: nn.Linear
-    down: nn.Linear
-    attention: nn.Module
-    mlp: nn.Module
-
-
-def _layers(model: nn.Module) -> list[_Layer]:
-    """Each decoder layer's q/k/v/o and gate/up/down linears, or a PruneError naming what lacks."""
-    from edgeqra.models import find_units
-
-    names = dict(model.named_modules())
-    out = []
-    for unit in find_units(model):
-        layer = names[unit.name]
-        attn = getattr(layer, "self_attn", None)
-        mlp = getattr(layer, "mlp", None)
-        parts = {
-            "q": getattr(attn, "q_proj", None),
-            "k": getattr(attn, "k_proj", None),
-            "v": getattr(attn, "v_proj", None),
-            "o": getattr(attn, "o_proj", None),
-            "gate": getattr(mlp, "gate_proj", None),
-            "up": getattr(mlp, "up_proj", None),
-            "down": getattr(mlp, "down_proj", None),
-        }
-        missing = [k for k, m in parts.items() if not isinstance(m, nn.Linear)]
-        if missing:
-            raise PruneError(
-                f"cannot prune `{type(model).__name__}`: decoder layer `{unit.name}` has no "
-                f"nn.Linear {', '.join(missing)} (self_attn.q/k/v/o_proj and "
-                "mlp.gate/up/down_proj, as in Llama, Qwen2, Gemma3); fused or other layouts "
-                "are not supported"
-            )
-        out.append(_Layer(unit.name, attention=attn, mlp=mlp, **parts))  # type: ignore[arg-type]
-    return out
-
-
-class _RunawayTrace(Exception):
-    """DepGraph kept adding dependencies: its index mapping loops (Torch-Pruning#527)."""
-
-
-@contextlib.contextmanager
-def _bounded_groups(limit: int) -> Iterator[None]:
-    """Raise :class:`_RunawayTrace` once a group grows past ``limit`` dependencies."""
-    from torch_pruning.dependency.group import Group
-
-    original = Group.add_dep
-
-    def add_dep(self, dep, idxs):  # noqa: ANN001 - Torch-Pruning's signature
-        if len(self._group) >= limit:
-            raise _RunawayTrace
-        original(self, dep, idxs)
-
-    Group.add_dep = add_dep
-    try:
-        yield
-    finally:
-        Group.add_dep = original
-
-
-@contextlib.contextmanager
-def _traceable(model: nn.Module, layers: list[_Layer]) -> Iterator[None]:
-    """Eager attention and RoPE as the identity while DepGraph traces (module docstring)."""
-    patched = []
-    for mod in {sys.modules[type(layer.attention).__module__] for layer in layers}:
-        rope = getattr(mod, "apply_rotary_pos_emb", None)
-        if callable(rope):
-            patched.append((mod, rope))
-            mod.apply_rotary_pos_emb = lambda q, k, *args, **kwargs: (q, k)
-    previous = model.config._attn_implementation
-    model.set_attn_implementation("eager")
-    try:
-        yield
-    finally:
-        for mod, rope in patched:
-            mod.apply_rotary_pos_emb = rope
-        model.set_attn_implementation(previous)
-
-
-def _dependency_graph(model: nn.Module, layers: list[_Layer]) -> Any:
-    """Torch-Pruning's DependencyGraph of the whole model (one short trace)."""
-    import torch_pruning as tp
-
-    vocab = int(_text_config(model.config).vocab_size)
-    ids = torch.arange(8, device=next(model.parameters()).device).remainder(vocab)[None]
-    with _traceable(model, layers), torch.enable_grad(), warnings.catch_warnings():
-        # Norm weights are "unwrapped parameters" to DepGraph; no group here ever prunes them.
-        warnings.filterwarnings("ignore", message="Unwrapped parameters detected")
-        try:
-            return tp.DependencyGraph().build_dependency(
-                model, example_inputs=ids, output_transform=lambda out: out.logits
-            )
-        except (RuntimeError, TypeError, AttributeError) as exc:
-            raise PruneError(
-                f"Torch-Pruning cannot trace `{type(model).__name__}` ({exc}); edgeqra prunes "
-                "decoder-only models such as Llama, Qwen2 and Gemma3"
-            ) from exc
-
-
-def _group(dg: Any, module: nn.Module, idxs: list[int], what: str, limit: int) -> Any:
-    """DepGraph's group of ``module``'s output channels ``idxs`` (a PruneError if it runs away)."""
-    import torch_pruning as tp
-
-    try:
-        with _bounded_groups(limit):
-            return dg.get_pruning_group(module, tp.prune_linear_out_channels, idxs=idxs)
-    except _RunawayTrace:
-        raise PruneError(
-            f"Torch-Pruning cannot trace `{what}`: its dependency graph does not close (more "
-            f"than {limit} coupled operations; Torch-Pruning#527); this architecture is not "
-            "supported"
-        ) from None
-
-
-def _linear_items(dg: Any, group: Any) -> dict[tuple[int, str], tuple[Any, list[int], list[int]]]:
-    """The group's nn.Linear targets: (id(module), "in"/"out") -> (dep, idxs, root_idxs)."""
-    out = {}
-    for item in group:
-        module = item.dep.target.module
-        if isinstance(module, nn.Linear):
-            side = "out" if dg.is_out_channel_pruning_fn(item.dep.handler) else "in"
-            out[(id(module), side)] = (item.dep, list(item.idxs), list(item.root_idxs))
-    return out
-
-
-def _subgroup(dg: Any, items: list[tuple[Any, list[int], list[int]]]) -> Any:
-    """A Torch-Pruning Group of just these (dep, idxs, root_idxs) items."""
-    from torch_pruning.dependency.group import Group
-
-    group = Group()
-    group._DG = dg
-    for dep, idxs, root in items:
-        group.add_dep(dep, idxs)
-        group[len(group) - 1].root_idxs = root
-    return group
-
-
-def _unexpected(dg: Any, group: Any, allowed: set[int], names: dict[int, str]) -> list[str]:
-    """Parametric targets of ``group`` outside ``allowed`` (head-dim norms are expected)."""
-    bad = []
-    for item in group:
-        module = item.dep.target.module
-        if isinstance(module, nn.Parameter):
-            continue  # q_norm / k_norm weights over head_dim: whole heads never shrink them
-        if isinstance(module, nn.Module) and any(True for _ in module.parameters(recurse=False)):
-            if id(module) not in allowed:
-                bad.append(names.get(id(module), type(module).__name__))
-    return bad
-
-
 # ----------------------------------------------------------------------------- pruning
 
 
@@ -577,9 +414,11 @@ def prune_model(
     Raises:
         PruneError: the model cannot be traced or divided as asked.
     """
+    from edgeqra import _depgraph
+
     start = time.perf_counter()
     target = PruneTarget.from_config(model.config, settings)
-    layers = _layers(model)
+    layers = _depgraph.find_layers(model)
     before = _count_params(model)
     if settings.importance is Importance.TAYLOR and calibration is None:
         raise PruneError("`importance` 'taylor' needs calibration rows; pass `calibration`")
@@ -590,48 +429,22 @@ def prune_model(
     if not target.changes:
         return PruneOutcome(target, kept_heads, kept_channels, before, before, 0.0)
 
-    dg = _dependency_graph(model, layers)
+    dg = _depgraph.dependency_graph(model, layers)
     names = {id(m): n for n, m in model.named_modules()}
     limit = 64 * len(layers) + 256  # a layer's real groups hold tens of operations
     importance = _importance(settings)
     if calibration is not None and settings.importance is Importance.TAYLOR:
         _accumulate_gradients(model, calibration)
 
-    plans = []  # (layer, mlp group items, mlp prune idxs, attention items, head prune idxs)
+    plans = []  # (layer, mlp items, channels kept, attention items, heads kept)
     for layer in layers:
-        # MLP: gate/up rows with down columns.
-        mlp = _group(dg, layer.gate, list(range(inter)), f"{layer.name}.mlp", limit)
-        found = _linear_items(dg, mlp)
-        need = [(layer.gate, "out"), (layer.up, "out"), (layer.down, "in")]
-        bad = _unexpected(dg, mlp, {id(m) for m, _ in need}, names)
-        if bad or any((id(m), s) not in found for m, s in need):
-            raise PruneError(
-                f"Torch-Pruning traced `{layer.name}.mlp` unexpectedly (coupled with "
-                f"{bad or 'too little'}); this architecture is not supported"
-            )
-        mlp_items = [found[(id(m), s)] for m, s in need]
-        mlp_imp = importance(_subgroup(dg, mlp_items))  # (inter,)
+        mlp_items, attn_items, groups = _depgraph.couple(dg, layer, target, limit, names)
+        mlp_imp = importance(_depgraph.subgroup(dg, mlp_items))  # (inter,)
         keep_ch = _top(mlp_imp, target.intermediate_size)
-
-        # Attention: q rows of a head with o columns (+ k/v rows without GQA).
-        attn = _group(dg, layer.q, list(range(heads * d)), f"{layer.name}.self_attn", limit)
-        found = _linear_items(dg, attn)
-        mha = kv == heads
-        need = [(layer.q, "out"), (layer.o, "in")]
-        extra = [(layer.k, "out"), (layer.v, "out")]
-        allowed = {id(m) for m, _ in need + extra}
-        bad = _unexpected(dg, attn, allowed, names)
-        if bad or any((id(m), s) not in found for m, s in need + extra):
-            raise PruneError(
-                f"Torch-Pruning traced `{layer.name}.self_attn` unexpectedly (coupled with "
-                f"{bad or 'too little'}); this architecture is not supported"
-            )
-        groups = _kv_groups(dg, layer, heads, kv, d, limit)
-        attn_items = [found[(id(m), s)] for m, s in (need + extra if mha else need)]
-        head_imp = importance(_subgroup(dg, attn_items)).view(heads, d).mean(1)  # (heads,)
-        if mha:
+        head_imp = importance(_depgraph.subgroup(dg, attn_items)).view(heads, d).mean(1)
+        if kv == heads:  # whole q/k/v/o heads
             keep_h = _top(head_imp, target.num_attention_heads)
-        else:
+        else:  # the same number of query heads leaves each key-value group
             per_group = target.num_attention_heads // kv
             keep_h = sorted(
                 h for members in groups for h in
@@ -643,21 +456,20 @@ def prune_model(
     for layer, mlp_items, keep_ch, attn_items, keep_h in plans:
         drop_ch = sorted(set(range(inter)) - set(keep_ch))
         if drop_ch:
-            _prune(dg, mlp_items, drop_ch)
+            _depgraph.prune_items(dg, mlp_items, drop_ch)
         drop_h = sorted(set(range(heads)) - set(keep_h))
         if drop_h:
             channels = [h * d + c for h in drop_h for c in range(d)]
-            _prune(dg, attn_items, channels)
-        layer.attention.num_key_value_groups = target.num_attention_heads // (
-            target.num_key_value_heads
-        )
+            _depgraph.prune_items(dg, attn_items, channels)
+        groups_per_kv = target.num_attention_heads // target.num_key_value_heads
+        layer.attention.num_key_value_groups = groups_per_kv
         if hasattr(layer.attention, "num_heads"):
             layer.attention.num_heads = target.num_attention_heads
         if hasattr(layer.mlp, "intermediate_size"):
             layer.mlp.intermediate_size = target.intermediate_size
         kept_heads[layer.name] = tuple(keep_h)
         kept_channels[layer.name] = tuple(keep_ch)
-        _check_layer(layer, target)
+        _depgraph.check_layer(layer, target)
     _apply_widths(_text_config(model.config), target)
     if model.config is not _text_config(model.config):
         _apply_widths(model.config, target)  # pragma: no cover - multimodal wrappers
@@ -666,65 +478,6 @@ def prune_model(
     return PruneOutcome(
         target, kept_heads, kept_channels, before, after, time.perf_counter() - start
     )
-
-
-def _kv_groups(
-    dg: Any, layer: _Layer, heads: int, kv: int, d: int, limit: int
-) -> list[tuple[int, ...]]:
-    """Query heads per key-value head, as DepGraph couples q rows with k/v rows (GQA check).
-
-    HF's ``repeat_kv`` gives query head h the key-value head h // (heads / kv); the traced
-    coupling must say the same for k and v, else pruning would cut heads from wrong groups.
-    """
-    group = heads // kv
-    for h in range(heads):
-        traced = _linear_items(
-            dg, _group(dg, layer.q, list(range(h * d, (h + 1) * d)), layer.name, limit)
-        )
-        for proj in (layer.k, layer.v):
-            rows = traced.get((id(proj), "out"), (None, [], []))[1]
-            owners = sorted({r // d for r in rows})
-            if owners != [h // group]:
-                raise PruneError(
-                    f"Torch-Pruning couples query head {h} of `{layer.name}` with key-value "
-                    f"heads {owners}, not [{h // group}] as repeat_kv does; the GQA groups "
-                    "cannot be kept consistent"
-                )
-    return [tuple(range(j * group, (j + 1) * group)) for j in range(kv)]
-
-
-def _prune(dg: Any, items: list[tuple[Any, list[int], list[int]]], root_idxs: list[int]) -> None:
-    """Prune ``root_idxs`` (root numbering) from every item, each through its own mapping."""
-    mapped = []
-    for dep, idxs, root in items:
-        position = {r: i for r, i in zip(root, idxs, strict=True)}
-        mapped.append((dep, sorted(position[r] for r in root_idxs), root_idxs))
-    group = _subgroup(dg, mapped)
-    if not dg.check_pruning_group(group):
-        raise PruneError("internal: the pruning group would remove every channel")
-    group.prune()
-
-
-def _check_layer(layer: _Layer, target: PruneTarget) -> None:
-    """The pruned shapes are the target's (a Torch-Pruning slip fails loudly here)."""
-    h, kv, d, i = (
-        target.num_attention_heads,
-        target.num_key_value_heads,
-        target.head_dim,
-        target.intermediate_size,
-    )
-    got = {
-        "q_proj rows": (layer.q.out_features, h * d),
-        "k_proj rows": (layer.k.out_features, kv * d),
-        "v_proj rows": (layer.v.out_features, kv * d),
-        "o_proj columns": (layer.o.in_features, h * d),
-        "gate_proj rows": (layer.gate.out_features, i),
-        "up_proj rows": (layer.up.out_features, i),
-        "down_proj columns": (layer.down.in_features, i),
-    }
-    wrong = {k: v for k, v in got.items() if v[0] != v[1]}
-    if wrong:
-        raise RuntimeError(f"pruning left `{layer.name}` with wrong shapes (got, want): {wrong}")
 
 
 # ----------------------------------------------------------------------------- folders
