@@ -441,3 +441,34 @@ def test_tui_prune_ratio_field_plans_the_pruned_model_and_saves_the_table(folder
 
     asyncio.run(drive())
     assert load_job(saved).prune == PruneSettings(ratio=0.3)
+
+
+def test_search_takes_a_pruned_folder_as_any_model(folders, tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("GPTQMODEL_CPU_WORKERS", "2")
+    pruned = tmp_path / "pruned"
+    prune_folder(folders["gemma3"], pruned, PruneSettings(ratio=RATIO, importance="magnitude"))
+    argv = ["search", "--model", str(pruned), "--profile", "t4-16gb", "--bits", "4,8",
+            "--ranks", "0,4", "--baseline-rank", "4", "--steps", "2", "--evals", "3",
+            "--population", "2", "--children", "2", "--generations", "1", "--rungs", "1",
+            "--no-sensitivity", "--no-bayes", "--no-baselines", "--n-train", "8",
+            "--n-eval", "4", "--seq-len", "64", "--calib-samples", "4", "--group-size", "32",
+            "--device", "cpu", "--out", str(tmp_path / "run"), "--json"]  # fmt: skip
+    assert main(argv) == EXIT_OK
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["model"] == str(pruned) and summary["chosen"]["fits"]
+    chosen = json.loads((tmp_path / "run" / "chosen.json").read_text())
+    # The search's memory model read the pruned shapes: the chosen config's predicted bytes
+    # are those of the pruned model, below the same config on the original.
+    from transformers import AutoConfig
+
+    from edgeqra.memory import ModelSpec, estimate_for_profile
+    from edgeqra.profiles import load_profile
+    from edgeqra.space import Config
+
+    config, profile = Config.parse(chosen["spec"]), load_profile("t4-16gb")
+    after = ModelSpec.from_config(AutoConfig.from_pretrained(pruned))
+    before = ModelSpec.from_config(AutoConfig.from_pretrained(folders["gemma3"]))
+    predicted = chosen["predicted_memory"]["total"]
+    assert predicted == estimate_for_profile(after, config, profile, group_size=32).total
+    assert predicted < estimate_for_profile(before, config, profile, group_size=32).total
