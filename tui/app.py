@@ -65,7 +65,7 @@ HELP = """\
 [b]edgeqra — keys[/b]
 
 [b]profiles[/b]  type: filter · ↑ ↓: move · enter: pick
-[b]plan[/b]      tab: edit model, task, budget (enter applies) · s: search
+[b]plan[/b]      tab: model, task, budget, prune ratio (enter applies) · s: search
 [b]search[/b]    c: cancel · r: resume from the journal · e: export (when done)
 [b]export[/b]    space: toggle a format · tab: archive / replace boxes · x: export
 [b]anywhere[/b]  ctrl+s: save the choices as a job file · escape: back
