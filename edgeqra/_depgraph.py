@@ -107,7 +107,11 @@ def _bounded_groups(limit: int) -> Iterator[None]:
 
 @contextlib.contextmanager
 def traceable(model: nn.Module, layers: list[Layer]) -> Iterator[None]:
-    """Eager attention and RoPE as the identity while DepGraph traces (module docstring)."""
+    """Eager attention and RoPE as the identity while DepGraph traces (module docstring).
+
+    The RoPE patch is process-wide (the modelling module's global) for the one traced forward
+    pass; nothing else runs a model of that class meanwhile (pruning precedes every search).
+    """
     patched = []
     for mod in {sys.modules[type(layer.attention).__module__] for layer in layers}:
         rope = getattr(mod, "apply_rotary_pos_emb", None)
@@ -121,7 +125,8 @@ def traceable(model: nn.Module, layers: list[Layer]) -> Iterator[None]:
     finally:
         for mod, rope in patched:
             mod.apply_rotary_pos_emb = rope
-        model.set_attn_implementation(previous)
+        if previous is not None:
+            model.set_attn_implementation(previous)
 
 
 def dependency_graph(model: nn.Module, layers: list[Layer]) -> Any:
