@@ -17,9 +17,9 @@ and what to export. The file's keys are the CLI's option names grouped in tables
     ratio = 0.2
 
 Every key is optional except ``profile`` (and ``ratio`` once there is a ``[prune]`` table);
-:data:`KEYS` lists them with their types and defaults (the CLI's defaults). Validation names the bad key and the fix: an unknown key
-(with the nearest known one), a wrong type, a value the pipeline rejects. Parsing is
-tomllib's; writing is tomli-w's.
+:data:`KEYS` lists them with their types and defaults (the CLI's defaults). Validation names
+the bad key and the fix: an unknown key (with the nearest known one), a wrong type, a value
+the pipeline rejects. Parsing is tomllib's; writing is tomli-w's.
 """
 
 from __future__ import annotations
