@@ -1,18 +1,30 @@
-"""Quality at a fixed memory budget: the joint search against baselines and ablations.
+"""Does the search pay? Joint search against what a user gets without it, at budgets in bits.
 
-The budget is the predicted memory of uniform 4-bit GPTQ with rank-8 LoRA on the profile;
-every method gets the same tuning steps per full-length evaluation and (for the searches) the
-same number of evaluations. Methods:
+    # the benchmark (GPU; resumes from its run directories when called again):
+    python bench/quality_at_budget.py --device cuda --tasks arc_easy piqa --budget-bits 3.5 4.0 \\
+        --seeds 0 1 2 --out /root/qab
+    # the fidelity check (Spearman of each rung's signal against the full-length score):
+    python bench/quality_at_budget.py --device cuda --tasks arc_easy --fidelity-check 24 --out /root/qab
+    # a smoke run on CPU (a random 4-layer Llama, minutes):
+    python bench/quality_at_budget.py --tiny --device cpu --tasks arc_easy --budget-bits 3.5 \\
+        --seeds 0 --steps 4 --evals 6 --n-eval 20 --n-train 32 --calib-samples 8 --out /tmp/qab
 
-* uniform 4-bit r8, uniform 8-bit r8, FP16 LoRA r8 (scored whether or not they fit);
-* joint search (stages 1-3), bits-only (rank fixed 8), rank-only (bits fixed 4), random
-  search (same evaluations, no stage 1/2/3), and the joint search without stage 1 / 2 / 3.
+For every task, budget (``--budget-bits``: the predicted memory of a rank-8 config averaging
+B bits on the profile) and seed (the search's and the final tuning's), with the same
+full-length tuning steps and the same number of tuned evaluations for every search:
 
-The bank and the sensitivity profile are built once in this process (cached on disk); the
-searches then run as parallel worker processes: one evaluation is launch-bound on a GPU, so
-several share it well.
+* **searches** (one run directory each, through ``run_search_job``, so a killed benchmark
+  resumes from the journals): joint (stages 1-3), joint with nevergrad's Lengler (1+1) as
+  stage 3, bits-only (rank 8), rank-only (bits fixed at ⌊B⌋), random search;
+* **greedy, no tuning in the loop**: per-layer sensitivity (stage 1's KL) → a knapsack of bits
+  under the budget (``space.fill`` over bits from the lowest width, rank 8: the way exllamav2's
+  measurement pass picks per-layer bit rates), tuned once — the cheapest thing a user could do;
+* **references**: every uniform rank-8 config (FP16, 8, 4, 3, 2 bits), tuned once per seed,
+  marked whether it fits.
 
-    python bench/quality_at_budget.py --device cuda --jobs 8 --out /tmp/qab
+Prints per (task, budget, method) the final score's mean ± sd over the seeds, the gap of
+uniform 3-bit → 4-bit the method recovers, the search's cost in fine-tuning epochs and wall
+time; ``--out``/rows.json holds every row.
 """
 
 from __future__ import annotations
@@ -21,195 +33,315 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import multiprocessing
+import statistics
 import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
-import torch
-
 from edgeqra.evaluate import EvalSettings
 from edgeqra.memory import estimate_for_profile
 from edgeqra.models import cache_dir
 from edgeqra.pipeline import EvalJob, SearchJob, open_run_dir, prepare, run_search_job
+from edgeqra.plan import budget_for_bits
 from edgeqra.profiles import load_profile
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import SearchSettings
 from edgeqra.search.evolution import EvolutionSettings
 from edgeqra.sensitivity import measure_sensitivity
-from edgeqra.space import FP16_BITS, Config
-from edgeqra.tune import TuneSettings
+from edgeqra.space import FP16_BITS, Config, fill
+
+SEARCHES = ("joint", "joint, Lengler stage 3", "bits-only", "rank-only", "random")
 
 
-def _methods(base: SearchJob, evals: int) -> dict[str, SearchJob]:
-    """The searches to compare, all derived from one job."""
+def _search_jobs(base: SearchJob, bits: float) -> dict[str, SearchJob]:
+    """The searches to compare at one budget, all derived from one job."""
     s = base.search
-    random_pop = max(2, round(evals * 0.75))  # k + k/eta + k/eta² ≈ evals with eta = 4
+    random_pop = max(2, round(s.max_evals * 0.75))  # k + k/eta + k/eta² ≈ evals with eta = 4
 
-    def job(**changes) -> SearchJob:
-        ev = changes.pop("eval", base.eval)
-        return dataclasses.replace(base, eval=ev, search=dataclasses.replace(s, **changes))
+    def job(ev=None, **changes) -> SearchJob:
+        return dataclasses.replace(
+            base, eval=ev or base.eval, search=dataclasses.replace(s, **changes)
+        )
 
+    floor_bits = max(b for b in base.eval.bits if b <= bits)
     return {
-        "joint search": job(),
-        "bits-only search (rank 8)": job(eval=dataclasses.replace(base.eval, ranks=(8,))),
-        "rank-only search (4-bit)": job(eval=dataclasses.replace(base.eval, bits=(4,))),
-        "random search": job(
+        "joint": job(),
+        "joint, Lengler stage 3": job(bayes=dataclasses.replace(s.bayes, method="lengler")),
+        "bits-only": job(dataclasses.replace(base.eval, ranks=(8,))),
+        "rank-only": job(dataclasses.replace(base.eval, bits=(floor_bits,))),
+        "random": job(
             use_sensitivity=False,
             use_evolution=False,
             use_bayes=False,
             seed_baselines=False,
             evolution=dataclasses.replace(s.evolution, population=random_pop),
         ),
-        "joint without stage 1": job(use_sensitivity=False),
-        "joint without stage 2": job(use_evolution=False),
-        "joint without stage 3": job(use_bayes=False),
     }
 
 
-def _run(args: tuple[str, dict, str]) -> tuple[str, dict, float]:
-    """One search in a worker process (the bank and sensitivity come from the disk cache)."""
-    name, job_json, out = args
+def _run(item: tuple[str, dict, str]) -> tuple[str, dict, float]:
+    """One search (in a worker process: the bank and sensitivity come from the disk cache)."""
+    key, job_json, out = item
     job = SearchJob.from_json(job_json)
+    run_dir = Path(out)
+    summary_file = run_dir / "summary.json"
+    if summary_file.is_file():  # finished in an earlier call
+        return key, json.loads(summary_file.read_text()), 0.0
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
-        run_dir = Path(out)
         open_run_dir(run_dir, job, resume=(run_dir / "job.json").exists())
         summary = run_search_job(job, run_dir, progress=False)
-    return name, summary, time.perf_counter() - start
+    return key, summary, time.perf_counter() - start
+
+
+def _spearman(a: list[float], b: list[float]) -> float:
+    from scipy.stats import spearmanr
+
+    return float(spearmanr(a, b).statistic)
+
+
+def _fidelity_check(prepared, args, budget: int, memory, importance) -> list[dict]:
+    """Rank correlation of each rung's signals with the full-length score over N configs."""
+    import random
+
+    space, n = prepared.space, prepared.space.n_units
+    rng = random.Random(1234)
+    configs = [
+        Config.uniform(n, b, 8) for b in (4, 3, 2) if memory(Config.uniform(n, b, 8)) <= budget
+    ]
+    while len(configs) < args.fidelity_check:
+        from edgeqra.space import repair
+
+        c = fill(
+            repair(space.sample(rng), space, memory, budget), space, memory, budget, importance
+        )
+        if c not in configs:
+            configs.append(c)
+    rungs = sorted({max(1, args.steps // args.eta**k) for k in range(1, args.rungs)})
+    results = {
+        f: [prepared.evaluator.evaluate(c, f) for c in configs] for f in [*rungs, args.steps]
+    }
+    full = [r.score for r in results[args.steps]]
+    rows = []
+    for f in rungs:
+        signals = {
+            "score": [r.score for r in results[f]],
+            "acc": [r.accuracy or 0.0 for r in results[f]],
+            "acc_norm": [r.accuracy_norm or 0.0 for r in results[f]],
+            "-held-out loss": [-r.loss for r in results[f]],
+            "-train loss": [-(r.train_loss or 0.0) for r in results[f]],
+        }
+        rows.append({"steps": f, **{k: _spearman(v, full) for k, v in signals.items()}})
+    return rows
+
+
+def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
+    """Every method for one task: references and greedy in this process, searches in workers."""
+    ev = EvalJob(
+        model=args.model,
+        task=task,
+        calib_samples=args.calib_samples,
+        group_size=args.group_size,
+        tune=dataclasses.replace(EvalJob().tune, steps=args.steps, batch_size=args.batch_size),
+        eval=EvalSettings(n_train=args.n_train, n_eval=args.n_eval),
+        device=args.device,
+        profile=args.profile,
+    )
+    with contextlib.redirect_stdout(sys.stderr):
+        prepared = prepare(ev)  # the bank, once for every search of this task
+        sens = measure_sensitivity(
+            prepared.loaded, prepared.bank, prepared.calibration,
+            cache_dir=cache_dir() / "sensitivity",
+        )  # fmt: skip
+    importance = sens.importance()
+    profile = load_profile(args.profile)
+    spec, space, n = prepared.spec, prepared.space, prepared.space.n_units
+    n_train = len(prepared.evaluator.batches)
+
+    def memory(config: Config) -> int:
+        return estimate_for_profile(spec, config, profile, group_size=args.group_size).total
+
+    if args.fidelity_check:
+        budget = budget_for_bits(spec, profile, 3.5, space.bits, group_size=args.group_size)
+        table = _fidelity_check(prepared, args, budget, memory, importance)
+        (args.out / f"fidelity-{task}.json").write_text(json.dumps(table, indent=2))
+        print(f"\nfidelity check, {task}: Spearman vs the {args.steps}-step score")
+        print("| steps | " + " | ".join(k for k in table[0] if k != "steps") + " |")
+        print("|---|" + "---|" * (len(table[0]) - 1))
+        for r in table:
+            print(
+                f"| {r['steps']} | "
+                + " | ".join(f"{v:.2f}" for k, v in r.items() if k != "steps")
+                + " |"
+            )
+        return
+
+    def row(method, bits, seed, config, score, evals, seconds, epochs, budget):
+        rows.append(
+            {
+                "task": task, "budget_bits": bits, "method": method, "seed": seed,
+                "score": score, "config": config.short(),
+                "avg_bits": config.average_bits(spec.unit_params),
+                "memory_gib": memory(config) / 2**30, "fits": memory(config) <= budget,
+                "evaluations": evals, "seconds": seconds, "epochs": epochs,
+            }
+        )  # fmt: skip
+        print(json.dumps(rows[-1]), flush=True)
+
+    budgets = {
+        b: budget_for_bits(spec, profile, b, space.bits, group_size=args.group_size)
+        for b in args.budget_bits
+    }
+    for seed in args.seeds:  # references: every uniform rank-8 config, tuned once per seed
+        settings = dataclasses.replace(prepared.evaluator.tune_settings, seed=seed)
+        prepared.evaluator.tune_settings = settings  # the final tuning's seed
+        for b in (FP16_BITS, *sorted(space.bits, reverse=True)):
+            config = Config.uniform(n, b, 8)
+            r = prepared.evaluator.evaluate(config, args.steps)
+            for bits, budget in budgets.items():
+                row(
+                    f"uniform {b}-bit",
+                    bits,
+                    seed,
+                    config,
+                    r.score,
+                    1,
+                    r.seconds,
+                    args.steps * args.batch_size / n_train,
+                    budget,
+                )
+            if "greedy" in args.methods and b == space.bits[0]:
+                for (
+                    bits,
+                    budget,
+                ) in budgets.items():  # a knapsack of bits, no tuning in the loop
+                    greedy = fill(config, space, memory, budget, importance, fields=("bits",))
+                    g = prepared.evaluator.evaluate(greedy, args.steps)
+                    row(
+                        "greedy (sensitivity knapsack)",
+                        bits,
+                        seed,
+                        greedy,
+                        g.score,
+                        1,
+                        g.seconds,
+                        args.steps * args.batch_size / n_train,
+                        budget,
+                    )
+    prepared.evaluator.close()
+    del prepared
+
+    work = []
+    for bits in args.budget_bits:
+        for seed in args.seeds:
+            base = SearchJob(
+                eval=dataclasses.replace(ev, tune=dataclasses.replace(ev.tune, seed=seed)),
+                search=SearchSettings(
+                    steps=args.steps, eta=args.eta, n_rungs=args.rungs, max_evals=args.evals, seed=seed,
+                    evolution=EvolutionSettings(population=6, children=6, generations=4),
+                    bayes=BayesSettings(max_rounds=6, seed=seed),
+                ),
+                budget_bits=bits,
+                baselines=False,
+            )  # fmt: skip
+            for method, job in _search_jobs(base, bits).items():
+                if method in args.methods:
+                    folder = (
+                        args.out
+                        / task
+                        / f"b{bits}"
+                        / method.replace(" ", "_").replace(",", "")
+                        / f"s{seed}"
+                    )
+                    work.append(((method, bits, seed), job.to_json(), str(folder)))
+    spawn = multiprocessing.get_context("spawn")  # the parent held a CUDA context
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
+        futures = [pool.submit(_run, (json.dumps(k), j, o)) for k, j, o in work]
+        for future in as_completed(futures):
+            key, summary, seconds = future.result()
+            method, bits, seed = json.loads(key)
+            chosen = summary["chosen"]
+            row(
+                method, bits, seed, Config.parse(chosen["config"]), chosen["final"]["score"],
+                summary["search"]["evaluations"], seconds, summary["search"]["epochs"],
+                summary["budget_bytes"],
+            )  # fmt: skip
+    (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--model", default="smollm2")
-    p.add_argument("--task", default="arc_easy")
+    p.add_argument("--tiny", action="store_true", help="a random 4-layer Llama (smoke run)")
+    p.add_argument("--tasks", nargs="+", default=["arc_easy", "piqa"])
     p.add_argument("--profile", default="jetson-orin-nano-8gb")
-    p.add_argument("--steps", type=int, default=32, help="full-length tuning steps")
-    p.add_argument("--evals", type=int, default=24, help="evaluations per search")
-    p.add_argument("--n-train", type=int, default=1024)
-    p.add_argument("--n-eval", type=int, default=200)
-    p.add_argument("--calib-samples", type=int, default=64)
+    p.add_argument("--budget-bits", type=float, nargs="+", default=[3.5, 4.0])
+    p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    p.add_argument("--methods", nargs="*", default=[*SEARCHES, "greedy"], help="searches + greedy")
+    p.add_argument("--steps", type=int, default=64, help="full-length tuning steps")
+    p.add_argument("--evals", type=int, default=32, help="evaluations per search (any fidelity)")
+    p.add_argument("--eta", type=int, default=4)
+    p.add_argument("--rungs", type=int, default=3)
+    p.add_argument("--n-train", type=int, default=None, help="train rows (default: all)")
+    p.add_argument("--n-eval", type=int, default=None, help="eval items (default: all)")
+    p.add_argument("--calib-samples", type=int, default=128)
     p.add_argument("--batch-size", type=int, default=4)
     p.add_argument("--group-size", type=int, default=64)
-    p.add_argument("--calib-seq-len", type=int, default=256)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="auto")
-    p.add_argument("--jobs", type=int, default=1, help="searches run in parallel")
+    p.add_argument(
+        "--jobs", type=int, default=1, help="searches in parallel (1 on one GPU: RESULTS)"
+    )
+    p.add_argument(
+        "--fidelity-check", type=int, default=0, metavar="N", help="only the check, N configs"
+    )
     p.add_argument("--out", type=Path, required=True, help="folder for the run directories")
-    p.add_argument("--only", nargs="*", help="run only these methods")
     args = p.parse_args()
+    if args.tiny:
+        sys.path.insert(0, str(Path(__file__).parent))
+        from scaling import tiny_folder  # bench/scaling.py: a seeded 4-layer Llama + BPE
 
-    ev = EvalJob(
-        model=args.model,
-        task=args.task,
-        calib_samples=args.calib_samples,
-        calib_seq_len=args.calib_seq_len,
-        group_size=args.group_size,
-        tune=TuneSettings(steps=args.steps, batch_size=args.batch_size, seed=args.seed),
-        eval=EvalSettings(n_train=args.n_train, n_eval=args.n_eval),
-        device=args.device,
-        profile=args.profile,
-    )
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(sys.stderr):
-        prepared = prepare(ev)  # builds the bank once for every worker
-        measure_sensitivity(
-            prepared.loaded,
-            prepared.bank,
-            prepared.calibration,
-            cache_dir=cache_dir() / "sensitivity",
-        )
-    prep_seconds = time.perf_counter() - start
-    profile = load_profile(args.profile)
-    spec, n = prepared.spec, prepared.space.n_units
-    budget = estimate_for_profile(
-        spec, Config.uniform(n, 4, 8), profile, group_size=ev.group_size
-    ).total
-    base = SearchJob(
-        eval=ev,
-        search=SearchSettings(
-            steps=args.steps,
-            max_evals=args.evals,
-            seed=args.seed,
-            evolution=EvolutionSettings(population=6, children=6, generations=4),
-            bayes=BayesSettings(max_rounds=6, seed=args.seed),
-        ),
-        budget_gb=budget / 2**30,
-        baselines=False,
-    )
-
-    rows: list[dict[str, object]] = []
-    for label, config in {
-        "uniform 4-bit r8": Config.uniform(n, 4, 8),
-        "uniform 8-bit r8": Config.uniform(n, 8, 8),
-        "FP16 LoRA r8": Config.uniform(n, FP16_BITS, 8),
-    }.items():
-        r = prepared.evaluator.evaluate(config, args.steps)
-        mem = estimate_for_profile(spec, config, profile, group_size=ev.group_size).total
-        rows.append(
-            {
-                "method": label,
-                "score": r.score,
-                "metric": r.metric,
-                "avg_bits": config.average_bits(spec.unit_params),
-                "memory_gib": mem / 2**30,
-                "fits": mem <= budget,
-                "evaluations": 1,
-                "seconds": r.seconds,
-                "epochs": args.steps * args.batch_size / len(prepared.evaluator.batches),
-                "config": config.short(),
-            }
-        )
-        print(json.dumps(rows[-1]), flush=True)
-    del prepared
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()  # the workers need the GPU memory the bank build held
-
-    methods = _methods(base, args.evals)
-    if args.only:
-        methods = {k: v for k, v in methods.items() if k in args.only}
-    work = [
-        (name, job.to_json(), str(args.out / name.replace(" ", "_")))
-        for name, job in methods.items()
-    ]
+        args.model = str(tiny_folder(cache_dir()))
+        args.group_size = 32
     args.out.mkdir(parents=True, exist_ok=True)
-    # spawn, not fork: the parent already holds a CUDA context.
-    spawn = multiprocessing.get_context("spawn")
-    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-        futures = [pool.submit(_run, item) for item in work]
-        for future in as_completed(futures):  # rows land as searches finish
-            name, summary, seconds = future.result()
-            chosen = summary["chosen"]
-            rows.append(
-                {
-                    "method": name,
-                    "score": chosen["final"]["score"],
-                    "metric": chosen["final"]["metric"],
-                    "avg_bits": chosen["average_bits"],
-                    "memory_gib": chosen["predicted_memory_bytes"] / 2**30,
-                    "fits": chosen["fits"],
-                    "evaluations": summary["search"]["evaluations"],
-                    "seconds": seconds,
-                    "epochs": summary["search"]["epochs"],
-                    "config": chosen["short"],
-                }
-            )
-            print(json.dumps(rows[-1]), flush=True)
+    rows: list[dict[str, object]] = []
+    start = time.perf_counter()
+    for task in args.tasks:
+        _one_task(task, args, rows)
+    if args.fidelity_check:
+        return
+    _print_table(rows)
+    print(f"\ntotal {time.perf_counter() - start:.0f} s")
 
-    print(
-        f"\nbudget {budget / 2**30:.4f} GiB on {args.profile} (uniform 4-bit r8); "
-        f"bank + sensitivity {prep_seconds:.0f} s; total {time.perf_counter() - start:.0f} s\n"
-    )
-    print("| method | score | avg bits | memory GiB | fits | evals | wall s | epochs | config |")
-    print("|---|---|---|---|---|---|---|---|---|")
+
+def _mean_of(rows: list[dict] | None) -> float:
+    return statistics.fmean(r["score"] for r in rows) if rows else math.nan
+
+
+def _print_table(rows: list[dict]) -> None:
+    """Mean ± sd over seeds per (task, budget, method), and the 3→4-bit gap recovered."""
+    groups: dict[tuple, list[dict]] = {}
     for r in rows:
+        groups.setdefault((r["task"], r["budget_bits"], r["method"]), []).append(r)
+    print(
+        "\n| task | budget bits | method | score mean ± sd | seeds | gap 3→4 recovered | avg bits | fits | evals | epochs | wall s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    for (task, bits, method), rs in sorted(groups.items(), key=lambda kv: (kv[0][0], kv[0][1])):
+        scores = [r["score"] for r in rs]
+        mean = statistics.fmean(scores)
+        sd = statistics.stdev(scores) if len(scores) > 1 else math.nan
+
+        u3, u4 = (_mean_of(groups.get((task, bits, f"uniform {b}-bit"))) for b in (3, 4))
+        gap = (mean - u3) / (u4 - u3) if u4 != u3 else math.nan
         print(
-            f"| {r['method']} | {r['score']:.4f} ({r['metric']}) | {r['avg_bits']:.2f} | "
-            f"{r['memory_gib']:.4f} | {'yes' if r['fits'] else 'no'} | {r['evaluations']} | "
-            f"{r['seconds']:.0f} | {r['epochs']:.2f} | `{r['config']}` |"
+            f"| {task} | {bits} | {method} | {mean:.4f} ± {sd:.4f} | {len(rs)} | {gap:.0%} | "
+            f"{statistics.fmean(r['avg_bits'] for r in rs):.2f} | {all(r['fits'] for r in rs)} | "
+            f"{statistics.fmean(r['evaluations'] for r in rs):.0f} | "
+            f"{statistics.fmean(r['epochs'] for r in rs):.2f} | {statistics.fmean(r['seconds'] for r in rs):.0f} |"
         )
-    (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
 
 
 if __name__ == "__main__":
