@@ -481,7 +481,7 @@ class SearchScreen(Screen[None]):
 
 # What each format is, one line (the model card says the rest).
 FORMAT_HELP = {
-    "gptq": "merged, GPTQ again",
+    "gptq": "merged on the GPTQ grid",
     "adapter": "exact: base + adapter",
     "onnx": "merged, MatMulNBits",
 }
