@@ -34,10 +34,11 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import shutil
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from enum import Enum
 from pathlib import Path
 
@@ -65,6 +66,21 @@ class HessianSource(str, Enum):
     SEQUENTIAL = "sequential"  # the already-quantized earlier layers', once per width
 
 
+def _default_hessian() -> HessianSource:
+    """``$EDGEQRA_BANK_HESSIAN`` (``shared`` or ``sequential``), else shared.
+
+    An environment default so that a whole run (driver and workers alike) can switch to the
+    slower, better-at-2/3-bit sequential bank without a job setting.
+    """
+    value = os.environ.get("EDGEQRA_BANK_HESSIAN", HessianSource.SHARED.value)
+    try:
+        return HessianSource(value)
+    except ValueError:
+        raise ConfigError(
+            f"$EDGEQRA_BANK_HESSIAN={value!r} must be one of {[h.value for h in HessianSource]}"
+        ) from None
+
+
 @dataclass(frozen=True)
 class BankSpec:
     """What a bank depends on besides the model weights and the calibration tokens."""
@@ -74,7 +90,7 @@ class BankSpec:
     desc_act: bool = False
     sym: bool = True
     seed: int = 0
-    hessian: HessianSource = HessianSource.SHARED
+    hessian: HessianSource = field(default_factory=_default_hessian)
 
     def __post_init__(self) -> None:
         bad = [b for b in self.bits if b not in DEFAULT_BITS]
@@ -240,10 +256,11 @@ def build_bank(
         model_dir: dense HF folder of the model (``LoadedModel.path``).
         units: the model's units (``LoadedModel.units``).
         calibration: (n_samples, seq_len) token ids (``data.calibration_batches``).
-        spec: bit set, group size, GPTQ options and the Hessian source.
+        spec: bit set, group size, GPTQ options and the Hessian source (default shared;
+            ``$EDGEQRA_BANK_HESSIAN=sequential`` or ``BankSpec(hessian="sequential")``).
         cache_root: folder holding banks (default ``models.cache_dir() / "banks"``).
-        keep_checkpoints: also keep GPTQModel's checkpoint per bit-width (tests, export;
-            sequential builds only: a shared build writes no checkpoint).
+        keep_checkpoints: also keep a GPTQModel checkpoint per bit-width (tests, export): the
+            one GPTQModel wrote (sequential), or one written from the bank's packed tensors.
         progress: show a rich progress bar.
         device: where GPTQ runs ("cuda" is much faster; entries are the same format).
         on_bits_done: called with (bits, seconds) after each bit-width is built; in a shared
@@ -366,10 +383,39 @@ def _build_shared(
         folder = bank.root / f"b{bits}"
         (folder / "quantize_config.json").write_text(json.dumps(qcfgs[bits], indent=2))
         (folder / "DONE").write_text(f"{seconds:.1f}\n")
+        if keep_checkpoints:
+            _write_checkpoint(bank, model_dir, bits, bank.root / f"checkpoint-b{bits}")
     log.info("bank %s-bit built in %.1f s (shared Hessians)", "/".join(map(str, todo)), seconds)
     for bits in todo:
         if on_bits_done is not None:
             on_bits_done(bits, seconds)
+
+
+def _write_checkpoint(bank: Bank, model_dir: Path, bits: int, dest: Path) -> None:
+    """A uniform ``bits`` GPTQ checkpoint (GPTQModel loads it) of the bank's packed tensors."""
+    from safetensors import safe_open
+
+    shutil.rmtree(dest, ignore_errors=True)
+    tensors: dict[str, torch.Tensor] = {}
+    for path in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(path), framework="pt") as reader:
+            for key in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
+                tensors[key] = reader.get_tensor(key)
+    for unit in bank.units:
+        for lin in unit.linears:
+            tensors.pop(f"{lin.name}.weight")
+            tensors.pop(f"{lin.name}.bias", None)  # GPTQModel stores it (fp16) with the codes
+        tensors.update(bank.packed(unit.index, bits))
+    dest.mkdir(parents=True)
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"))
+    qcfg = bank.quantize_config(bits)
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    config["quantization_config"] = qcfg
+    (dest / "config.json").write_text(json.dumps(config, indent=2))
+    (dest / "quantize_config.json").write_text(json.dumps(qcfg, indent=2))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (Path(model_dir) / name).is_file():
+            shutil.copy2(Path(model_dir) / name, dest / name)
 
 
 def _build_sequential(

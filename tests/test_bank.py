@@ -186,6 +186,7 @@ def shared(built):
         _calibration(),
         SHARED,
         cache_root=root / "cache",
+        keep_checkpoints=True,
         progress=False,
         on_bits_done=lambda bits, s: calls.append(bits),
     )
@@ -213,6 +214,15 @@ def test_shared_is_the_default_and_has_its_own_key(built, shared):
     assert bank_key(root / "model", _calibration(), SHARED) == bank.root.name
     with pytest.raises(ConfigError, match="hessian"):
         BankSpec(hessian="greedy")
+
+
+def test_hessian_default_comes_from_the_environment(monkeypatch):
+    monkeypatch.setenv("EDGEQRA_BANK_HESSIAN", "sequential")
+    assert BankSpec().hessian is HessianSource.SEQUENTIAL
+    assert BankSpec(hessian="shared").hessian is HessianSource.SHARED  # explicit wins
+    monkeypatch.setenv("EDGEQRA_BANK_HESSIAN", "parallel")
+    with pytest.raises(ConfigError, match="EDGEQRA_BANK_HESSIAN"):
+        BankSpec()
 
 
 def test_shared_build_is_one_pass_then_a_cache_hit(built, shared, monkeypatch):
@@ -261,33 +271,12 @@ def test_shared_quantize_config_is_gptqmodels_save(built, shared, bits):
     assert meta_mine == meta_ref
 
 
-def _checkpoint_from_bank(bank, model_dir, units, bits, dest):
-    """A uniform GPTQ checkpoint made only of the bank's packed tensors and quantize_config."""
-    import json
-
-    from safetensors.torch import load_file, save_file
-
-    tensors = load_file(str(model_dir / "model.safetensors"))
-    for unit in units:
-        for lin in unit.linears:
-            tensors.pop(f"{lin.name}.weight")
-        tensors.update(bank.packed(unit.index, bits))
-    dest.mkdir()
-    save_file({k: v.contiguous() for k, v in tensors.items()}, str(dest / "model.safetensors"))
-    config = json.loads((model_dir / "config.json").read_text())
-    config["quantization_config"] = bank.quantize_config(bits)
-    (dest / "config.json").write_text(json.dumps(config))
-    (dest / "quantize_config.json").write_text(json.dumps(bank.quantize_config(bits)))
-    return dest
-
-
 @pytest.mark.parametrize("bits", [3, 4])
-def test_shared_bank_loads_in_gptqmodel_as_assembled(built, shared, bits, tmp_path):
-    """Its packed tensors + quantize_config load in GPTQModel and equal the assembled W_hat."""
-    root, _, units, _, _ = built
+def test_shared_bank_loads_in_gptqmodel_as_assembled(shared, bits):
+    """Its packed tensors + quantize_config (the kept checkpoint) load in GPTQModel and equal
+    the assembled W_hat."""
     bank, _ = shared
-    ckpt = _checkpoint_from_bank(bank, root / "model", units, bits, tmp_path / "ckpt")
-    reference = edgeqra.gptq.load_quantized(ckpt)
+    reference = edgeqra.gptq.load_quantized(bank.root / f"checkpoint-b{bits}")
     work = tiny_model("llama")
     bank.assemble(work, Config.uniform(3, bits, 0))
     ids = _calibration()[:4, :32]
