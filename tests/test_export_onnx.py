@@ -374,8 +374,8 @@ def test_bad_storage_options_are_refused(checkpoint, tmp_path):
     (tmp_path / "o").mkdir()
     with pytest.raises(ConfigError, match="`eight_bit`='int4'"):
         write_onnx(checkpoint, tmp_path / "o", progress=False, eight_bit="int4")
-    with pytest.raises(ConfigError, match="`embedding_dtype`='int8'"):
-        write_onnx(checkpoint, tmp_path / "o", progress=False, embedding_dtype="int8")
+    with pytest.raises(ConfigError, match="`embedding_dtype`='int4'"):
+        write_onnx(checkpoint, tmp_path / "o", progress=False, embedding_dtype="int4")
     with pytest.raises(ConfigError, match="`stored_bits`=2"):
         pack_matmul_nbits("m", np.zeros((64, 8), int), np.zeros((1, 8), int),
                           np.ones((1, 8), np.float32), bits=4, group_size=64, stored_bits=2)  # fmt: skip
@@ -446,3 +446,33 @@ def test_embedding_storage_reads_back_in_onnxruntime(dtype):
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 20)])
     sess = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
     np.testing.assert_array_equal(sess.run(None, {})[0], back)
+
+
+def test_other_storage_options_end_to_end(checkpoint, dense_dequantized, tmp_path):
+    """8-bit as a float32 MatMul, int8 embedding, stacked cache: onnxruntime equals torch
+    holding the same weights (the int8 table read back), prefill and a cached step."""
+    from edgeqra.exporters.onnx import embedding_storage
+
+    dest = tmp_path / "other"
+    dest.mkdir()
+    info = write_onnx(checkpoint, dest, progress=False, eight_bit="float32",
+                      embedding_dtype="int8", cache_io="stacked")  # fmt: skip
+    eight = [n for n in info["nodes"] if n["bits_requested"] == 8]
+    assert eight and all(n["storage"] == "float32" and n["bytes"] == n["K"] * n["N"] * 4
+                         for n in eight)  # fmt: skip
+    assert all(_bits_of(m) != 8 for n in _nbits_nodes(dest)
+               for m in [{p.key: p.value for p in n.metadata_props}["edgeqra.module"]])  # fmt: skip
+    assert info["inputs"][2:] == ["past_keys", "past_values"]
+    assert not (dest / "genai_config.json").exists()
+    assert info["embedding"]["bytes"] == 512 * 128 + 512 * 4
+    model = LlamaForCausalLM.from_pretrained(checkpoint.parent / "dense").eval()
+    model.load_state_dict(dense_dequantized.state_dict())
+    with torch.no_grad():
+        table = model.get_input_embeddings().weight
+        original = LlamaForCausalLM.from_pretrained(checkpoint.parent / "dense")
+        _, back = embedding_storage(original.get_input_embeddings().weight.numpy(), "int8")
+        table.copy_(torch.from_numpy(back))
+        ids = torch.randint(0, 512, (2, 20), generator=torch.Generator().manual_seed(8))
+        expected = model(ids).logits.numpy()
+    np.testing.assert_allclose(onnx_logits(dest, ids.numpy()), expected, atol=1e-4, rtol=0)
+    assert info["parity"]["max_abs_dlogits_cached_step"] < 1e-4
