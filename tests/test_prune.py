@@ -176,6 +176,22 @@ def test_without_gqa_whole_qkv_heads_go():
     assert (got - want).abs().max().item() <= EXACT
 
 
+def test_heads_alone_and_ratio_zero():
+    model = _model("qwen2")
+    outcome = prune_model(model, PruneSettings(ratio=0.0, heads=4, importance="magnitude"))
+    t = outcome.target
+    assert (t.num_attention_heads, t.num_key_value_heads, t.intermediate_size) == (4, 4, 128)
+    assert all(
+        len(h) == 4 and {x // 3 for x in h} == {0, 1, 2, 3} for h in outcome.kept_heads.values()
+    )
+    unchanged, reference = _model("qwen2"), _model("qwen2")
+    outcome = prune_model(unchanged, PruneSettings(ratio=0.0, importance="magnitude"))
+    assert outcome.params_after == outcome.params_before and not outcome.target.changes
+    ids = _ids(unchanged.config.vocab_size)
+    with torch.no_grad():
+        assert torch.equal(unchanged(ids).logits, reference(ids).logits)
+
+
 def test_magnitude_removes_the_weakest_head_and_channels():
     model = _model("llama")
     attn, mlp = model.model.layers[0].self_attn, model.model.layers[0].mlp
