@@ -730,7 +730,7 @@ def _merge_on_grid(
     adapted = [layer.lost for layer in layers if layer.action.startswith("merged")]
     stage(
         "merge: " + ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
-        + (f"; mean loss of adapter effect {sum(adapted) / len(adapted):.3f}" if adapted else "")
+        + (f"; mean share of the adapter effect lost {sum(adapted) / len(adapted):.3f}" if adapted else "")
         + (f"; {len(flagged)} above threshold {settings.threshold}" if flagged else "")
     )  # fmt: skip
     return {
