@@ -12,7 +12,8 @@
 #   bash bench/gpu/run_issue21.sh search        # again only if the first was cut off (--resume)
 #   bash bench/gpu/run_issue21.sh exports       # adapter + merged new (grid)  (est. 2-4 min)
 #   bash bench/gpu/run_issue21.sh old           # merged old (requantize) + table (est. 2-4 min)
-#   bash bench/gpu/run_issue21.sh uniform       # uniform 4/8: run + 3 exports + table (est. 6-9 min)
+#   bash bench/gpu/run_issue21.sh uniform       # uniform 4/8 run (4-bit bank only)   (est. 3-5 min)
+#   bash bench/gpu/run_issue21.sh uniform-exports  # its adapter, new and old merge + table (est. 4-6 min)
 #   bash bench/gpu/run_issue21.sh tests         # pytest tests/test_export.py -m gpu (est. 3-5 min)
 #   bash bench/gpu/run_issue21.sh onnx          # optional: ONNX from export-gptq, CPU tok/s
 #
@@ -20,7 +21,7 @@
 # bank of 4 widths ~2 min, a 32-step evaluation ~15 s, scoring 570 items < 2 s). Every step
 # writes its log and the manifests / merge_table.json under $OUT.
 set -euo pipefail
-STEP=${1:?usage: run_issue21.sh search|exports|old|uniform|tests|onnx|table}
+STEP=${1:?usage: run_issue21.sh search|exports|old|uniform|uniform-exports|tests|onnx|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/issue21-out}
 mkdir -p "$OUT"
@@ -61,7 +62,9 @@ case "$STEP" in
   uniform)
     $BENCH --out "$UNIFORM" --search-only --device cuda --n-eval 570 --uniform 4 --steps 32 \
       --calib-samples 64 2>&1 | tee "$OUT/uniform.log"
-    $BENCH --out "$UNIFORM" --merge-table adapter,grid,requantize 2>&1 | tee -a "$OUT/uniform.log"
+    save "$UNIFORM" ;;
+  uniform-exports)
+    $BENCH --out "$UNIFORM" --merge-table adapter,grid,requantize 2>&1 | tee "$OUT/uniform-exports.log"
     save "$UNIFORM" ;;
   onnx)
     $BENCH --out "$MIXED" --merge-table onnx 2>&1 | tee "$OUT/onnx.log"
