@@ -12,7 +12,7 @@ Prints a markdown table and writes ``OUT/bench.json``.
 
 Issue 21 (the merge table, GPU; bench/gpu/run_issue21.sh has the calls): ``--search-only``
 runs the job without exports (``--device``, ``--n-eval``, ``--bits``, ``--target-bits``:
-a budget between the uniform widths around it, from ``edgeqra plan``; ``--uniform 4`` for a
+the job's ``budget_bits``, a budget at that average width; ``--uniform 4`` for a
 uniform 4-bit rank-8 run instead of a search); ``--merge-table FORMATS`` then exports each of
 ``adapter``, ``grid`` (gptq merged on the bank's grid, RUN/export-gptq), ``requantize`` (the
 old merge, RUN/export-gptq-requantize) and ``onnx`` (reusing export-gptq) and prints the
@@ -97,34 +97,20 @@ def _onnx_speed(onnx_dir: Path, ids) -> tuple[float, list[int]]:
     return NEW_TOKENS / (time.perf_counter() - start), list(tokens)
 
 
-def _budget_for_bits(target: float, profile: str) -> float:
-    """GiB between the uniform widths around ``target`` (rank 8), by ``edgeqra plan``."""
-    plan = subprocess.run(  # noqa: S603
-        [sys.executable, "-m", "edgeqra.cli", "plan", "--profile", profile, "--rank", "8", "--json"],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    rows = {r["average_bits"]: r["total"] for r in json.loads(plan.stdout)["rows"]}
-    lo = max(b for b in rows if b <= target)
-    hi = min(b for b in rows if b >= target)
-    if lo == hi:
-        return rows[lo] / 2**30
-    frac = (target - lo) / (hi - lo)
-    return (rows[lo] + frac * (rows[hi] - rows[lo])) / 2**30
-
-
 def _job_text(args, out: Path) -> str:
     """The job file: the default CPU job, or the issue-21 settings given on the command line."""
     if not args.search_only:
         return JOB.format(out=out)
     profile = "jetson-orin-nano-8gb"
-    if args.uniform:
-        bits, ranks, budget, evals = [args.uniform], [8], 8.0, 1
+    if args.uniform:  # a generous byte budget: the only config is uniform BITS/8
+        bits, ranks, budget, evals = [args.uniform], [8], "budget_gb = 8.0", 1
     else:
         bits, ranks, evals = args.bits, [0, 4, 8, 16], args.evals
-        budget = args.budget_gb or _budget_for_bits(args.target_bits, profile)
+        budget = (f"budget_gb = {args.budget_gb}" if args.budget_gb
+                  else f"budget_bits = {args.target_bits}")  # the job files' own key  # fmt: skip
     return f"""\
 profile = "{profile}"
-budget_gb = {budget:.6f}
+{budget}
 model = "smollm2"
 task = "arc_easy"
 out = "{out}"

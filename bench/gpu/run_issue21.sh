@@ -8,7 +8,7 @@
 # per step below, back to back (the machine must stay warm: run dirs live in /tmp/issue21),
 # each with `timeout_s: 600`, run from the repository root:
 #
-#   bash bench/gpu/run_issue21.sh search        # mixed search at ~3.5 bits   (est. 6-9 min)
+#   bash bench/gpu/run_issue21.sh search        # mixed search, budget_bits 3.5 (est. 6-9 min)
 #   bash bench/gpu/run_issue21.sh search        # again only if the first was cut off (--resume)
 #   bash bench/gpu/run_issue21.sh exports       # adapter + merged new (grid)  (est. 2-4 min)
 #   bash bench/gpu/run_issue21.sh old           # merged old (requantize) + table (est. 2-4 min)
