@@ -39,9 +39,9 @@ from edgeqra.space import Config
 __all__ = ["write_report"]
 
 _GIB = float(1 << 30)
-_WIDTH, _HEIGHT = 960, 640
+_WIDTH, _HEIGHT = 960, 660
 _PLOT = (84.0, 700.0, 78.0, 398.0)  # x0, x1, y0 (top), y1 (bottom) of the scatter panel
-_STRIP_TOP = 470.0
+_STRIP_TOP = 494.0
 _BITS_COLOURS = {2: "#cf222e", 3: "#fb8500", 4: "#d4a72c", 8: "#2da44e", 16: "#0969da"}
 _FULL, _LOW, _BASE, _CHOSEN, _BUDGET = "#0969da", "#8c959f", "#bc4c00", "#cf222e", "#82071e"
 
@@ -311,6 +311,22 @@ def _star(x: float, y: float, r: float) -> str:
     return "M" + " L".join(points) + " Z"
 
 
+def _clip(text: str, limit: int) -> str:
+    """``text`` cut to ``limit`` characters with an ellipsis (labels inside the plot)."""
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    """Lines of at most ``width`` characters, broken after commas or spaces where possible."""
+    lines: list[str] = []
+    while len(text) > width:
+        cut = max(text.rfind(",", 0, width), text.rfind(" ", 0, width))
+        cut = width if cut <= 0 else cut + 1
+        lines.append(text[:cut])
+        text = text[cut:]
+    return [*lines, text]
+
+
 def _gib(n: int, decimals: int = 3) -> str:
     return f"{n / _GIB:.{decimals}f} GiB"
 
@@ -398,7 +414,7 @@ def _render(run: _Run) -> str:
 
     # Uniform baselines; their labels are moved apart (they often sit close together).
     cx, cy = px(run.chosen.memory), py(run.chosen.score)
-    chosen_label = f"chosen {run.chosen.label}: {run.chosen.score:.3f}"
+    chosen_label = f"chosen {_clip(run.chosen.label, 40)}: {run.chosen.score:.3f}"
     placed: list[tuple[float, float, float, float]] = []  # label boxes; the chosen one first
     chosen_at = _place_label(placed, cx + 4, cy - 6, chosen_label, x1, char=7.4)
     for m in sorted(run.baselines, key=lambda m: (m.memory, m.score)):
@@ -487,8 +503,10 @@ def _strip(svg: _Svg, run: _Run, x0: float, x1: float) -> None:
     config = run.chosen_config
     n = len(config)
     top = _STRIP_TOP
-    svg.text(x0, top - 12, f"chosen config per layer: {run.chosen.label} "
-             f"({run.average_bits:.2f} average bits)", font_weight="bold")  # fmt: skip
+    heading = f"chosen config per layer ({run.average_bits:.2f} average bits): "
+    lines = _wrap(heading + run.chosen.label, 118)  # a 30-layer config can be long
+    for k, line in enumerate(lines):
+        svg.text(x0, top - 12 - 15 * (len(lines) - 1 - k), line, font_weight="bold")
     width = (x1 - x0) / n
     cell_h, bar_h = 26.0, 40.0
     max_rank = max(max(config.ranks), 1)
