@@ -16,10 +16,16 @@ peak of a short fine-tuning step (`edgeqra.measure.measure_config`, random weigh
 row's shapes: memory does not depend on the values). Rows print as JSON lines as they land,
 then a Markdown table for bench/RESULTS.md; everything goes to OUT/rows.json.
 
-GPU (H200; about an hour at the defaults; nothing here runs in CI):
+GPU (H200; not run yet: an estimated 1-2 h at the defaults; nothing here runs in CI). The
+machine needs the torch-pruning wheel besides bench/gpu/fetch_wheels.sh's kit and the data
+packages. Calls are limited to 10 minutes: repeat the same command with the same ``--out``
+(finished rows are kept in OUT/rows.jsonl, searches resume from their journals), e.g. one
+task and ratio per call:
 
     python bench/prune_quality.py --device cuda --ratios 0.2 0.3 \
         --tasks arc_easy boolq piqa --steps 64 --evals 24 --out /tmp/prune_quality
+    python bench/prune_quality.py --device cuda --ratios 0.2 --tasks arc_easy \
+        --steps 64 --evals 24 --out /tmp/prune_quality    # one slice per call
 
 CPU smoke run (minutes; scores mean nothing at this size):
 
@@ -161,38 +167,64 @@ def main() -> None:
 
     # Pruning keeps every layer: one (bits, rank) per layer on both models.
     n = ModelSpec.from_config(AutoConfig.from_pretrained(resolve_model(args.model))).n_units
+    # Rows land in OUT/rows.jsonl as they finish; a rerun with the same OUT skips them (and the
+    # searches resume from their journals), so the benchmark can run in several short calls.
+    journal = args.out / "rows.jsonl"
+    done = {}
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            r = json.loads(line)
+            done[(r["task"], r["ratio"], r["method"])] = r
     rows: list[dict] = []
+
+    def cached(task: str, ratio: float, label: str) -> bool:
+        row = done.get((task, ratio, label))
+        if row is not None:
+            rows.append(row)
+        return row is not None
+
+    def keep(row: dict) -> None:
+        rows.append(row)
+        with journal.open("a") as handle:
+            handle.write(json.dumps(row, default=str) + "\n")
+
     for task in args.tasks:
         for label, bits in (("unpruned FP16 LoRA", FP16_BITS), ("unpruned uniform 4-bit", 4)):
+            if cached(task, 0.0, label):
+                continue
             config = Config.uniform(n, bits, RANK)
             result, mem = evaluate(args.model, task, config)
-            rows.append(_row(label, 0.0, task, result.score, result.metric, mem,
-                             config=config.short(), measured=measured(args.model, config)))  # fmt: skip
+            keep(_row(label, 0.0, task, result.score, result.metric, mem,
+                      config=config.short(), measured=measured(args.model, config)))  # fmt: skip
         for ratio, folder in pruned.items():
             for label, bits in (("pruned FP16 LoRA", FP16_BITS), ("pruned uniform 4-bit", 4)):
+                if cached(task, ratio, label):
+                    continue
                 config = Config.uniform(n, bits, RANK)
                 result, mem = evaluate(str(folder), task, config)
-                rows.append(_row(label, ratio, task, result.score, result.metric, mem,
-                                 config=config.short(), measured=measured(str(folder), config)))  # fmt: skip
+                keep(_row(label, ratio, task, result.score, result.metric, mem,
+                          config=config.short(), measured=measured(str(folder), config)))  # fmt: skip
             budget = rows[-1]["memory_gib"] * 2**30  # the pruned uniform 4-bit model's memory
             for label, model in (
                 ("pruned + joint search", str(folder)),
                 ("unpruned joint search (same memory)", args.model),
             ):
+                if cached(task, ratio, label):
+                    continue
                 name = f"{task}-{ratio:g}-{'pruned' if model != args.model else 'unpruned'}"
                 try:
                     summary = search(model, task, int(budget), name)
                 except EdgeQRAError as exc:  # e.g. nothing of the unpruned model fits there
-                    rows.append(_row(label, ratio, task, None, "", int(budget), config="—",
-                                     error=str(exc)))  # fmt: skip
+                    keep(_row(label, ratio, task, None, "", int(budget), config="—",
+                              error=str(exc)))  # fmt: skip
                     continue
                 chosen = summary["chosen"]
                 config = Config.parse(chosen["config"])
                 final = chosen["final"]
-                rows.append(_row(label, ratio, task, final["score"], final["metric"],
-                                 chosen["predicted_memory_bytes"], config=config.short(),
-                                 evaluations=summary["search"]["evaluations"],
-                                 measured=measured(model, config)))  # fmt: skip
+                keep(_row(label, ratio, task, final["score"], final["metric"],
+                          chosen["predicted_memory_bytes"], config=config.short(),
+                          evaluations=summary["search"]["evaluations"],
+                          measured=measured(model, config)))  # fmt: skip
 
     took = time.perf_counter() - start
     print(f"\n{args.model} on {args.profile}, {args.steps} steps, {took:.0f} s\n")
