@@ -14,6 +14,7 @@ GPTQModel: layer 0's q/k/v, whose inputs both paths see unquantized, pack bit-id
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -30,6 +31,17 @@ from edgeqra.errors import ConfigError, DataError
 from edgeqra.gptq import _PACKED_SUFFIXES, _SUPPORTED_BITS, _check_3bit_shapes, _quiet
 
 __all__ = ["quantize_shared_hessian", "saved_quantize_config"]
+
+
+@contextlib.contextmanager
+def _threads(n: int) -> Iterator[None]:
+    """torch's intra-op thread count set to ``n`` inside the block, restored after."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(min(n, before))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 class _StopForward(Exception):
@@ -327,7 +339,11 @@ def quantize_shared_hessian(
         finally:
             collector.remove()
         for index in chunk:
-            with _quiet():  # GPTQModel logs every kernel choice and pack to stdout
+            # GPTQModel logs every kernel choice and pack to stdout. Its CPU column loop is
+            # thousands of ops too small to gain from a second thread, and on a busy 2-core
+            # machine two threads wait on each other: 0.65 s vs 3.5-15 s for one 1536x576
+            # linear at load 5 (bench/bank_speed.py; the forward keeps every thread).
+            with _quiet(), _threads(1):
                 out = _quantize_layer(model, linears[index], collector, base, tokens)
             yield index, out
     del model
