@@ -19,9 +19,9 @@ PLATFORMS=(--python-version 3.12 --implementation cp
 
 # 1. On PyPI as wheels that run on 3.12 x86_64 (torchao: cp310-abi3; the others pure Python).
 #    torchao is imported by gptqmodel at import time; optimum by peft's GPTQ support;
-#    platformdirs by edgeqra.profiles.
+#    platformdirs by edgeqra.profiles; torch-pruning by `edgeqra prune` (bench/prune_quality.py).
 "$PY" -m pip download -q --no-deps --only-binary=:all: "${PLATFORMS[@]}" -d .whl \
-  torchao==0.18.0 optimum==2.3.0 platformdirs==4.14.8
+  torchao==0.18.0 optimum==2.3.0 platformdirs==4.14.8 torch-pruning==1.6.1
 
 # 2. Pure-Python packages that PyPI ships only as sdists: build py3-none-any wheels here.
 #    (gptqmodel's CUDA kernels are sources inside the wheel, JIT-compiled on first use there.)
