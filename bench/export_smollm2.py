@@ -15,7 +15,8 @@ runs the job without exports (``--device``, ``--n-eval``, ``--bits``, ``--target
 the job's ``budget_bits``, a budget at that average width; ``--uniform 4`` for a
 uniform 4-bit rank-8 run instead of a search); ``--merge-table FORMATS`` then exports each of
 ``adapter``, ``grid`` (gptq merged on the bank's grid, RUN/export-gptq), ``requantize`` (the
-old merge, RUN/export-gptq-requantize) and ``onnx`` (reusing export-gptq) and prints the
+old merge, RUN/export-gptq-requantize), ``unmerged`` / ``upbits`` (the grid merge with that
+``over_threshold``) and ``onnx`` (reusing export-gptq) and prints the
 table: before merge, adapter form, merged old, merged new, held-out loss, per-layer merge
 error; ``--table`` prints it again from the manifests.
 """
@@ -152,6 +153,9 @@ def _merge_table(out: Path, formats: list[str]) -> dict:
             out / "export-gptq-requantize", "gptq", MergeSettings(method="requantize")
         ),
         "onnx": (default_out(out, "onnx"), "onnx", MergeSettings()),
+        "unmerged": (out / "export-gptq-unmerged", "gptq",
+                     MergeSettings(over_threshold="unmerged")),
+        "upbits": (out / "export-gptq-upbits", "gptq", MergeSettings(over_threshold="upbits")),
     }  # fmt: skip
     for name in formats:
         path, fmt, merge = targets[name]
@@ -187,6 +191,13 @@ def _print_table(out: Path, targets: dict) -> dict:
         rows.append(
             ("merged, new (on the bank's grid)", manifests["grid"]["scores"]["after_merge"])
         )
+    for name, label in (
+        ("unmerged", "new, layers over threshold kept unmerged"),
+        ("upbits", "new, layers over threshold at the next width"),
+    ):
+        if name in manifests:
+            acts = manifests[name]["merge"]["actions"]
+            rows.append((f"{label} ({acts})", manifests[name]["scores"]["after_merge"]))  # fmt: skip
     print(f"\nconfig {any_m['config']['short']} ({any_m['config']['average_bits']:.2f} bits), "
           f"{before['n']} eval items, metric {s['metric']}\n")  # fmt: skip
     print("| model | score | Δ vs before | loss | Δ loss |\n|---|---|---|---|---|")

@@ -11,7 +11,8 @@
 #   bash bench/gpu/run_issue21.sh search        # mixed search, budget_bits 3.5 (est. 6-9 min)
 #   bash bench/gpu/run_issue21.sh search        # again only if the first was cut off (--resume)
 #   bash bench/gpu/run_issue21.sh exports       # adapter + merged new (grid)  (est. 2-4 min)
-#   bash bench/gpu/run_issue21.sh old           # merged old (requantize) + table (est. 2-4 min)
+#   bash bench/gpu/run_issue21.sh old           # merged old (requantize), unmerged fallback + table (est. 3-5 min)
+#   bash bench/gpu/run_issue21.sh upbits        # the grid merge with `upbits` + table (est. 2-3 min)
 #   bash bench/gpu/run_issue21.sh uniform       # uniform 4/8 run (4-bit bank only)   (est. 3-5 min)
 #   bash bench/gpu/run_issue21.sh uniform-exports  # its adapter, new and old merge + table (est. 4-6 min)
 #   bash bench/gpu/run_issue21.sh tests         # pytest tests/test_export.py -m gpu (est. 3-5 min)
@@ -21,7 +22,7 @@
 # bank of 4 widths ~2 min, a 32-step evaluation ~15 s, scoring 570 items < 2 s). Every step
 # writes its log and the manifests / merge_table.json under $OUT.
 set -euo pipefail
-STEP=${1:?usage: run_issue21.sh search|exports|old|uniform|uniform-exports|tests|onnx|table}
+STEP=${1:?usage: run_issue21.sh search|exports|old|upbits|uniform|uniform-exports|tests|onnx|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/issue21-out}
 mkdir -p "$OUT"
@@ -57,14 +58,17 @@ case "$STEP" in
     $BENCH --out "$MIXED" --merge-table adapter,grid 2>&1 | tee "$OUT/exports.log"
     save "$MIXED" ;;
   old)
-    $BENCH --out "$MIXED" --merge-table requantize 2>&1 | tee "$OUT/old.log"
+    $BENCH --out "$MIXED" --merge-table requantize,unmerged 2>&1 | tee "$OUT/old.log"
+    save "$MIXED" ;;
+  upbits)
+    $BENCH --out "$MIXED" --merge-table upbits 2>&1 | tee "$OUT/upbits.log"
     save "$MIXED" ;;
   uniform)
     $BENCH --out "$UNIFORM" --search-only --device cuda --n-eval 570 --uniform 4 --steps 32 \
       --calib-samples 64 2>&1 | tee "$OUT/uniform.log"
     save "$UNIFORM" ;;
   uniform-exports)
-    $BENCH --out "$UNIFORM" --merge-table adapter,grid,requantize 2>&1 | tee "$OUT/uniform-exports.log"
+    $BENCH --out "$UNIFORM" --merge-table adapter,grid,requantize,unmerged 2>&1 | tee "$OUT/uniform-exports.log"
     save "$UNIFORM" ;;
   onnx)
     $BENCH --out "$MIXED" --merge-table onnx 2>&1 | tee "$OUT/onnx.log"
