@@ -727,6 +727,13 @@ def _merge_on_grid(
             layer.lost, layer.lost_rtn, 100 * layer.codes_changed,
         )  # fmt: skip
     flagged = [layer.name for layer in layers if layer.flagged]
+    if flagged:
+        log.warning(
+            "%d of %d layers lose more than %s of their adapter's effect in the merge (the "
+            "adapter moves their weights by less than the grid step); `--over-threshold "
+            "unmerged` keeps them as base + adapter (exact), `upbits` merges them at the next "
+            "bit-width if the budget allows", len(flagged), len(layers), settings.threshold,
+        )  # fmt: skip
     adapted = [layer.lost for layer in layers if layer.action.startswith("merged")]
     stage(
         "merge: " + ", ".join(f"{n} {a}" for a, n in sorted(actions.items()))
