@@ -182,7 +182,7 @@ class GraphLoRA:
         self._graph: torch.cuda.CUDAGraph | None = None
         self._graph_key: tuple[object, ...] | None = None
         self._optimizer: torch.optim.Optimizer | None = None
-        self._opt_key: tuple[float, float] | None = None
+        self._opt_key: float | None = None
         self._data_key: int | None = None
         self._static_ids: torch.Tensor | None = None
         self._static_labels: torch.Tensor | None = None
@@ -238,7 +238,7 @@ class GraphLoRA:
 
     def _reset_optimizer(self, settings: TuneSettings) -> torch.optim.Optimizer:
         """The optimizer with fresh state (same tensors when it already exists: graph-safe)."""
-        key = (settings.weight_decay, settings.max_grad_norm)
+        key = settings.weight_decay  # the only optimizer setting a search may vary
         if self._optimizer is None or self._opt_key != key:
             self._optimizer = self._make_optimizer(settings)
             self._opt_key = key

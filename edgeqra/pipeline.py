@@ -445,9 +445,9 @@ def run_search_job(
     Returns the summary (also written to ``out/summary.json``).
     """
     settings = job.search
-    check_budget(job)  # seconds, before minutes of model loading and GPTQ
+    # Seconds, before minutes of model loading and GPTQ; bytes / 2**30 is exact in a float.
+    budget_gb = check_budget(job) / 2**30
     check_available(job.executor)  # e.g. Ray not installed: say so now
-    budget_gb = budget_gb_of(job)
     prepared = prepare(job.eval, budget_gb=budget_gb, progress=progress)
     space, spec, profile = prepared.space, prepared.spec, prepared.profile
     if profile is None or prepared.budget_bytes is None:  # SearchJob.__post_init__ checks
