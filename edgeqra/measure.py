@@ -438,6 +438,8 @@ def capped_run(
             f"at least the profile's {_gib(profile.budget_bytes)}"
         )
     dev = torch.device(device)
+    if dev.index is None:  # the allocator's cap needs an index: "cuda" means the current one
+        dev = torch.device("cuda", torch.cuda.current_device())
     total = torch.cuda.get_device_properties(dev).total_memory
     if profile.budget_bytes > total:
         raise ModelError(
