@@ -1165,14 +1165,15 @@ def _parser() -> argparse.ArgumentParser:
         type=float,
         default=0.5,
         help="a layer whose merge loses more than this fraction of its adapter's effect on "
-        "its outputs is flagged (default 0.5)",
+        "its outputs is kept unmerged (see --over-threshold; default 0.5)",
     )
     p.add_argument(
         "--over-threshold",
         choices=["report", "unmerged", "upbits"],
-        default="report",
-        help="flagged layers: merge anyway (report), keep their adapter unmerged (package "
-        "loads as base + adapter), or merge at the next bit-width up if the budget allows",
+        default="unmerged",
+        help="layers over the threshold: keep their adapter unmerged (unmerged, default: the "
+        "package loads as base + adapter), merge anyway (report), or merge at the next "
+        "bit-width up if the budget allows (upbits)",
     )
     p.add_argument(
         "--eight-bit",
