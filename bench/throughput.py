@@ -20,14 +20,29 @@ speed does not depend on the values. GPU:
     python bench/throughput.py --arch llama-3.1-8b --configs fp16,u4,u4-saved \
         --phases finetune --kernels triton,torch --out $OUT/throughput_8b.json
 
-CPU smoke check (tiny model, seconds): ``python bench/throughput.py --arch tiny --device cpu``.
+Each (config, phase) is measured in a fresh Python process (this script re-run with
+``--child``; ``--no-fresh-process`` runs them all in one, importing GPTQModel first), and
+every row records ``allocated_before_bytes``, what PyTorch held on the GPU right before the
+build, so a leftover of an earlier build can never hide in a peak again. Why (issue 15, H200
+2026-12-02, both 4-bit peaks above FP16's): in one process the FP16 model outlived its
+``del``. GPTQModel 7.6 keeps the ``ImportError`` of its optional llama.cpp kernel at module
+level (``gptqmodel/nn_modules/qlinear/gguf_cpp.py``, ``_LLAMA_CPP_IMPORT_ERROR``), and that
+exception's traceback pins every frame on the stack of gptqmodel's first import; PEFT
+triggers that import inside ``attach_lora`` of the first model built, whose frames hold the
+model (found on CPU with weakrefs; importing GPTQModel first frees it), so the later peaks
+most likely carried its 15 GiB.
+
+CPU smoke check (tiny model, about a minute per process):
+``python bench/throughput.py --arch tiny --device cpu --configs fp16,u4 --phases finetune``.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
+import subprocess
 import sys
 import tempfile
 import time
@@ -36,6 +51,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 
 
+@functools.cache
 def _hf_config(arch: str):
     """The architecture's HF config; ``tiny`` is a 4-layer Llama for smoke checks."""
     from transformers import AutoConfig, LlamaConfig
@@ -75,6 +91,20 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--group-size", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="JSON results")
+    p.add_argument(
+        "--fresh-process",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="measure each (config, phase) in its own Python process (nothing left over)",
+    )
+    p.add_argument(
+        "--time-limit",
+        type=float,
+        help="seconds: start no process that the longest one so far would not finish in time",
+    )
+    # Internal: a child process measures one (config, phase) and writes its rows here.
+    p.add_argument("--child", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--work-dir", type=Path, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -86,8 +116,8 @@ CONFIGS = {  # key: (label, quantized backward)
 }
 
 
-def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[object, str]]:
-    """Label -> (Config, quantized backward) for the keys asked for."""
+def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[str, object, str]]:
+    """Key -> (label, Config, quantized backward) for the keys asked for."""
     from edgeqra.space import Config
 
     bad = [k for k in keys if k not in CONFIGS]
@@ -99,7 +129,7 @@ def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[object
         "u4-saved": lambda: Config.uniform(n_units, 4, rank),
         "mixed": lambda: Config.from_pairs([(3 if i % 2 else 4, rank) for i in range(n_units)]),
     }
-    return {CONFIGS[k][0]: (make[k](), CONFIGS[k][1]) for k in keys}
+    return {k: (CONFIGS[k][0], make[k](), CONFIGS[k][1]) for k in keys}
 
 
 def _fmt(value: float) -> str:
@@ -173,89 +203,206 @@ def generation_speed(model, args, device: str) -> dict[str, float]:
     }
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point: both measurements, a table last, JSON to --out."""
-    args = _parse_args(argv)
-    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
-    sys.path.insert(0, str(REPO))
+def _import_gptqmodel_first() -> None:
+    """Import GPTQModel's kernels while no model is on the stack (see the module docstring).
+
+    Its first import stores an exception whose traceback pins the frames that imported it;
+    done here, those frames hold no model.
+    """
+    try:
+        import gptqmodel  # noqa: F401
+    except ImportError:  # FP16 rows need no GPTQModel
+        pass
+
+
+def _measure_one(args, key: str, phase: str, spec, work_root: Path, device: str) -> dict:
+    """One build and one measurement in this process: the row of (config ``key``, ``phase``)."""
+    import torch
+
+    from edgeqra.measure import build_model
+
+    label, config, backward = _configs(spec.n_units, args.rank, [key])[key]
+    on_cuda = device.startswith("cuda")
+    dtype = torch.bfloat16 if on_cuda else torch.float32
+    kernels = args.kernels.split(",") if on_cuda else None
+    trainable = phase == "finetune"
+    row: dict[str, object] = {
+        "config": config.short(),
+        "quantized_backward": backward,
+        "average_bits": round(config.average_bits(spec.unit_params), 3),
+    }
+    if on_cuda:
+        # Anything an earlier build left alive would sit inside this row's peak.
+        row["allocated_before_bytes"] = torch.cuda.memory_allocated()
+    model, chosen = build_model(
+        _hf_config(args.arch),
+        config,
+        trainable=trainable,
+        work_dir=work_root / config.short().replace("/", "_"),  # u4 and u4-saved share it
+        device=device,
+        dtype=dtype,
+        group_size=args.group_size,
+        kernels=kernels,
+        seed=args.seed,
+        quantized_backward=backward,
+    )
+    if on_cuda:
+        row["allocated_after_build_bytes"] = torch.cuda.memory_allocated()
+    speed = (finetune_speed if trainable else generation_speed)(model, args, device)
+    row["kernels"] = {str(b): k for b, k in chosen.items()}
+    row.update(speed)
+    print(json.dumps({"phase": phase, "label": label, **row}), flush=True)
+    del model
+    return row
+
+
+def _jobs(args, keys: list[str]) -> list[tuple[str, str]]:
+    """(config key, phase) pairs to measure, in order; generation skips the ``saved`` backward."""
+    phases = [p for p in ("finetune", "generate") if p in args.phases.split(",")]
+    return [
+        (key, phase)
+        for key in keys
+        for phase in phases
+        if phase == "finetune" or CONFIGS[key][1] != "saved"
+    ]
+
+
+def _device_name(device: str) -> str:
+    import torch
+
+    return torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu"
+
+
+def _run_here(args, jobs, spec, work_root: Path, device: str) -> dict[str, dict]:
+    """Every job in this process, one after another (``--no-fresh-process`` and children)."""
     import gc
 
     import torch
-    from rich.console import Console
-    from rich.table import Table
 
-    from edgeqra.measure import build_model
+    if not device.startswith("cuda"):
+        # Small CPU ops gain nothing from threads, and OpenMP spin-waits are 10-50x slower
+        # when other processes share the cores (tests/test_tune.py measured this).
+        torch.set_num_threads(1)
+    _import_gptqmodel_first()
+    results: dict[str, dict] = {}
+    for key, phase in jobs:
+        results.setdefault(phase, {})[CONFIGS[key][0]] = _measure_one(
+            args, key, phase, spec, work_root, device
+        )
+        gc.collect()
+        if device.startswith("cuda"):
+            torch.cuda.empty_cache()
+    return results
+
+
+def _run_children(args, argv: list[str], jobs, spec, work_root: Path, device: str):
+    """Each job in a fresh process; returns (results, device name, skipped jobs)."""
+    results: dict[str, dict] = {}
+    skipped: list[str] = []
+    device_name = None
+    start = time.perf_counter()
+    longest = 0.0
+    for key, phase in jobs:
+        label, config, backward = _configs(spec.n_units, args.rank, [key])[key]
+        name = f"{phase}/{key}"
+        timeout = None
+        if args.time_limit is not None:
+            timeout = args.time_limit - (time.perf_counter() - start)
+            if timeout < longest or timeout <= 0:
+                skipped.append(name)
+                continue
+        out = work_root / f"row-{phase}-{key}.json"
+        cmd = [
+            sys.executable,
+            str(Path(__file__).resolve()),
+            *argv,
+            *("--configs", key, "--phases", phase, "--device", device),
+            *("--no-fresh-process", "--child", str(out), "--work-dir", str(work_root)),
+        ]
+        t0 = time.perf_counter()
+        try:
+            rc = subprocess.run(cmd, check=False, timeout=timeout).returncode  # noqa: S603
+        except subprocess.TimeoutExpired:
+            rc = "timed out"
+        longest = max(longest, time.perf_counter() - t0)
+        if rc == 0 and out.exists():
+            child = json.loads(out.read_text())
+            device_name = device_name or child["device"]
+            results.setdefault(phase, {}).update(child["results"][phase])
+        else:
+            print(f"{name}: the child process failed ({rc}); see its output above", flush=True)
+            results.setdefault(phase, {})[label] = {
+                "config": config.short(),
+                "quantized_backward": backward,
+                "average_bits": round(config.average_bits(spec.unit_params), 3),
+                "error": f"child process: {rc}",
+            }
+    return results, device_name, skipped
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point: each measurement in its own process, a table last, JSON to --out."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = _parse_args(argv)
+    os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    sys.path.insert(0, str(REPO))
+    import torch
+
     from edgeqra.memory import ModelSpec
 
     device = args.device
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    if not device.startswith("cuda"):
-        # Small CPU ops gain nothing from threads, and OpenMP spin-waits are 10-50x slower
-        # when other processes share the cores (tests/test_tune.py measured this).
-        torch.set_num_threads(1)
-    hf = _hf_config(args.arch)
-    spec = ModelSpec.from_config(hf)
-    configs = _configs(spec.n_units, args.rank, args.configs.split(","))
-    kernels = args.kernels.split(",") if device.startswith("cuda") else None
-    phases = [p for p in ("finetune", "generate") if p in args.phases.split(",")]
-    results: dict[str, dict] = {p: {} for p in phases}
+    spec = ModelSpec.from_config(_hf_config(args.arch))
+    keys = args.configs.split(",")
+    _configs(spec.n_units, args.rank, keys)  # exits on an unknown key
+    jobs = _jobs(args, keys)
+    if args.child is not None:  # one (config, phase) of a parent's run
+        results = _run_here(args, jobs, spec, args.work_dir, device)
+        args.child.write_text(json.dumps({"device": _device_name(device), "results": results}))
+        return
+    skipped: list[str] = []
     with tempfile.TemporaryDirectory(prefix="throughput-") as tmp:
-        for label, (config, backward) in configs.items():
-            work = Path(tmp) / config.short().replace("/", "_")  # u4 and u4-saved share it
-            for phase in phases:
-                trainable = phase == "finetune"
-                if not trainable and backward == "saved":
-                    continue  # generation does not depend on the backward path
-                model, chosen = build_model(
-                    hf,
-                    config,
-                    trainable=trainable,
-                    work_dir=work,
-                    device=device,
-                    dtype=dtype,
-                    group_size=args.group_size,
-                    kernels=kernels,
-                    seed=args.seed,
-                    quantized_backward=backward,
-                )
-                speed = (finetune_speed if trainable else generation_speed)(model, args, device)
-                results[phase][label] = {
-                    "config": config.short(),
-                    "quantized_backward": backward,
-                    "average_bits": round(config.average_bits(spec.unit_params), 3),
-                    "kernels": {str(b): k for b, k in chosen.items()},
-                    **speed,
-                }
-                print(
-                    json.dumps({"phase": phase, "label": label, **results[phase][label]}),
-                    flush=True,
-                )
-                del model
-                gc.collect()
-                if device.startswith("cuda"):
-                    torch.cuda.empty_cache()
+        if args.fresh_process:
+            results, name, skipped = _run_children(args, argv, jobs, spec, Path(tmp), device)
+        else:
+            results, name = _run_here(args, jobs, spec, Path(tmp), device), None
     payload = {
         "arch": args.arch,
-        "device": torch.cuda.get_device_name(0) if device.startswith("cuda") else "cpu",
+        "device": name or _device_name(device),
+        "fresh_process": args.fresh_process,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
         "results": results,
+        "skipped": skipped,
     }
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text(json.dumps(payload, indent=1))
+    _print_table(payload)
+    if skipped:
+        print(f"not measured (time limit): {', '.join(skipped)}")
 
-    table = Table(title=f"throughput, {args.arch} on {payload['device']}")
+
+def _print_table(payload: dict) -> None:
+    """The results as one rich table: tokens/s, ratios, peak and held-before GiB, kernels."""
+    from rich.console import Console
+    from rich.table import Table
+
+    def gib(n: int | None) -> str:
+        return "-" if n is None else f"{n / 2**30:.2f}"
+
+    table = Table(title=f"throughput, {payload['arch']} on {payload['device']}")
     cols = ("phase", "config", "avg bits", "tokens/s", "vs FP16", "vs 4-bit", "peak GiB")
-    for col in (*cols, "kernels"):
+    for col in (*cols, "held before GiB", "kernels"):
         table.add_column(col, justify="right")
-    for phase, rows in results.items():
+    for phase, rows in payload["results"].items():
         fp16 = rows.get("FP16 LoRA", {}).get("tokens_per_s")
         u4 = rows.get("GPTQ 4-bit", {}).get("tokens_per_s")
         for label, r in rows.items():
-            tps = r["tokens_per_s"]
-            peak = r.get("peak_allocated_bytes")
+            tps = r.get("tokens_per_s")
+            if tps is None:
+                table.add_row(phase, label, f"{r['average_bits']:.2f}", f"failed: {r['error']}")
+                continue
             table.add_row(
                 phase,
                 label,
@@ -264,7 +411,8 @@ def main(argv: list[str] | None = None) -> None:
                 + (f" (decode {_fmt(r['decode_tokens_per_s'])})" if phase == "generate" else ""),
                 f"{tps / fp16:.2f}x" if fp16 else "-",
                 f"{tps / u4:.2f}x" if u4 else "-",
-                "-" if peak is None else f"{peak / 2**30:.2f}",
+                gib(r.get("peak_allocated_bytes")),
+                gib(r.get("allocated_before_bytes")),
                 ", ".join(f"{b}: {k}" for b, k in r["kernels"].items()) or "dense",
             )
     Console(width=200).print(table)

@@ -263,6 +263,20 @@ def _release() -> None:
     torch.cuda.empty_cache()
 
 
+def _log_failure(exc: BaseException, what: str, *args: object) -> None:
+    """Log a failed build or measurement; an out-of-memory error is a result, not an error.
+
+    Under ``plan --measure --cap`` (and in a grid's largest rows) running out of memory is the
+    expected outcome: it is recorded in the phase (``oom``) and reported in one line by the
+    caller, so its traceback goes to DEBUG (``--verbose``). Anything else is logged at ERROR
+    with its traceback.
+    """
+    if isinstance(exc, torch.cuda.OutOfMemoryError):
+        log.debug(what + " ran out of memory", *args, exc_info=exc)
+    else:
+        log.error(what + " failed", *args, exc_info=exc)
+
+
 def measure_config(
     hf_config: object,
     config: Config,
@@ -317,7 +331,7 @@ def measure_config(
                     quantized_backward=backward,
                 )
             except Exception as exc:  # noqa: BLE001 - record and go on with the grid
-                log.exception("building %s for %s failed", config.short(), mode)
+                _log_failure(exc, "building %s for %s", config.short(), mode)
                 phases.append(
                     {
                         "mode": mode,
@@ -365,7 +379,7 @@ def measure_config(
                 else:
                     reading = measure_inference(model, work, decode_tokens=decode_tokens, seed=seed)
             except Exception as exc:  # noqa: BLE001 - an OOM or kernel failure is a result too
-                log.exception("measuring %s %s failed", config.short(), mode)
+                _log_failure(exc, "measuring %s %s", config.short(), mode)
                 entry["error"] = f"{type(exc).__name__}: {str(exc)[:300]}"
                 entry["oom"] = isinstance(exc, torch.cuda.OutOfMemoryError)
                 gc.collect()
