@@ -72,13 +72,16 @@ class _FakeCuda:
             torch.cuda, "get_device_properties", lambda dev: SimpleNamespace(total_memory=total)
         )
         monkeypatch.setattr(torch.cuda, "memory_reserved", lambda dev=None: 0)
-        monkeypatch.setattr(
-            torch.cuda,
-            "set_per_process_memory_fraction",
-            lambda f, dev=None: self.fractions.append(f),
-        )
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(torch.cuda, "set_per_process_memory_fraction", self._set_fraction)
         monkeypatch.setattr(measure, "cuda_context_bytes", lambda dev=None: 512 << 20)
         monkeypatch.setattr(measure, "_release", lambda: None)
+
+    def _set_fraction(self, fraction: float, dev=None) -> None:
+        # torch refuses a bare "cuda" here (it needs an index): the H200 run of 2026-12-02 hit it
+        if not isinstance(dev, int) and (dev is None or torch.device(dev).index is None):
+            raise ValueError(f"Expected a torch.device with a specified index, got {dev}")
+        self.fractions.append(fraction)
 
 
 def _record(oom_phase: bool, *, oom: bool = True) -> dict:
