@@ -106,7 +106,7 @@ def _job_text(args, out: Path) -> str:
     if args.uniform:  # a generous byte budget: the only config is uniform BITS/8
         bits, ranks, budget, evals = [args.uniform], [8], "budget_gb = 8.0", 1
     else:
-        bits, ranks, evals = args.bits, [0, 4, 8, 16], args.evals
+        bits, ranks, evals = args.bits, args.ranks, args.evals
         budget = (f"budget_gb = {args.budget_gb}" if args.budget_gb
                   else f"budget_bits = {args.target_bits}")  # the job files' own key  # fmt: skip
     return f"""\
@@ -148,10 +148,10 @@ def _merge_table(out: Path, formats: list[str]) -> dict:
 
     targets = {
         "adapter": (default_out(out, "adapter"), "adapter", None),
-        "grid": (default_out(out, "gptq"), "gptq", MergeSettings()),
-        "requantize": (
-            out / "export-gptq-requantize", "gptq", MergeSettings(method="requantize")
-        ),
+        # every layer merged (the default now keeps layers over the threshold unmerged)
+        "grid": (default_out(out, "gptq"), "gptq", MergeSettings(over_threshold="report")),
+        "requantize": (out / "export-gptq-requantize", "gptq",
+                       MergeSettings(method="requantize", over_threshold="report")),
         "onnx": (default_out(out, "onnx"), "onnx", MergeSettings()),
         "unmerged": (out / "export-gptq-unmerged", "gptq",
                      MergeSettings(over_threshold="unmerged")),
@@ -236,6 +236,10 @@ def main() -> int:
     parser.add_argument("--n-eval", type=int, default=570)
     parser.add_argument(
         "--bits", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 8]
+    )
+    parser.add_argument(
+        "--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[0, 4, 8, 16],
+        help="the search's ranks; `--bits 3,4 --ranks 8` leaves only the bits to mix (issue 21)",
     )
     parser.add_argument("--target-bits", type=float, default=3.5)
     parser.add_argument("--budget-gb", type=float)

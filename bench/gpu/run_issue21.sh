@@ -15,6 +15,8 @@
 #   bash bench/gpu/run_issue21.sh upbits        # the grid merge with `upbits` + table (est. 2-3 min)
 #   bash bench/gpu/run_issue21.sh uniform       # uniform 4/8 run (4-bit bank only)   (est. 3-5 min)
 #   bash bench/gpu/run_issue21.sh uniform-exports  # its adapter, new and old merge + table (est. 4-6 min)
+#   bash bench/gpu/run_issue21.sh mixed          # bits 3,4 at rank 8 only: a mixed 3.5-bit config (est. 3 min)
+#   bash bench/gpu/run_issue21.sh mixed-exports  # its adapter, grid (unmerged default), requantize, report + table
 #   bash bench/gpu/run_issue21.sh tests         # pytest tests/test_export.py -m gpu (est. 3-5 min)
 #   bash bench/gpu/run_issue21.sh onnx          # optional: ONNX from export-gptq, CPU tok/s
 #
@@ -22,7 +24,7 @@
 # bank of 4 widths ~2 min, a 32-step evaluation ~15 s, scoring 570 items < 2 s). Every step
 # writes its log and the manifests / merge_table.json under $OUT.
 set -euo pipefail
-STEP=${1:?usage: run_issue21.sh search|exports|old|upbits|uniform|uniform-exports|tests|onnx|table}
+STEP=${1:?usage: run_issue21.sh search|exports|old|upbits|uniform|uniform-exports|mixed|mixed-exports|tests|onnx|table}
 ROOT=$(pwd)
 OUT=${OUT:-/tmp/issue21-out}
 mkdir -p "$OUT"
@@ -67,6 +69,14 @@ case "$STEP" in
     $BENCH --out "$UNIFORM" --search-only --device cuda --n-eval 570 --uniform 4 --steps 32 \
       --calib-samples 64 2>&1 | tee "$OUT/uniform.log"
     save "$UNIFORM" ;;
+  mixed)  # 2026-12-02: the 2/3/4/8 search at 3.5 bits chose uniform 3-bit; this one must mix
+    $BENCH --out "$RUNS/mixed34" --search-only --device cuda --n-eval 570 --bits 3,4 --ranks 8 \
+      --target-bits 3.5 --evals 12 --steps 32 --calib-samples 64 2>&1 | tee "$OUT/mixed34.log"
+    save "$RUNS/mixed34" ;;
+  mixed-exports)
+    $BENCH --out "$RUNS/mixed34" --merge-table adapter,grid,requantize,unmerged 2>&1 | tee "$OUT/mixed34-exports.log"
+    $BENCH --out "$RUNS/mixed34" --table | tee "$OUT/table-mixed34.md"
+    save "$RUNS/mixed34" ;;
   uniform-exports)
     $BENCH --out "$UNIFORM" --merge-table adapter,grid,requantize,unmerged 2>&1 | tee "$OUT/uniform-exports.log"
     save "$UNIFORM" ;;
