@@ -238,7 +238,9 @@ def main() -> int:
         "--bits", type=lambda t: [int(x) for x in t.split(",")], default=[2, 3, 4, 8]
     )
     parser.add_argument(
-        "--ranks", type=lambda t: [int(x) for x in t.split(",")], default=[0, 4, 8, 16],
+        "--ranks",
+        type=lambda t: [int(x) for x in t.split(",")],
+        default=[0, 4, 8, 16],
         help="the search's ranks; `--bits 3,4 --ranks 8` leaves only the bits to mix (issue 21)",
     )
     parser.add_argument("--target-bits", type=float, default=3.5)
