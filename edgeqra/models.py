@@ -17,9 +17,11 @@ from __future__ import annotations
 
 import hashlib
 import importlib.metadata
+import json
 import logging
 import os
 import shutil
+import struct
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +40,7 @@ __all__ = [
     "embedded_gguf_path",
     "find_units",
     "load_model",
+    "peek_units",
     "resolve_model",
 ]
 
@@ -125,7 +128,15 @@ def _sha256(path: Path) -> str:
 
 
 def _dense_copy_of_gguf(gguf: Path, expected_sha256: str | None = None) -> Path:
-    """Dequantize a GGUF once into a dense safetensors folder in the cache; return it."""
+    """Dequantize a GGUF once into a dense safetensors folder in the cache; return it.
+
+    The folder is written under a temporary name and renamed into place, so a failed or
+    interrupted conversion never leaves a partial cache entry.
+    """
+    from edgeqra.gguf_header import read_header
+
+    if expected_sha256 is None:
+        read_header(gguf)  # a cut or corrupt file: one line naming it, before hashing GBs
     digest = expected_sha256 or _sha256(gguf)
     target = cache_dir() / "models" / f"{gguf.stem}-{digest[:16]}"
     if (target / "config.json").is_file():
@@ -148,7 +159,14 @@ def _dense_copy_of_gguf(gguf: Path, expected_sha256: str | None = None) -> Path:
             dtype=torch.float32,
         )
         tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    except (OSError, ValueError, KeyError) as exc:
+    except RuntimeError as exc:  # transformers' load report: tensors vs the metadata's shapes
+        if "mismatched_sizes" not in str(exc):
+            raise
+        raise ModelError(
+            f"`{gguf}` is not a valid GGUF file (its tensors do not have the shapes its metadata "
+            "gives the architecture); re-download or re-convert it"
+        ) from exc
+    except (OSError, ValueError, KeyError, struct.error) as exc:
         raise ModelError(
             f"cannot read GGUF file `{gguf}`: {exc}; check that it is a complete GGUF of a "
             "causal LM architecture that transformers supports"
@@ -159,18 +177,24 @@ def _dense_copy_of_gguf(gguf: Path, expected_sha256: str | None = None) -> Path:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         tmp.rename(target)
-    except OSError:
+    except OSError as exc:
         shutil.rmtree(tmp, ignore_errors=True)
-        if not (target / "config.json").is_file():
-            raise
+        if not (target / "config.json").is_file():  # else another process won the rename
+            raise ModelError(
+                f"cannot write the dense copy of `{gguf}` into `{target.parent}`: {exc}; "
+                "free disk space there or point $EDGEQRA_CACHE at a writable folder"
+            ) from exc
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # interrupted: no partial entry left behind
+        raise
     return target
 
 
-def resolve_model(source: str | Path) -> Path:
-    """Turn a model argument into a dense HF folder (building the GGUF cache if needed)."""
+def _source_path(source: str | Path) -> Path:
+    """The file or folder a model argument names: the embedded GGUF, a .gguf or an HF folder."""
     text = str(source)
     if text == DEFAULT_MODEL:
-        return _dense_copy_of_gguf(embedded_gguf_path(), _EMBEDDED_SHA256)
+        return embedded_gguf_path()
     path = Path(text).expanduser()
     if not path.exists():
         raise ModelError(
@@ -182,13 +206,74 @@ def resolve_model(source: str | Path) -> Path:
             raise ModelError(
                 f"model file `{path}` is not a .gguf file; pass a GGUF file or a Hugging Face folder"
             )
-        return _dense_copy_of_gguf(path)
+        return path
     if not (path / "config.json").is_file():
         raise ModelError(
             f"model folder `{path}` has no config.json; pass a Hugging Face model folder "
             "(save_pretrained output) or a .gguf file"
         )
     return path
+
+
+def resolve_model(source: str | Path) -> Path:
+    """Turn a model argument into a dense HF folder (building the GGUF cache if needed)."""
+    path = _source_path(source)
+    if str(source) == DEFAULT_MODEL:
+        return _dense_copy_of_gguf(path, _EMBEDDED_SHA256)
+    return _dense_copy_of_gguf(path) if path.is_file() else path
+
+
+_LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers", "n_layers")
+
+
+def peek_units(source: str | Path, *, trust_remote_code: bool = False) -> int:
+    """Number of units (decoder layers) of a model, without loading weights or building a cache.
+
+    Reads ``num_hidden_layers`` from config.json (the text config of a multimodal model) or
+    ``{arch}.block_count`` from a GGUF header (which is also checked for truncation), so a
+    config string can be checked against the model before anything loads.
+
+    Args:
+        source: ``"smollm2"``, a folder with config.json, or a ``.gguf`` file.
+        trust_remote_code: only used when config.json names the layer count unusually and
+            transformers has to read it.
+    """
+    from edgeqra.gguf_header import read_header
+
+    path = _source_path(source)
+    if path.is_file():
+        header = read_header(path)
+        if header.block_count is None:
+            arch = header.metadata.get("general.architecture")
+            raise ModelError(
+                f"GGUF file `{path}` has no `{arch}.block_count` in its header; "
+                "edgeqra needs a decoder-only LM GGUF (convert it again with llama.cpp)"
+            )
+        return header.block_count
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read `{path / 'config.json'}`: {exc}; fix or re-save it") from exc
+    text_config = config.get("text_config") if isinstance(config.get("text_config"), dict) else {}
+    for cfg in (text_config, config):
+        for key in _LAYER_KEYS:
+            if isinstance(cfg.get(key), int) and cfg[key] > 0:
+                return cfg[key]
+    from transformers import AutoConfig
+
+    try:  # an unusual key that the architecture's config class maps (attribute_map)
+        hf_config = AutoConfig.from_pretrained(
+            path, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"cannot read the config of `{path}`: {exc}") from exc
+    n = getattr(hf_config.get_text_config(), "num_hidden_layers", None)
+    if not isinstance(n, int) or n <= 0:
+        raise ModelError(
+            f"`{path / 'config.json'}` does not say how many decoder layers the model has "
+            "(no `num_hidden_layers`); edgeqra supports decoder-only models such as Llama"
+        )
+    return n
 
 
 def load_model(
