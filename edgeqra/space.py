@@ -182,6 +182,29 @@ class SearchSpace:
         object.__setattr__(self, "bits", tuple(sorted(set(self.bits))))
         object.__setattr__(self, "ranks", tuple(sorted(set(self.ranks))))
 
+    @classmethod
+    def from_model(
+        cls,
+        source: str | Path,
+        bits: Iterable[int] = DEFAULT_BITS,
+        ranks: Iterable[int] = DEFAULT_RANKS,
+        *,
+        trust_remote_code: bool = False,
+    ) -> SearchSpace:
+        """The space over a model's units, counted from its config.json or GGUF header.
+
+        Loads no weights and builds no cache (:func:`edgeqra.models.peek_units`), so a
+        ``--config`` of the wrong length fails before the model loads.
+        """
+        from edgeqra.models import peek_units
+
+        n_units = peek_units(source, trust_remote_code=trust_remote_code)
+        return cls(n_units, tuple(bits), tuple(ranks))
+
+    def parse(self, spec: str, *, allow_fp16: bool = True) -> Config:
+        """:meth:`Config.parse` then :meth:`validate`: wrong length or a value outside Q/R fails."""
+        return self.validate(Config.parse(spec), allow_fp16=allow_fp16)
+
     def validate(self, config: Config, *, allow_fp16: bool = True) -> Config:
         """Check unit count and that each bit-width is in Q and each rank in R; return config."""
         if len(config) != self.n_units:

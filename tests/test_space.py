@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import random
+import re
 
 import pytest
 from conftest import tiny_model
+from gguf_files import write_gguf
 
+from edgeqra.cli import main
 from edgeqra.errors import BudgetError, ConfigError
 from edgeqra.memory import ModelSpec, estimate_for_profile
 from edgeqra.profiles import load_profile
@@ -392,3 +395,75 @@ def test_fill_property_with_the_real_memory_model(real_memory):
         assert _no_up_step_fits(got, space, memory, budget, ("bits", "rank"))
         for old, new in zip(config, got, strict=True):
             assert new.bits >= old.bits and new.rank >= old.rank
+
+
+# --- config strings checked against the model before it loads ------------------------------
+
+
+@pytest.fixture
+def unloadable_gguf(tmp_path, monkeypatch):
+    """A 3-layer GGUF header whose model must never load: loading it fails the test."""
+    import edgeqra.models
+
+    def load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the config was checked")
+
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(edgeqra.models, "_dense_copy_of_gguf", load)
+    return write_gguf(tmp_path / "tiny.gguf", n_layers=3)
+
+
+@pytest.mark.parametrize(
+    "spec, needle",
+    [
+        ("4/8,3/16", "config has 2 units but the model has 3"),
+        ("4/8,5/8,4/8", "unit 1 has bit-width 5, not in the allowed set [2, 3, 4, 8]"),
+        ("4/8,4/8,4/7", "unit 2 has rank 7, not in the allowed set [0, 4, 8, 16, 32]"),
+        ("4/8,4-8,4/8", "config spec item 1 `4-8` is not `BITS/RANK`"),
+    ],
+)
+def test_space_from_model_rejects_a_bad_config_without_loading(unloadable_gguf, spec, needle):
+    space = SearchSpace.from_model(unloadable_gguf)
+    assert space.n_units == 3
+    with pytest.raises(ConfigError, match=re.escape(needle)):
+        space.parse(spec)
+
+
+def test_space_from_model_parses_a_good_config_and_allows_fp16(unloadable_gguf, tmp_path):
+    space = SearchSpace.from_model(unloadable_gguf, bits=(2, 4), ranks=(0, 8))
+    assert space.parse("4/8,2/0,16/8") == Config.from_pairs([(4, 8), (2, 0), (16, 8)])
+    with pytest.raises(ConfigError, match="bit-width 16"):
+        space.parse("4/8,2/0,16/8", allow_fp16=False)
+    assert not (tmp_path / "cache").exists()
+
+
+# Once the CLI checks `--config` with SearchSpace.from_model before resolve_model (issue 19),
+# these pass: remove the xfail marks then.
+_CLI_WIRING = pytest.mark.xfail(
+    strict=True, reason="issue 19: the CLI must check --config via SearchSpace.from_model first"
+)
+
+
+@_CLI_WIRING
+@pytest.mark.parametrize(
+    "spec, needle",
+    [("4/8,3/16", "config has 2 units but the model has 3"), ("5/8,5/8,5/8", "bit-width 5")],
+)
+def test_evaluate_rejects_a_bad_config_before_the_model_loads(
+    unloadable_gguf, capsys, spec, needle
+):
+    code = main(["evaluate", "--model", str(unloadable_gguf), "--config", spec, "--steps", "1"])
+    assert code == 2, capsys.readouterr().err
+    assert needle in capsys.readouterr().err
+
+
+@_CLI_WIRING
+@pytest.mark.parametrize(
+    "spec, needle",
+    [("4/8,3/16", "config has 2 units but the model has 3"), ("5/8,5/8,5/8", "bit-width 5")],
+)
+def test_plan_rejects_a_bad_config_before_the_model_loads(unloadable_gguf, capsys, spec, needle):
+    argv = ["plan", "--profile", "t4-16gb", "--model", str(unloadable_gguf), "--measure"]
+    code = main([*argv, "--config", spec])
+    assert code == 2, capsys.readouterr().err
+    assert needle in capsys.readouterr().err
