@@ -34,8 +34,8 @@ import torch
 
 from edgeqra.evaluate import EvalSettings
 from edgeqra.models import cache_dir
-from edgeqra.pipeline import EvalJob, prepare
-from edgeqra.search.executors import EvalWorkerJob, ExecutorSettings, Task, make_executor
+from edgeqra.pipeline import EvalJob, EvalWorkerJob, prepare
+from edgeqra.search.executors import ExecutorSettings, Task, make_executor
 from edgeqra.space import Config
 from edgeqra.tune import TuneSettings
 

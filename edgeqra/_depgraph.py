@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from edgeqra.prune import PruneError, PruneTarget
+from edgeqra.prune_settings import PruneError, PruneTarget
 
 __all__ = [
     "Item",

@@ -39,6 +39,7 @@ from edgeqra.data import MCItem, TaskData, encode_pair, prefix_token, tokenize_e
 from edgeqra.engine import EngineSettings, GraphLoRA, engine_supports
 from edgeqra.errors import ConfigError, DataError
 from edgeqra.models import LoadedModel
+from edgeqra.result import Result
 from edgeqra.space import Config
 from edgeqra.tune import TrainBatches, TuneSettings, detach_lora, tune
 
@@ -479,29 +480,6 @@ class EvalSettings:
         if task.kind == "text":
             return "loss"
         return _AUTO_METRIC.get(task.name, "acc") if self.metric == "auto" else self.metric
-
-
-@dataclass(frozen=True)
-class Result:
-    """One evaluation of one config at one fidelity: what the journal records."""
-
-    config: str
-    fidelity: int
-    score: float  # higher is better: accuracy, or -loss for the loss metric
-    metric: str
-    loss: float
-    perplexity: float
-    accuracy: float | None
-    accuracy_norm: float | None
-    train_loss: float | None  # mean of the last quarter of the training losses
-    memory_bytes: int | None  # predicted by the memory model (None when not asked)
-    fits: bool | None  # within the profile's budget (None without a profile)
-    seconds: float
-    seed: int
-
-    def to_json(self) -> dict[str, object]:
-        """JSON-ready dict."""
-        return dict(self.__dict__)
 
 
 def _score_value(scores: Scores, metric: str) -> float:

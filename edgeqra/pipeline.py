@@ -24,13 +24,15 @@ import torch
 
 from edgeqra.bank import Bank, BankSpec, bank_key, build_bank
 from edgeqra.data import calibration_batches, load_task
+from edgeqra.device import resolve_device
 from edgeqra.errors import BudgetError, ConfigError
-from edgeqra.evaluate import EvalSettings, Evaluator, Result
+from edgeqra.evaluate import EvalSettings, Evaluator
 from edgeqra.memory import ModelSpec, estimate, estimate_for_profile
 from edgeqra.models import LoadedModel, cache_dir, load_model, resolve_model
 from edgeqra.plan import budget_for_bits
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
 from edgeqra.prune import PruneSettings
+from edgeqra.result import Result
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import (
     Evaluations,
@@ -41,7 +43,6 @@ from edgeqra.search.driver import (
 )
 from edgeqra.search.evolution import EvolutionSettings
 from edgeqra.search.executors import (
-    EvalWorkerJob,
     Executor,
     ExecutorSettings,
     check_available,
@@ -62,6 +63,7 @@ from edgeqra.tune import TuneSettings
 
 __all__ = [
     "EvalJob",
+    "EvalWorkerJob",
     "PRUNED_DIR",
     "Prepared",
     "SearchJob",
@@ -75,17 +77,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-def resolve_device(device: str) -> str:
-    """``auto`` -> cuda when available, else cpu; anything else is checked."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise ConfigError(f"`device` is {device!r} but no CUDA GPU is visible; use `cpu` or `auto`")
-    if device != "cpu" and not device.startswith("cuda"):
-        raise ConfigError(f"`device` {device!r} is not one of auto, cpu, cuda[:N]")
-    return device
 
 
 @dataclass(frozen=True)
@@ -225,6 +216,30 @@ def prepare(
     return Prepared(
         evaluator, loaded, spec, space, bank, profile, device, calibration, budget_bytes
     )
+
+
+@dataclass(frozen=True)
+class EvalWorkerJob:
+    """The pipeline's evaluation job as a worker rebuilds it: model, data, tuning, bank path."""
+
+    eval: EvalJob
+    budget_gb: float | None
+    bank: str | None  # the driver's bank folder (a cache hit is required), None without a bank
+    cache: str  # the driver's EDGEQRA_CACHE (models and banks), shared with the workers
+
+    def build(self, slot: int) -> tuple[Callable[[Config, int], Result], str]:
+        """Prepare the evaluator against the driver's bank (never rebuilt)."""
+        os.environ["EDGEQRA_CACHE"] = self.cache
+        prepared = prepare(
+            self.eval,
+            budget_gb=self.budget_gb,
+            progress=False,
+            cached_bank=None if self.bank is None else Path(self.bank),
+        )
+        device = prepared.device
+        if device.startswith("cuda"):
+            device = f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', device.partition(':')[2] or 0)}"
+        return prepared.evaluator.evaluate, device
 
 
 # ----------------------------------------------------------------------------- search job

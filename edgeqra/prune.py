@@ -29,9 +29,10 @@ Two details of Torch-Pruning 1.6.1 that this module works around (so it pins tha
   GQA layer drop to the key-value count, starts pruning key-value heads; the counts here are
   computed up front (:class:`PruneTarget`) and each group is pruned with exactly those indices.
 
-The DepGraph side (tracing, coupling checks, pruning by index) lives in
-:mod:`edgeqra._depgraph`; this module holds the settings, the widths, the importance ranking
-and the folder I/O.
+The settings and the widths they resolve to live in :mod:`edgeqra.prune_settings`
+(re-exported here), the DepGraph side (tracing, coupling checks, pruning by index) in
+:mod:`edgeqra._depgraph`; this module holds the importance ranking, the pruning and the folder
+I/O.
 
 ``layout = layerwise`` (LLM-Pruner's block-wise rule: first and last layers whole, the middle
 pruned harder) is refused: no standard config can hold per-layer widths (see
@@ -40,23 +41,30 @@ pruned harder) is refused: no standard config can hold per-layer widths (see
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.metadata
 import json
 import logging
-import math
 import shutil
 import tempfile
 import time
-from dataclasses import dataclass, field
-from enum import Enum
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from edgeqra.errors import ConfigError
+from edgeqra.prune_settings import (
+    LAYERWISE_REFUSAL,
+    Importance,
+    Layout,
+    PruneError,
+    PruneSettings,
+    PruneTarget,
+    apply_widths,
+    pruned_config,
+    text_config,
+)
 
 __all__ = [
     "LAYERWISE_REFUSAL",
@@ -78,259 +86,6 @@ log = logging.getLogger(__name__)
 
 PRUNING_FILE = "pruning.json"
 """The record a pruned folder carries: settings, calibration, parameter counts, kept indices."""
-
-MAX_RATIO = 0.7
-
-LAYERWISE_REFUSAL = (
-    "`layout` 'layerwise' is refused: per-layer widths (LLM-Pruner's block-wise rule) cannot "
-    "be written as a standard Hugging Face config, which holds one `intermediate_size` and one "
-    "`num_attention_heads` for every layer (LlamaConfig, Qwen2Config, Gemma3TextConfig); "
-    "transformers' per-layer `per_layer_config` is not read by these models (building one "
-    "raises AmbiguousGlobalPerLayerAttributeError), so the folder would load only through "
-    "custom modelling code (trust_remote_code) or pickled modules; use `layout` 'uniform'"
-)
-
-
-class PruneError(ConfigError):
-    """Pruning settings or a model that cannot be pruned as asked (the CLI exits 2)."""
-
-
-class Importance(str, Enum):
-    """How channels and heads are ranked."""
-
-    TAYLOR = "taylor"  # |w · dL/dw| on calibration rows (LLM-Pruner's first-order choice)
-    MAGNITUDE = "magnitude"  # L2 norm of the coupled weights, no data
-
-
-class Layout(str, Enum):
-    """How the ratio is spread over the decoder layers."""
-
-    UNIFORM = "uniform"  # every layer to the same width: a standard HF config
-    LAYERWISE = "layerwise"  # refused, see LAYERWISE_REFUSAL
-
-
-def _help(text: str) -> dict[str, str]:
-    return {"help": text}
-
-
-@dataclass(frozen=True)
-class PruneSettings:
-    """What fixes a pruning: ratio, importance, layout, calibration rows and seed."""
-
-    ratio: float = field(
-        default=0.2,
-        metadata=_help(
-            "share of each decoder layer's MLP channels and query heads removed, 0 to 0.7"
-        ),
-    )
-    importance: Importance = field(
-        default=Importance.TAYLOR,
-        metadata=_help("taylor (|w·grad| on calibration rows) or magnitude (L2, no data)"),
-    )
-    layout: Layout = field(
-        default=Layout.UNIFORM,
-        metadata=_help("uniform (same width in every layer); layerwise is refused (README)"),
-    )
-    calib_samples: int = field(
-        default=32, metadata=_help("calibration rows for the Taylor importance")
-    )
-    calib_seq_len: int = field(default=256, metadata=_help("tokens per calibration row"))
-    calibration: str = field(default="c4", metadata=_help("calibration text source"))
-    seed: int = field(default=0, metadata=_help("seed of the calibration rows"))
-    heads: int | None = field(
-        default=None,
-        metadata=_help(
-            "query heads kept per layer (default: from the ratio); with GQA a multiple of "
-            "the key-value heads"
-        ),
-    )
-    round_to: int = field(
-        default=32,
-        metadata=_help(
-            "MLP channels kept are a multiple of this (GPTQModel packs 3-bit only in "
-            "multiples of 32; use the GPTQ group size if it is larger)"
-        ),
-    )
-
-    def __post_init__(self) -> None:
-        if isinstance(self.ratio, bool) or not isinstance(self.ratio, int | float):
-            raise PruneError(f"`ratio` must be a number in [0, {MAX_RATIO}], got {self.ratio!r}")
-        if not 0.0 <= float(self.ratio) <= MAX_RATIO or math.isnan(self.ratio):
-            raise PruneError(
-                f"`ratio` {self.ratio} is outside [0, {MAX_RATIO}]; AutoMixQ prunes 0.2-0.5, "
-                f"and past {MAX_RATIO} a layer keeps too little to recover by LoRA tuning"
-            )
-        try:
-            object.__setattr__(self, "importance", Importance(self.importance))
-        except ValueError:
-            raise PruneError(
-                f"`importance` {self.importance!r} is unknown; use "
-                f"{' or '.join(repr(i.value) for i in Importance)}"
-            ) from None
-        try:
-            object.__setattr__(self, "layout", Layout(self.layout))
-        except ValueError:
-            raise PruneError(f"`layout` {self.layout!r} is unknown; use 'uniform'") from None
-        if self.layout is Layout.LAYERWISE:
-            raise PruneError(LAYERWISE_REFUSAL)
-        for name in ("calib_samples", "calib_seq_len", "round_to"):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < (2 if name == "calib_seq_len" else 1):
-                raise PruneError(f"`{name}` must be a positive integer, got {value!r}")
-        if self.heads is not None and (not isinstance(self.heads, int) or self.heads < 1):
-            raise PruneError(f"`heads` must be a positive integer, got {self.heads!r}")
-        if self.ratio == 0 and self.heads is None:
-            log.warning("`ratio` is 0: the pruned model equals the original (a plain copy)")
-
-    def to_json(self) -> dict[str, object]:
-        """JSON-ready (enums as their values); ``from_json`` reads it back."""
-        data = dataclasses.asdict(self)
-        data["importance"] = self.importance.value
-        data["layout"] = self.layout.value
-        return data
-
-    @classmethod
-    def from_json(cls, data: dict[str, Any]) -> PruneSettings:
-        """Rebuild from :meth:`to_json` output."""
-        return cls(**data)
-
-
-# ----------------------------------------------------------------------------- targets
-
-
-def _text_config(config: Any) -> Any:
-    """The language model's config (multimodal wrappers nest it)."""
-    return getattr(config, "get_text_config", lambda: config)()
-
-
-@dataclass(frozen=True)
-class PruneTarget:
-    """The widths every decoder layer is pruned to (computed before any weight is loaded)."""
-
-    intermediate_size: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    before: tuple[int, int, int]  # (intermediate_size, num_attention_heads, num_key_value_heads)
-
-    @classmethod
-    def from_config(
-        cls, config: Any, settings: PruneSettings, *, quiet: bool = False
-    ) -> PruneTarget:
-        """Widths for ``settings.ratio`` (or ``settings.heads``) on this architecture.
-
-        Raises:
-            PruneError: the head count cannot be divided as asked, or the ratio would leave
-                a layer without heads or channels.
-        """
-        cfg = _text_config(config)
-        missing = [
-            k for k in ("intermediate_size", "num_attention_heads", "hidden_size")
-            if not isinstance(getattr(cfg, k, None), int)
-        ]  # fmt: skip
-        if missing:
-            raise PruneError(
-                f"cannot prune model type `{getattr(cfg, 'model_type', '?')}`: its config has no "
-                f"{', '.join(f'`{k}`' for k in missing)}; edgeqra prunes gate/up/down MLPs and "
-                "q/k/v/o attention heads, as in Llama, Qwen2 and Gemma3"
-            )
-        inter = int(cfg.intermediate_size)
-        heads = int(cfg.num_attention_heads)
-        kv = int(getattr(cfg, "num_key_value_heads", None) or heads)
-        head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // heads)
-        if heads % kv:
-            raise PruneError(
-                f"the model has {heads} query heads and {kv} key-value heads, which do not "
-                "divide: it is not a standard GQA layout that edgeqra can prune"
-            )
-        keep = 1.0 - float(settings.ratio)
-        step = settings.round_to
-        if inter % step:
-            step = math.gcd(inter, step)  # keep the original width reachable
-        channels = min(inter, max(step, step * math.floor(inter * keep / step + 0.5)))
-        group = heads // kv
-        gqa = kv < heads
-        # Head counts the architecture can hold: GQA keeps every key-value head (multiples of
-        # kv); the config class may also want hidden_size divisible by it (LlamaConfig does).
-        counts = [kv * k for k in range(1, group + 1)] if gqa else list(range(1, heads + 1))
-        valid = [h for h in counts if _config_accepts(cfg, h, kv if gqa else h, head_dim)]
-        if settings.heads is not None:
-            new_heads = settings.heads
-            if new_heads > heads:
-                raise PruneError(
-                    f"`heads` {new_heads} is more than the model's {heads} query heads; pass at "
-                    f"most {heads}"
-                )
-            if new_heads not in valid:
-                why = (
-                    f"is not a multiple of the model's {kv} key-value heads (with GQA every "
-                    "key-value head keeps the same number of query heads)"
-                    if gqa and new_heads % kv
-                    else f"is rejected by {type(cfg).__name__} (hidden_size "
-                    f"{cfg.hidden_size} must be a multiple of the head count)"
-                )
-                raise PruneError(
-                    f"`heads` {new_heads} {why}; pass one of {', '.join(map(str, valid))}"
-                )
-        else:
-            wanted = group * keep * kv if gqa else heads * keep
-            # The nearest count the config accepts; ties keep more heads.
-            new_heads = min(valid, key=lambda h: (abs(h - wanted), -h))
-            natural = kv * math.floor(group * keep + 0.5) if gqa else math.floor(wanted + 0.5)
-            if new_heads != natural and not quiet:
-                log.warning(
-                    "`ratio` %s asks for %.1f query heads; %s holds %d (choices %s)",
-                    settings.ratio, wanted, type(cfg).__name__, new_heads, valid,
-                )  # fmt: skip
-        new_kv = kv if gqa else new_heads
-        return cls(channels, new_heads, new_kv, head_dim, (inter, heads, kv))
-
-    @property
-    def changes(self) -> bool:
-        """Whether anything is removed."""
-        return (self.intermediate_size, self.num_attention_heads) != self.before[:2]
-
-    def to_json(self) -> dict[str, object]:
-        """Before/after widths, JSON-ready."""
-        inter, heads, kv = self.before
-        return {
-            "before": {"intermediate_size": inter, "num_attention_heads": heads,
-                       "num_key_value_heads": kv, "head_dim": self.head_dim},
-            "after": {"intermediate_size": self.intermediate_size,
-                      "num_attention_heads": self.num_attention_heads,
-                      "num_key_value_heads": self.num_key_value_heads, "head_dim": self.head_dim},
-        }  # fmt: skip
-
-
-def _config_accepts(cfg: Any, heads: int, kv: int, head_dim: int) -> bool:
-    """Whether the config class validates with these head counts (LlamaConfig checks
-    hidden_size % num_attention_heads; transformers raises on load otherwise)."""
-    from huggingface_hub.errors import StrictDataclassError
-
-    data = cfg.to_dict()
-    data.update(num_attention_heads=heads, num_key_value_heads=kv, head_dim=head_dim)
-    try:
-        cfg.__class__.from_dict(data)
-    except (ValueError, TypeError, StrictDataclassError):
-        return False
-    return True
-
-
-def pruned_config(config: Any, settings: PruneSettings) -> Any:
-    """A copy of ``config`` with the pruned widths (for memory planning without weights)."""
-    target = PruneTarget.from_config(config, settings)
-    out = config.__class__.from_dict(config.to_dict())
-    _apply_widths(_text_config(out), target)
-    return out
-
-
-def _apply_widths(cfg: Any, target: PruneTarget) -> None:
-    """Write the target widths into a (text) config; head_dim made explicit."""
-    cfg.intermediate_size = target.intermediate_size
-    cfg.num_attention_heads = target.num_attention_heads
-    cfg.num_key_value_heads = target.num_key_value_heads
-    # Some configs derive head_dim as hidden // heads when it is absent: pin it.
-    cfg.head_dim = target.head_dim
 
 
 # ----------------------------------------------------------------------------- pruning
@@ -470,9 +225,9 @@ def prune_model(
         kept_heads[layer.name] = tuple(keep_h)
         kept_channels[layer.name] = tuple(keep_ch)
         _depgraph.check_layer(layer, target)
-    _apply_widths(_text_config(model.config), target)
-    if model.config is not _text_config(model.config):
-        _apply_widths(model.config, target)  # pragma: no cover - multimodal wrappers
+    apply_widths(text_config(model.config), target)
+    if model.config is not text_config(model.config):
+        apply_widths(model.config, target)  # pragma: no cover - multimodal wrappers
     after = _count_params(model)
     log.info("pruned %s: %d -> %d parameters", type(model).__name__, before, after)
     return PruneOutcome(
@@ -540,8 +295,8 @@ def prune_folder(
 
     from edgeqra import __version__
     from edgeqra.data import calibration_batches
+    from edgeqra.device import resolve_device
     from edgeqra.models import load_model, resolve_model
-    from edgeqra.pipeline import resolve_device
 
     out = Path(out)
     if out.exists():

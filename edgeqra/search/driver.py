@@ -19,7 +19,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from edgeqra.errors import ConfigError
-from edgeqra.evaluate import Result
+from edgeqra.result import Result
 from edgeqra.search.bayes import BayesSettings, refine
 from edgeqra.search.evolution import EvolutionSettings, evolve, run_rungs
 from edgeqra.search.executors import Done, Executor, LocalExecutor, Running, Task, WorkerInfo

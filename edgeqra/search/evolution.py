@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import nevergrad as ng
 
 from edgeqra.errors import ConfigError
-from edgeqra.evaluate import Result
+from edgeqra.result import Result
 from edgeqra.search.fidelity import Schedule, promote
 from edgeqra.search.pareto import crowding_distance, hypervolume_2d, non_dominated_sort, select
 from edgeqra.search.surrogate import Surrogate

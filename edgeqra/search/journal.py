@@ -23,7 +23,7 @@ import time
 from pathlib import Path
 
 from edgeqra.errors import ConfigError
-from edgeqra.evaluate import Result
+from edgeqra.result import Result
 
 __all__ = ["Entry", "Failure", "Journal"]
 

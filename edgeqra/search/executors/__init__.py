@@ -16,12 +16,13 @@ driver resumes from it as a sequential run does. Three executors:
   workers than GPUs; ``num_cpus`` on CPU), on a local Ray runtime or on the cluster at
   ``ray_address``. Ray is imported only here, when asked for (``pip install 'edgeqra[ray]'``).
 
-Each worker builds the evaluator once from the job (:class:`EvalWorkerJob`: model, data,
-tuning settings) and keeps it for every task. The GPTQ bank is built once by the driver and
-reached by workers through its cache folder on disk: a worker checks that the bank is
-complete there and has the key of its own model and calibration data, and refuses to start
-otherwise (it never runs GPTQ). On a multi-node cluster that folder (``EDGEQRA_CACHE``) must
-be on a filesystem every node sees.
+Each worker builds its evaluate function once from a picklable job and keeps it for every
+task. The executors know only the :class:`WorkerJob` protocol; the pipeline's job
+(``edgeqra.pipeline.EvalWorkerJob``: model, data, tuning settings) lives beside the pipeline.
+The GPTQ bank is built once by the driver and reached by workers through its cache folder on
+disk: a worker checks that the bank is complete there and has the key of its own model and
+calibration data, and refuses to start otherwise (it never runs GPTQ). On a multi-node
+cluster that folder (``EDGEQRA_CACHE``) must be on a filesystem every node sees.
 
 Faults: a worker that raises or dies mid-evaluation is replaced by a fresh one (a worker whose
 evaluation raised may hold half-attached adapters, so it is not reused) and the task is
@@ -66,7 +67,6 @@ from typing import TYPE_CHECKING
 
 from edgeqra.search.executors.base import (
     Done,
-    EvalWorkerJob,
     Executor,
     ExecutorError,
     ExecutorKind,
@@ -82,13 +82,12 @@ from edgeqra.search.executors.processes import ProcessExecutor, visible_gpus
 from edgeqra.search.executors.ray import RayExecutor, _import_ray
 
 if TYPE_CHECKING:
-    from edgeqra.evaluate import Result
+    from edgeqra.result import Result
     from edgeqra.space import Config
 
 __all__ = [
     "FAULT_ENV",
     "Done",
-    "EvalWorkerJob",
     "Executor",
     "ExecutorError",
     "ExecutorKind",

@@ -11,14 +11,12 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 from edgeqra.errors import ConfigError, EdgeQRAError
 
 if TYPE_CHECKING:
-    from edgeqra.evaluate import Result
-    from edgeqra.pipeline import EvalJob
+    from edgeqra.result import Result
     from edgeqra.space import Config
 
 
@@ -123,32 +121,6 @@ class WorkerJob(Protocol):
     def build(self, slot: int) -> tuple[Callable[[Config, int], Result], str]:
         """(evaluate, device label) for the worker in ``slot``."""
         ...
-
-
-@dataclass(frozen=True)
-class EvalWorkerJob:
-    """The pipeline's evaluation job as a worker rebuilds it: model, data, tuning, bank path."""
-
-    eval: EvalJob
-    budget_gb: float | None
-    bank: str | None  # the driver's bank folder (a cache hit is required), None without a bank
-    cache: str  # the driver's EDGEQRA_CACHE (models and banks), shared with the workers
-
-    def build(self, slot: int) -> tuple[Callable[[Config, int], Result], str]:
-        """Prepare the evaluator against the driver's bank (never rebuilt)."""
-        os.environ["EDGEQRA_CACHE"] = self.cache
-        from edgeqra.pipeline import prepare
-
-        prepared = prepare(
-            self.eval,
-            budget_gb=self.budget_gb,
-            progress=False,
-            cached_bank=None if self.bank is None else Path(self.bank),
-        )
-        device = prepared.device
-        if device.startswith("cuda"):
-            device = f"cuda:{os.environ.get('CUDA_VISIBLE_DEVICES', device.partition(':')[2] or 0)}"
-        return prepared.evaluator.evaluate, device
 
 
 # ----------------------------------------------------------------------------- executors
