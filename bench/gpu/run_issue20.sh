@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Issue 20 on the lent H200: the quality-at-budget benchmark (bench/quality_at_budget.py),
+# which needs more device time than one session has, so it resumes across sessions and
+# machines from a small state tarball.
+#
+# Prerequisite: the kit installed (../shared/gpu-kit/README.md: three calls with part-aa,
+# part-ab, part-ac + .kit/env). Then one device call per step, each with `timeout_s: 600`:
+#
+#   bash bench/gpu/run_issue20.sh fidelity   # Spearman of each rung vs full length, 24 configs (est. 6-9 min)
+#   bash bench/gpu/run_issue20.sh bench      # the benchmark; call again until it prints "all done"
+#
+# References and greedy rows are cached in references.jsonl, searches in their journals, so
+# a cut call loses at most the evaluation in flight. The table prints when everything is done.
+#
+# State: every step ends by writing $OUT/qab-state.tar.gz (journals, summaries, rows; no
+# adapters, no banks: those rebuild from the cache in seconds). Copy it back before the next
+# session's calls and carry it:
+#
+#   mkdir -p .kit && cp /work/.device/<n>/qab-state.tar.gz .kit/qab-state.tar.gz
+#   # then add ".kit/qab-state.tar.gz" to the `carry` of the first step of the session
+#
+# Each step stops ~40 s before its 600 s call ends (QAB_LIMIT) and still writes the state.
+set -uo pipefail
+STEP=${1:?usage: run_issue20.sh fidelity|bench}
+ROOT=$(pwd)
+OUT=${OUT:-/tmp/issue20-out}
+QAB=/tmp/qab
+LIMIT=${QAB_LIMIT:-540}
+mkdir -p "$OUT" "$QAB"
+if [ -f .kit/env ]; then
+  # shellcheck disable=SC1091
+  . .kit/env
+fi
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+export GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-4}
+if [ -f .kit/qab-state.tar.gz ] && [ ! -f "$QAB/.restored" ]; then
+  tar -xzf .kit/qab-state.tar.gz -C "$QAB" && touch "$QAB/.restored"
+  echo "state restored: $(find "$QAB" -name journal.jsonl | wc -l) run directories"
+fi
+BENCH="python3 $ROOT/bench/quality_at_budget.py --device cuda --out $QAB"
+cd /tmp  # the repo's edgeqra/ must not shadow the installed package
+
+save_state() {
+  tar -czf "$OUT/qab-state.tar.gz" -C "$QAB" --exclude='*.safetensors' --exclude='*.bin' \
+    --exclude='.restored' . 2>/dev/null
+  [ -f "$QAB/rows.json" ] && cp "$QAB/rows.json" "$OUT/rows.json"
+  echo "state: $(du -h "$OUT/qab-state.tar.gz" | cut -f1) in \$OUT/qab-state.tar.gz"
+}
+trap save_state EXIT
+
+case "$STEP" in
+  fidelity)
+    timeout "$LIMIT" $BENCH --tasks arc_easy --fidelity-check 24 2>&1 | tee "$OUT/fidelity.log" ;;
+  bench)
+    # The done-when of issue 20: both tasks at 3.5 and 4.0 bits, 3 seeds, every method.
+    if timeout "$LIMIT" $BENCH --tasks arc_easy piqa --budget-bits 3.5 4.0 --seeds 0 1 2 \
+      2>&1 | tee "$OUT/bench.log"; then
+      echo "all done"
+    else
+      echo "cut at ${LIMIT} s: call this step again (it resumes from the journals)"
+    fi ;;
+  *)
+    echo "unknown step $STEP" >&2; exit 2 ;;
+esac
