@@ -25,7 +25,6 @@ from test_search import SETTINGS, Synthetic
 from edgeqra.errors import EdgeQRAError
 from edgeqra.search.driver import Evaluations, run_search
 from edgeqra.search.executors import (
-    FAULT_ENV,
     ExecutorError,
     ExecutorKind,
     ExecutorSettings,
@@ -189,17 +188,47 @@ def test_ray_journal_equals_sequential(sequential, ray_runtime, tmp_path):
 # ----------------------------------------------------------------------------- faults
 
 
-def _fault(monkeypatch, mode: str, attempts: int) -> None:
-    """Make the anchor's full-length evaluation fail on its first ``attempts`` tries."""
-    spec = {"mode": mode, "config": str(ANCHOR), "fidelity": SETTINGS.steps, "attempts": attempts}
-    monkeypatch.setenv(FAULT_ENV, json.dumps(spec))
+@dataclasses.dataclass(frozen=True)
+class FaultyJob:
+    """A worker job whose evaluation of one (config, fidelity) fails on its first ``attempts``
+    tries: ``exit`` kills the worker (``os._exit(3)``: no exception, no cleanup, as an OOM
+    kill), ``raise`` raises. The tries are counted in ``counter`` (a file: each try appends a
+    byte), since a failed worker is replaced and remembers nothing."""
+
+    job: SyntheticJob
+    mode: str
+    config: str
+    fidelity: int
+    attempts: int
+    counter: str
+
+    def build(self, slot: int):
+        evaluate, device = self.job.build(slot)
+
+        def faulty(config, fidelity):
+            if str(config) == self.config and fidelity == self.fidelity:
+                with open(self.counter, "ab") as f:
+                    f.write(b".")
+                attempt = os.path.getsize(self.counter)
+                if attempt <= self.attempts:
+                    if self.mode == "exit":
+                        os._exit(3)
+                    raise RuntimeError(f"injected fault on attempt {attempt}")
+            return evaluate(config, fidelity)
+
+        return faulty, device
+
+
+def _faulty(tmp_path: Path, mode: str, attempts: int) -> FaultyJob:
+    """The synthetic job with the anchor's full-length evaluation failing ``attempts`` times."""
+    counter = tmp_path.parent / f"{tmp_path.name}-tries"  # outside the run directory
+    return FaultyJob(SyntheticJob(), mode, str(ANCHOR), SETTINGS.steps, attempts, str(counter))
 
 
 @pytest.mark.parametrize("mode", ["exit", "raise"])
-def test_processes_fault_is_retried_on_another_worker(mode, sequential, monkeypatch, tmp_path):
-    _fault(monkeypatch, mode, attempts=1)
+def test_processes_fault_is_retried_on_another_worker(mode, sequential, tmp_path):
     events = []
-    with ProcessExecutor(SyntheticJob(), 2, attempts=3) as executor:
+    with ProcessExecutor(_faulty(tmp_path, mode, attempts=1), 2, attempts=3) as executor:
         outcome, _ = search(tmp_path, executor, events=events)
     retries = [e for e in events if e.failed]
     assert len(retries) == 1 and "attempt 1" in retries[0].message
@@ -212,19 +241,18 @@ def test_processes_fault_is_retried_on_another_worker(mode, sequential, monkeypa
 
 
 @pytest.mark.slow  # ~60 s on the 2-core machine: a replaced Ray actor re-imports everything
-def test_ray_fault_is_retried(ray_runtime, sequential, monkeypatch, tmp_path):
-    _fault(monkeypatch, "exit", attempts=1)
+def test_ray_fault_is_retried(ray_runtime, sequential, tmp_path):
     events = []
-    executor = make_executor(ExecutorSettings("ray", workers=2), local=None, job=SyntheticJob())
+    job = _faulty(tmp_path, "exit", attempts=1)
+    executor = make_executor(ExecutorSettings("ray", workers=2), local=None, job=job)
     with executor:
         search(tmp_path, executor, events=events)
     assert sum(e.failed for e in events) == 1
     assert as_set(tmp_path) == as_set(sequential[0])
 
 
-def test_exhausted_retries_are_journaled_as_failed_and_resume_skips_them(monkeypatch, tmp_path):
-    _fault(monkeypatch, "raise", attempts=99)
-    with ProcessExecutor(SyntheticJob(), 2, attempts=2) as executor:
+def test_exhausted_retries_are_journaled_as_failed_and_resume_skips_them(tmp_path):
+    with ProcessExecutor(_faulty(tmp_path, "raise", attempts=99), 2, attempts=2) as executor:
         outcome, evaluations = search(tmp_path, executor)
     failed = [x for x in lines(tmp_path) if x.get("status") == "failed"]
     assert len(failed) == 1 and evaluations.failed == 1
@@ -236,8 +264,7 @@ def test_exhausted_retries_are_journaled_as_failed_and_resume_skips_them(monkeyp
     assert journal.get(str(ANCHOR), SETTINGS.steps) is None
     assert journal.failure(str(ANCHOR), SETTINGS.steps).attempts == 2
     # Resumed (in process now): the failure is known, nothing is evaluated again.
-    monkeypatch.delenv(FAULT_ENV)
-    resumed, again = search(tmp_path)
+    resumed, again = search(tmp_path)  # the plain job: nothing fails now
     assert again.fresh == 0 and resumed.best == outcome.best
     assert len(lines(tmp_path)) == len(journal) + len(journal.failures)
 
@@ -412,6 +439,7 @@ def test_worker_refuses_a_missing_bank(tiny_run, tiny_sequential, monkeypatch, t
         prepare(job.eval, budget_gb=job.budget_gb, progress=False, cached_bank=tmp_path / "x")
     prepared = prepare(job.eval, budget_gb=job.budget_gb, progress=False, cached_bank=bank)
     assert prepared.bank.root == bank and prepared.bank.complete
+
 
 
 # ----------------------------------------------------------------------------- job files, CLI

@@ -10,8 +10,9 @@ driver resumes from it as a sequential run does. Three executors:
   worker), or N CPU processes that share the cores. Hand-written on ``multiprocessing``
   because ``concurrent.futures.ProcessPoolExecutor`` marks the whole pool broken when one
   worker dies (every in-flight future fails) and cannot pin a worker to a GPU. Workers are
-  forked from a ``forkserver`` that imported torch and edgeqra once (it never touches CUDA,
-  so forking it is safe), so a replaced worker costs a model load, not an interpreter start.
+  forked from a ``forkserver`` that imported the job's module (the pipeline: torch and
+  edgeqra) once (it never touches CUDA, so forking it is safe), so a replaced worker costs a
+  model load, not an interpreter start.
 * ``ray``: an actor per worker (``num_gpus=1``, or a share of a GPU when there are more
   workers than GPUs; ``num_cpus`` on CPU), on a local Ray runtime or on the cluster at
   ``ray_address``. Ray is imported only here, when asked for (``pip install 'edgeqra[ray]'``).
@@ -55,9 +56,9 @@ So the speed-up is bounded by the batch widths: with ``eta`` 4 a generation's ru
 ``children``, ``children/4``, ``children/16`` configs, the slowest candidate of a rung holds
 back the next (synchronous halving), and stage 3 runs one at a time.
 
-Fault injection (tests, drills): ``EDGEQRA_FAULT`` in the driver's environment holds JSON
-``{"mode": "exit"|"raise", "config": SPEC, "fidelity": N, "attempts": K}``; a worker given
-that task on attempt <= K calls ``os._exit(3)`` or raises. ``local`` ignores it.
+Fault injection lives with the tests, not here: ``tests/test_executors.py`` wraps a job in
+a ``FaultyJob`` whose evaluate function raises or calls ``os._exit`` for one (config,
+fidelity) on its first attempts, and hands that job to the executor like any other.
 """
 
 from __future__ import annotations
@@ -77,16 +78,14 @@ from edgeqra.search.executors.base import (
     WorkerInfo,
     WorkerJob,
 )
-from edgeqra.search.executors.pool import FAULT_ENV
 from edgeqra.search.executors.processes import ProcessExecutor, visible_gpus
-from edgeqra.search.executors.ray import RayExecutor, _import_ray
+from edgeqra.search.executors.ray import RayExecutor, import_ray
 
 if TYPE_CHECKING:
     from edgeqra.result import Result
     from edgeqra.space import Config
 
 __all__ = [
-    "FAULT_ENV",
     "Done",
     "Executor",
     "ExecutorError",
@@ -110,7 +109,7 @@ __all__ = [
 def check_available(settings: ExecutorSettings) -> None:
     """Fail fast, before minutes of model loading, when the executor cannot run here."""
     if settings.kind is ExecutorKind.RAY:
-        _import_ray()
+        import_ray()
 
 
 def make_executor(

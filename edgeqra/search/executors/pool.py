@@ -1,21 +1,19 @@
 """Worker pools: the scheduling they share (dispatch in order, retry elsewhere, restart) and
-what runs inside a worker (:class:`_WorkerCore`)."""
+what runs inside a worker (:class:`WorkerCore`)."""
 
 from __future__ import annotations
 
 import abc
 import contextlib
 import dataclasses
-import json
 import logging
 import os
 import socket
 import time
 import traceback
-from dataclasses import dataclass
 from typing import Any
 
-from edgeqra.errors import ConfigError, EdgeQRAError
+from edgeqra.errors import EdgeQRAError
 from edgeqra.search.executors.base import (
     Done,
     Executor,
@@ -26,12 +24,12 @@ from edgeqra.search.executors.base import (
     WorkerJob,
 )
 
+__all__ = ["PoolExecutor", "WorkerCore", "describe_error"]
+
 log = logging.getLogger(__name__)
 
-FAULT_ENV = "EDGEQRA_FAULT"
 
-
-class _PoolExecutor(Executor):
+class PoolExecutor(Executor):
     """The scheduling shared by worker pools: dispatch in order, retry elsewhere, restart.
 
     Subclasses start workers (``_start``), send a task (``_send``), wait for the next
@@ -175,56 +173,15 @@ class _PoolExecutor(Executor):
                 self._stop(slot)
 
 
-@dataclass(frozen=True)
-class _Fault:
-    """An injected failure for tests (see the module docstring)."""
-
-    mode: str
-    config: str | None
-    fidelity: int | None
-    attempts: int
-
-    @classmethod
-    def from_env(cls, text: str | None) -> _Fault | None:
-        if not text:
-            return None
-        try:
-            data = json.loads(text)
-            fault = cls(
-                str(data["mode"]),
-                data.get("config"),
-                data.get("fidelity"),
-                int(data.get("attempts", 1)),
-            )
-        except (ValueError, KeyError, TypeError) as exc:
-            raise ConfigError(f"`{FAULT_ENV}` is not valid fault JSON ({exc}): {text!r}") from None
-        if fault.mode not in ("exit", "raise"):
-            raise ConfigError(f"`{FAULT_ENV}` mode {fault.mode!r} must be `exit` or `raise`")
-        return fault
-
-    def fire(self, task: Task) -> None:
-        """Fail ``task`` if it is the targeted one on an early enough attempt."""
-        if self.config is not None and str(task.config) != self.config:
-            return
-        if self.fidelity is not None and task.fidelity != self.fidelity:
-            return
-        if task.attempt > self.attempts:
-            return
-        if self.mode == "exit":
-            os._exit(3)  # a hard death: no exception, no cleanup, as an OOM kill
-        raise RuntimeError(f"injected fault on attempt {task.attempt}")
-
-
-class _WorkerCore:
+class WorkerCore:
     """What runs inside a worker: the evaluator built once, then one task per call."""
 
-    def __init__(self, job: WorkerJob, slot: int, threads: int | None, fault: str | None) -> None:
+    def __init__(self, job: WorkerJob, slot: int, threads: int | None) -> None:
         if threads:
             import torch
 
             torch.set_num_threads(threads)
         self.evaluate, device = job.build(slot)
-        self.fault = _Fault.from_env(fault)
         self.info = WorkerInfo(slot, socket.gethostname(), os.getpid(), device)
 
     def describe(self) -> WorkerInfo:
@@ -233,14 +190,12 @@ class _WorkerCore:
     def run(self, task: Task) -> tuple[str, Any]:
         """("done", Result) or ("error", text); exceptions never escape."""
         try:
-            if self.fault is not None:
-                self.fault.fire(task)
             return "done", self.evaluate(task.config, task.fidelity)
         except Exception as exc:  # noqa: BLE001 - reported to the driver, which retries
             return "error", f"{type(exc).__name__}: {exc}"
 
 
-def _describe(exc: BaseException) -> str:
+def describe_error(exc: BaseException) -> str:
     """One line for a user error, the traceback's tail for anything else."""
     if isinstance(exc, EdgeQRAError):
         return str(exc)

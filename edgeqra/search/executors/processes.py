@@ -1,5 +1,5 @@
 """The ``processes`` executor: one worker process per GPU (or N CPU processes), forked from a
-forkserver that imported edgeqra once."""
+forkserver that imported the worker job's module once."""
 
 from __future__ import annotations
 
@@ -11,7 +11,9 @@ from multiprocessing.connection import Connection, wait
 from typing import Any
 
 from edgeqra.search.executors.base import Task, WorkerJob
-from edgeqra.search.executors.pool import FAULT_ENV, _describe, _PoolExecutor, _WorkerCore
+from edgeqra.search.executors.pool import PoolExecutor, WorkerCore, describe_error
+
+__all__ = ["ProcessExecutor", "visible_gpus"]
 
 
 def _process_main(
@@ -19,17 +21,16 @@ def _process_main(
     job: WorkerJob,
     slot: int,
     threads: int | None,
-    fault: str | None,
     gpu: str | None,
 ) -> None:
     """A worker process: build once, then answer tasks until the driver goes away."""
     if gpu is not None:  # before anything initialises CUDA (torch does it lazily)
         os.environ["CUDA_VISIBLE_DEVICES"] = gpu
     try:
-        core = _WorkerCore(job, slot, threads, fault)
+        core = WorkerCore(job, slot, threads)
     except BaseException as exc:  # noqa: BLE001 - the driver shows it and stops
         with contextlib.suppress(OSError):
-            conn.send(("fatal", _describe(exc)))
+            conn.send(("fatal", describe_error(exc)))
         return
     conn.send(("ready", core.info))
     while True:
@@ -60,7 +61,7 @@ def visible_gpus() -> list[str]:
     return [str(i) for i in range(torch.cuda.device_count())]
 
 
-class ProcessExecutor(_PoolExecutor):
+class ProcessExecutor(PoolExecutor):
     """One spawned process per worker; worker ``i`` gets GPU ``gpus[i % len(gpus)]``."""
 
     def __init__(
@@ -79,10 +80,11 @@ class ProcessExecutor(_PoolExecutor):
         self._threads = threads or (
             None if self._gpus else max(1, (os.cpu_count() or 1) // workers)
         )
-        self._fault = os.environ.get(FAULT_ENV)
         if "forkserver" in mp.get_all_start_methods():  # CUDA cannot be forked from the driver
             self._ctx = mp.get_context("forkserver")
-            self._ctx.set_forkserver_preload(["edgeqra.pipeline"])
+            # The job's own module (the pipeline, with torch) is imported once there, so a
+            # replaced worker costs a model load, not an interpreter start.
+            self._ctx.set_forkserver_preload([type(job).__module__])
         else:
             self._ctx = mp.get_context("spawn")
         self._procs: dict[int, Any] = {}
@@ -95,7 +97,7 @@ class ProcessExecutor(_PoolExecutor):
         gpu = self._gpus[slot % len(self._gpus)] if self._gpus else None
         proc = self._ctx.Process(
             target=_process_main,
-            args=(child, self._job, slot, self._threads, self._fault, gpu),
+            args=(child, self._job, slot, self._threads, gpu),
             name=f"edgeqra-worker-{slot}",
             daemon=True,
         )

@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 from typing import Any
 
 from edgeqra.search.executors.base import ExecutorError, Task, WorkerJob
-from edgeqra.search.executors.pool import FAULT_ENV, _describe, _PoolExecutor, _WorkerCore
+from edgeqra.search.executors.pool import PoolExecutor, WorkerCore, describe_error
+
+__all__ = ["RayExecutor", "import_ray"]
 
 _RAY_HINT = "pip install 'edgeqra[ray]'"
 
 
-def _import_ray():
+def import_ray():
     """Ray, or a clear error saying how to install it."""
     try:
         import ray
@@ -24,7 +25,7 @@ def _import_ray():
     return ray
 
 
-class RayExecutor(_PoolExecutor):
+class RayExecutor(PoolExecutor):
     """One Ray actor per worker; a dead actor is replaced, its task retried elsewhere."""
 
     def __init__(
@@ -37,7 +38,7 @@ class RayExecutor(_PoolExecutor):
         attempts: int = 3,
         threads: int | None = None,
     ) -> None:
-        ray = self._ray = _import_ray()
+        ray = self._ray = import_ray()
         self._started_ray = False
         if not ray.is_initialized():
             try:
@@ -66,16 +67,15 @@ class RayExecutor(_PoolExecutor):
             cpus = max(1, int(resources.get("CPU", 1)) // workers)
             options = {"num_cpus": cpus}
             self._threads = threads or cpus
-        self._actor_class = ray.remote(max_restarts=0, **options)(_WorkerCore)
+        self._actor_class = ray.remote(max_restarts=0, **options)(WorkerCore)
         self._job_ref = ray.put(job)
-        self._fault = os.environ.get(FAULT_ENV)
         self._actors: dict[int, Any] = {}
         self._pending: dict[Any, tuple[int, str]] = {}  # object ref -> (slot, "ready"|"run")
         for slot in range(workers):
             self._start(slot)
 
     def _start(self, slot: int) -> None:
-        actor = self._actor_class.remote(self._job_ref, slot, self._threads, self._fault)
+        actor = self._actor_class.remote(self._job_ref, slot, self._threads)
         self._actors[slot] = actor
         self._pending[actor.describe.remote()] = (slot, "ready")
 
@@ -93,7 +93,7 @@ class RayExecutor(_PoolExecutor):
             except ray.exceptions.RayActorError as exc:
                 if what == "ready" or slot not in self._info:
                     cause = getattr(exc, "cause", None) or exc
-                    return slot, "fatal", _describe(cause) if cause is not exc else str(exc)
+                    return slot, "fatal", describe_error(cause) if cause is not exc else str(exc)
                 return slot, "died", f"Ray actor of worker {slot} died ({type(exc).__name__})"
             except ray.exceptions.RayError as exc:
                 return slot, "error", str(exc).splitlines()[0]
