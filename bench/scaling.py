@@ -153,7 +153,7 @@ def main() -> None:
     start = time.perf_counter()
     prepared = prepare(job, progress=False)  # the driver builds the bank once
     print(f"driver prepare (model, data, bank): {time.perf_counter() - start:.1f} s")
-    worker_job = EvalWorkerJob(job, None, str(prepared.bank.root), str(cache_dir()))
+    worker_job = EvalWorkerJob(job, None, str(prepared.bank.root), str(prepared.loaded.path))
     batch = configs(prepared.space.n_units, bits, job.ranks, args.evals, seed=0)
     tasks = [Task(i, c, args.steps) for i, c in enumerate(batch)]
 

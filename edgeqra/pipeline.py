@@ -220,18 +220,23 @@ def prepare(
 
 @dataclass(frozen=True)
 class EvalWorkerJob:
-    """The pipeline's evaluation job as a worker rebuilds it: model, data, tuning, bank path."""
+    """The pipeline's evaluation job as a worker rebuilds it: model, data, tuning, bank path.
+
+    The driver resolved the cache already: ``model`` is the dense folder it loaded (for a GGUF
+    source, its copy in the cache) and ``bank`` the bank folder it built, so a worker reads
+    both by path and needs no cache root (nor ``$EDGEQRA_CACHE``) of its own; on a cluster
+    both must be on a filesystem every node sees.
+    """
 
     eval: EvalJob
     budget_gb: float | None
     bank: str | None  # the driver's bank folder (a cache hit is required), None without a bank
-    cache: str  # the driver's EDGEQRA_CACHE (models and banks), shared with the workers
+    model: str  # the driver's resolved model folder (LoadedModel.path)
 
     def build(self, slot: int) -> tuple[Callable[[Config, int], Result], str]:
-        """Prepare the evaluator against the driver's bank (never rebuilt)."""
-        os.environ["EDGEQRA_CACHE"] = self.cache
+        """Prepare the evaluator against the driver's model folder and bank (never rebuilt)."""
         prepared = prepare(
-            self.eval,
+            dataclasses.replace(self.eval, model=self.model),
             budget_gb=self.budget_gb,
             progress=False,
             cached_bank=None if self.bank is None else Path(self.bank),
@@ -521,7 +526,7 @@ def run_search_job(
             job.eval,
             budget_gb,
             None if prepared.bank is None else str(prepared.bank.root),
-            str(cache_dir()),
+            str(prepared.loaded.path),
         ),
         device=prepared.device,
     )

@@ -441,6 +441,23 @@ def test_worker_refuses_a_missing_bank(tiny_run, tiny_sequential, monkeypatch, t
     assert prepared.bank.root == bank and prepared.bank.complete
 
 
+def test_worker_job_reads_the_drivers_paths_not_the_environment(
+    tiny_run, tiny_sequential, monkeypatch, tmp_path
+):
+    """A worker is handed the driver's model folder and bank by path: it neither reads nor
+    sets ``$EDGEQRA_CACHE`` (here pointing nowhere) and leaves the environment as it was."""
+    from edgeqra.pipeline import EvalWorkerJob, SearchJob
+
+    job = SearchJob.from_json(json.loads((tiny_sequential[0] / "job.json").read_text()))
+    bank = next((tiny_run[1] / "banks").iterdir())
+    monkeypatch.setenv("EDGEQRA_CACHE", str(tmp_path / "nowhere"))
+    before = dict(os.environ)
+    worker = EvalWorkerJob(job.eval, job.budget_gb, str(bank), str(tiny_run[0]))
+    evaluate, device = worker.build(0)  # prepare() against the driver's bank: key checked
+    assert callable(evaluate) and device == "cpu"
+    assert dict(os.environ) == before
+    assert not (tmp_path / "nowhere").exists()
+
 
 # ----------------------------------------------------------------------------- job files, CLI
 
