@@ -143,7 +143,7 @@ def run_gp(problem: Problem, init, evals: int, seed: int, with_repair: bool = Tr
         spent[0] += time.perf_counter() - t
         return score
 
-    settings = BayesSettings(max_rounds=evals, ei_threshold=0.0, seed=seed)
+    settings = BayesSettings(max_rounds=evals, ei_threshold=0.0)
     start = time.perf_counter()
     fix = None
     if with_repair:
@@ -152,7 +152,7 @@ def run_gp(problem: Problem, init, evals: int, seed: int, with_repair: bool = Tr
         def fix(config: Config) -> Config:
             return repair(config, problem.space, problem.memory, problem.budget, ones)
 
-    new = refine(timed, init, problem.space, problem.feasible, settings, repair=fix)
+    new = refine(timed, init, problem.space, problem.feasible, settings, repair=fix, seed=seed)
     return new, time.perf_counter() - start - spent[0], 0
 
 

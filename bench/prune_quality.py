@@ -146,9 +146,9 @@ def main() -> None:
         sj = SearchJob(
             eval=ev,
             search=SearchSettings(
-                steps=args.steps, max_evals=args.evals, seed=args.seed,
+                steps=args.steps, evals=args.evals,
                 evolution=EvolutionSettings(population=6, children=6, generations=4),
-                bayes=BayesSettings(max_rounds=6, seed=args.seed),
+                bayes=BayesSettings(max_rounds=6),
             ),
             budget_gb=budget / 2**30,
             baselines=False,

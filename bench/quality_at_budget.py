@@ -60,7 +60,7 @@ SEARCHES = ("joint", "joint, Lengler stage 3", "bits-only", "rank-only", "random
 def _search_jobs(base: SearchJob, bits: float) -> dict[str, SearchJob]:
     """The searches to compare at one budget, all derived from one job."""
     s = base.search
-    random_pop = max(2, round(s.max_evals * 0.75))  # k + k/eta + k/eta² ≈ evals with eta = 4
+    random_pop = max(2, round(s.evals * 0.75))  # k + k/eta + k/eta² ≈ evals with eta = 4
 
     def job(ev=None, **changes) -> SearchJob:
         return dataclasses.replace(
@@ -74,7 +74,7 @@ def _search_jobs(base: SearchJob, bits: float) -> dict[str, SearchJob]:
         "bits-only": job(dataclasses.replace(base.eval, ranks=(8,))),
         "rank-only": job(dataclasses.replace(base.eval, bits=(floor_bits,))),
         "random": job(
-            use_sensitivity=False,
+            sensitivity=False,
             use_evolution=False,
             use_bayes=False,
             seed_baselines=False,
@@ -263,9 +263,9 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
             base = SearchJob(
                 eval=dataclasses.replace(ev, tune=dataclasses.replace(ev.tune, seed=seed)),
                 search=SearchSettings(
-                    steps=args.steps, eta=args.eta, n_rungs=args.rungs, max_evals=args.evals, seed=seed,
+                    steps=args.steps, eta=args.eta, rungs=args.rungs, evals=args.evals,
                     evolution=EvolutionSettings(population=6, children=6, generations=4),
-                    bayes=BayesSettings(max_rounds=6, seed=seed),
+                    bayes=BayesSettings(max_rounds=6),
                 ),
                 budget_bits=bits,
                 baselines=False,

@@ -40,6 +40,7 @@ from edgeqra.engine import EngineSettings, GraphLoRA, engine_supports
 from edgeqra.errors import ConfigError, DataError
 from edgeqra.models import LoadedModel
 from edgeqra.result import Result
+from edgeqra.settings import setting
 from edgeqra.space import Config
 from edgeqra.tune import TrainBatches, TuneSettings, detach_lora, tune
 
@@ -461,15 +462,29 @@ the eager PEFT reference (``eager``), or ``auto`` (graph on a GPU, eager on a CP
 class EvalSettings:
     """What a candidate is scored on; with TuneSettings it fixes evaluate() completely."""
 
-    n_train: int | None = 512  # train examples (a seeded prefix), None = all
-    n_eval: int | None = 200  # held-out items / documents, None = all
-    seq_len: int = 256  # training rows and text-scoring windows
-    metric: str = "auto"  # acc | acc_norm | loss | auto (lm-eval's headline metric of the task)
+    n_train: int | None = setting(  # None = all
+        512, help="train examples (a seeded prefix of the task's train split)", key="data.n_train"
+    )
+    n_eval: int | None = setting(200, help="held-out items / documents", key="data.n_eval")
+    seq_len: int = setting(
+        256, help="tokens per training row and text-scoring window", key="data.seq_len"
+    )
+    metric: str = setting(
+        "auto",
+        help="the score: acc, acc_norm, loss, or auto (lm-eval's headline metric of the task)",
+        key="data.metric",
+        choices=METRICS,
+    )
     eval_batch_size: int | None = None  # pairs per forward; None: 256 on a GPU, 16 on a CPU
 
     def __post_init__(self) -> None:
         if self.metric not in METRICS:
             raise ConfigError(f"`metric` {self.metric!r} is not one of {list(METRICS)}")
+        for name in ("n_train", "n_eval"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)
+                                      or value < 1):  # fmt: skip
+                raise ConfigError(f"`{name}` must be an integer >= 1, got {value!r}")
         if self.seq_len < 8:
             raise ConfigError(f"`seq_len` {self.seq_len} is too short; use 128 or more")
         if self.eval_batch_size is not None and self.eval_batch_size < 1:

@@ -16,12 +16,13 @@ import logging
 import os
 import random
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from edgeqra import settings as schema
 from edgeqra.bank import Bank, BankSpec, bank_key, build_bank
 from edgeqra.data import calibration_batches, load_task
 from edgeqra.device import resolve_device
@@ -33,7 +34,6 @@ from edgeqra.plan import budget_for_bits
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
 from edgeqra.prune import PruneSettings
 from edgeqra.result import Result
-from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import (
     Evaluations,
     SearchEvent,
@@ -41,7 +41,6 @@ from edgeqra.search.driver import (
     SearchSettings,
     run_search,
 )
-from edgeqra.search.evolution import EvolutionSettings
 from edgeqra.search.executors import (
     Executor,
     ExecutorSettings,
@@ -50,6 +49,7 @@ from edgeqra.search.executors import (
 )
 from edgeqra.search.journal import Journal
 from edgeqra.sensitivity import initial_population, measure_sensitivity, seed_config
+from edgeqra.settings import setting
 from edgeqra.space import (
     DEFAULT_BITS,
     DEFAULT_RANKS,
@@ -83,19 +83,50 @@ log = logging.getLogger(__name__)
 class EvalJob:
     """Everything that fixes an evaluation: model, data, bank and tuning settings."""
 
-    model: str = "smollm2"
-    task: str = "arc_easy"
-    bits: tuple[int, ...] = DEFAULT_BITS  # the search space Q (the bank is built for what is used)
-    ranks: tuple[int, ...] = DEFAULT_RANKS
-    group_size: int = 64
+    model: str = setting(
+        "smollm2", help="`smollm2` (embedded), a HF folder or a .gguf file", key="model"
+    )
+    task: str = setting(
+        "arc_easy",
+        help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, c4, "
+        "wiki, … or a .txt/.jsonl file",
+        key="task",
+    )
+    bits: tuple[int, ...] = setting(  # the search space Q (the bank is built for what is used)
+        DEFAULT_BITS, help="allowed bit-widths Q", key="space.bits"
+    )
+    ranks: tuple[int, ...] = setting(DEFAULT_RANKS, help="allowed ranks R", key="space.ranks")
+    group_size: int = setting(
+        64, help="GPTQ group size (-1: one group per row)", key="data.group_size"
+    )
     calibration: str = "c4"
-    calib_samples: int = 32  # GPTQModel wants >= 256 for best quality; 32 keeps CPU builds short
+    calib_samples: int = setting(  # GPTQModel wants >= 256 for best quality; 32 keeps CPU short
+        32, help="GPTQ calibration rows of 256 tokens", key="data.calib_samples"
+    )
     calib_seq_len: int = 256
-    tune: TuneSettings = field(default_factory=lambda: TuneSettings(steps=0))
+    tune: TuneSettings = field(default_factory=TuneSettings)
     eval: EvalSettings = field(default_factory=EvalSettings)
-    device: str = "auto"
-    profile: str | None = None
-    trust_remote_code: bool = False
+    device: str = setting("auto", help="auto, cpu or cuda[:N]", key="device")
+    profile: str | None = setting(
+        None,
+        help="device profile name or .toml path: the hard memory budget (evaluate: checked)",
+        key="profile",
+    )
+    trust_remote_code: bool = setting(
+        False, help="allow the model's custom code", key="trust_remote_code"
+    )
+
+    def __post_init__(self) -> None:
+        SearchSpace(1, self.bits, self.ranks)  # the bit and rank sets, before any model loads
+        gs = self.group_size
+        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or gs >= 1):
+            raise ConfigError(
+                f"`group_size` must be a positive integer (or -1 for one group per row), got "
+                f"{gs!r}; GPTQ's usual sizes are 32, 64 and 128"
+            )
+        n = self.calib_samples
+        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+            raise ConfigError(f"`calib_samples` must be an integer >= 1, got {n!r}")
 
 
 @dataclass(frozen=True)
@@ -256,12 +287,27 @@ class SearchJob:
 
     eval: EvalJob
     search: SearchSettings = field(default_factory=SearchSettings)
-    budget_gb: float | None = None  # overrides the profile's usable budget
-    budget_bits: float | None = None  # the budget = memory of a rank-8 config at these avg bits
-    baseline_rank: int = 8  # rank of the uniform baselines seeded and reported
-    final_steps: int | None = None  # full-length tuning of the chosen config (None = search.steps)
-    alpha: float | None = None  # trade-off α·norm(score) − (1−α)·norm(memory); None = best score
-    baselines: bool = True  # score the uniform baselines that fit at full length, for the summary
+    budget_gb: float | None = setting(
+        None, help="override the profile's usable budget (GiB)", key="budget_gb"
+    )
+    budget_bits: float | None = setting(
+        None,
+        help="budget = the predicted memory of a rank-8 config averaging B bits (e.g. 3.5)",
+        key="budget_bits",
+        metavar="B",
+    )
+    baseline_rank: int = setting(  # seeded and reported
+        8, help="rank of the uniform baselines", key="search.baseline_rank"
+    )
+    final_steps: int | None = setting(  # None = search.steps
+        None, help="tuning steps of the chosen config (default: --steps)", key="tuning.final_steps"
+    )
+    alpha: float | None = setting(  # α·norm(score) − (1−α)·norm(memory); None = best score
+        None, help="pick the front's trade-off point α·score−(1−α)·memory", key="search.alpha"
+    )
+    baselines: bool = setting(  # at full length
+        True, help="score the uniform baselines that fit, for the summary", key="search.baselines"
+    )
     executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where evaluations run
 
     def __post_init__(self) -> None:
@@ -291,27 +337,50 @@ class SearchJob:
                 f"{list(self.eval.ranks)}; pick one of those"
             )
 
+        if self.final_steps is not None and (
+            isinstance(self.final_steps, bool) or not isinstance(self.final_steps, int)
+            or self.final_steps < 0
+        ):  # fmt: skip
+            raise ConfigError(f"`final_steps` must be an integer >= 0, got {self.final_steps!r}")
+
+    @classmethod
+    def from_values(cls, values: Mapping[str, object]) -> SearchJob:
+        """Build from setting values by key (a job file's, the CLI's; :mod:`edgeqra.settings`).
+
+        A trade-off point (``search.alpha``) needs the whole front, so it implies
+        ``search.front``.
+        """
+        values = dict(values)
+        if values.get("search.alpha") is not None:
+            values["search.front"] = True
+        return schema.build(cls, values)
+
     def to_json(self) -> dict[str, object]:
         """JSON-ready (the run directory's job.json; ``from_json`` reads it back)."""
         return dataclasses.asdict(self)
 
     @classmethod
     def from_json(cls, data: dict) -> SearchJob:
-        """Rebuild from :meth:`to_json` output (lists back to tuples, nested settings)."""
-        ev = dict(data["eval"])
-        ev.update(
-            bits=tuple(ev["bits"]),
-            ranks=tuple(ev["ranks"]),
-            tune=TuneSettings(**ev["tune"]),
-            eval=EvalSettings(**ev["eval"]),
-        )
-        se = dict(data["search"])
-        se.update(
-            evolution=EvolutionSettings(**se["evolution"]), bayes=BayesSettings(**se["bayes"])
-        )
-        rest = {k: v for k, v in data.items() if k not in ("eval", "search", "executor")}
-        executor = ExecutorSettings(**data.get("executor", {}))  # absent before issue 8
-        return cls(eval=EvalJob(**ev), search=SearchSettings(**se), executor=executor, **rest)
+        """Rebuild from :meth:`to_json` output, also one written before issue 19 (old names)."""
+        return schema.from_tree(cls, _upgrade_job_json(data))
+
+
+# job.json before issue 19: renamed search settings, and the seed and steps stored more than
+# once (search.seed, search.bayes.seed, eval.tune.steps: now one `seed` and `search.steps`).
+_RENAMED = {"max_evals": "evals", "n_rungs": "rungs", "use_sensitivity": "sensitivity"}
+
+
+def _upgrade_job_json(data: dict) -> dict:
+    """A job.json of any edgeqra version in today's field names (a copy)."""
+    data = json.loads(json.dumps(data))
+    search = data.get("search", {})
+    for old, new in _RENAMED.items():
+        if old in search:
+            search[new] = search.pop(old)
+    search.pop("seed", None)
+    search.get("bayes", {}).pop("seed", None)
+    data.get("eval", {}).get("tune", {}).pop("steps", None)  # set per evaluation
+    return data
 
 
 def _write_json(path: Path, data: object) -> None:
@@ -479,7 +548,7 @@ def run_search_job(
         return estimate_for_profile(spec, config, profile, group_size=group).total
 
     importance: tuple[float, ...] | None = None
-    if settings.use_sensitivity and prepared.bank is not None:
+    if settings.sensitivity and prepared.bank is not None:
         sens = measure_sensitivity(
             prepared.loaded,
             prepared.bank,
@@ -494,7 +563,7 @@ def run_search_job(
         fitted = repair(config, space, memory, budget, importance)
         return fill(fitted, space, memory, budget, importance) if settings.fill else fitted
 
-    rng = random.Random(settings.seed)
+    rng = random.Random(job.eval.tune.seed)
     baselines = baseline_configs(space.n_units, space.bits, job.baseline_rank)
     fitting_all = [c for c in baselines.values() if memory(c) <= budget]
     fitting = [c for c in fitting_all if c.bits[0] in space.bits]  # seeds must lie in the space
@@ -570,8 +639,9 @@ def _search_and_tune(
     # search at full length; see run_search.
     anchors = [max(seeds, key=lambda c: c.bits[0])] if seeds else []
     outcome = run_search(
-        evaluations, space, initial, fix, budget, importance=importance, anchors=anchors
-    )
+        evaluations, space, initial, fix, budget, importance=importance, anchors=anchors,
+        seed=job.eval.tune.seed,
+    )  # fmt: skip
     _write_json(out / "front.json", [r.to_json() for r in outcome.front])
 
     chosen = _chosen(outcome, job.alpha)
@@ -607,7 +677,7 @@ def _search_and_tune(
             prepared.evaluator.evaluate,
             journal,
             lambda c: memory(c) <= budget,
-            dataclasses.replace(settings, max_evals=10**9, time_limit=None),
+            dataclasses.replace(settings, evals=10**9, time_limit=None),
             on_event,
             executor=executor,
         )

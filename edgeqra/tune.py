@@ -40,6 +40,7 @@ from torch import nn
 
 from edgeqra.errors import ConfigError, DataError, ModelError
 from edgeqra.models import Unit, find_units
+from edgeqra.settings import setting
 from edgeqra.space import Config
 
 if TYPE_CHECKING:
@@ -91,9 +92,9 @@ def _is_real(value: object) -> bool:
 class TuneSettings:
     """How one candidate's adapters are trained; ``steps`` is the fidelity N."""
 
-    steps: int  # the fidelity N (0 = no training)
-    lr: float = 2e-4
-    batch_size: int = 4
+    steps: int = 0  # the fidelity N (0 = no training): set per evaluation, not a user setting
+    lr: float = setting(2e-4, help="AdamW learning rate", key="tuning.lr")
+    batch_size: int = setting(4, help="training micro-batch", key="tuning.batch_size")
     alpha_ratio: float = (
         2.0  # lora_alpha = alpha_ratio * rank: the scale alpha/r is equal on all units
     )
@@ -101,8 +102,16 @@ class TuneSettings:
     weight_decay: float = 0.0
     warmup_steps: int = 0
     max_grad_norm: float = 1.0  # math.inf turns clipping off
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    gradient_checkpointing: bool = setting(
+        False,
+        help="recompute activations in the backward pass (less memory, slower)",
+        key="tuning.gradient_checkpointing",
+    )
+    seed: int = setting(
+        0,
+        help="seed of every random choice: data order, adapter init, calibration rows, search",
+        key="seed",
+    )
 
     def __post_init__(self) -> None:
         if not _is_int(self.steps) or self.steps < 0:

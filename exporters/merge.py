@@ -37,6 +37,7 @@ from torch import nn
 
 from edgeqra.errors import ConfigError
 from edgeqra.models import Unit
+from edgeqra.settings import setting
 from edgeqra.space import FP16_BITS, Choice, Config
 
 __all__ = [
@@ -74,9 +75,27 @@ class OverThreshold(str, Enum):
 class MergeSettings:
     """The export's merge choices (CLI ``edgeqra export --merge ...``)."""
 
-    method: MergeMethod = MergeMethod.GRID
-    threshold: float = 0.5  # fraction of the adapter's output effect a merge may lose
-    over_threshold: OverThreshold = OverThreshold.UNMERGED  # module docstring says why
+    method: MergeMethod = setting(
+        MergeMethod.GRID,
+        help="gptq/onnx: round W+BA onto the bank's own grid with GPTQ error feedback (grid) "
+        "or run GPTQModel again on the merged weights (requantize, the old way)",
+        key="merge.method",
+        flag="--merge",
+    )
+    threshold: float = setting(  # fraction of the adapter's output effect a merge may lose
+        0.5,
+        help="a layer whose merge loses more than this fraction of its adapter's effect on "
+        "its outputs is kept unmerged (see --over-threshold)",
+        key="merge.threshold",
+        flag="--merge-threshold",
+    )
+    over_threshold: OverThreshold = setting(  # module docstring says why
+        OverThreshold.UNMERGED,
+        help="layers over the threshold: keep their adapter unmerged (unmerged: the package "
+        "loads as base + adapter), merge anyway (report), or merge at the next bit-width up "
+        "if the budget allows (upbits)",
+        key="merge.over_threshold",
+    )
     hessian_rows: int = 64  # calibration rows for H (the run's, plus fresh ones if fewer)
     damp: float = 0.01  # GPTQ's dampening, a fraction of mean(diag H)
     block_size: int = 128  # GPTQ's lazy-batch block (speed only, same result)

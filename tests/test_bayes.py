@@ -118,12 +118,12 @@ def test_refine_improves_never_evaluates_infeasible_and_is_deterministic():
         assert _feasible(config), config.short()
         return _score(config)
 
-    s = BayesSettings(max_rounds=6, ei_threshold=0.0, seed=3, candidates=32)
-    new = refine(evaluate, history, SPACE, _feasible, s)
+    s = BayesSettings(max_rounds=6, ei_threshold=0.0, candidates=32)
+    new = refine(evaluate, history, SPACE, _feasible, s, seed=3)
     assert len(new) == len(calls) == 6
     assert len({c for c, _ in new} | {c for c, _ in history}) == len(new) + len(history)
     assert max(v for _, v in new) > max(v for _, v in history)
-    again = refine(_score, history, SPACE, _feasible, s)
+    again = refine(_score, history, SPACE, _feasible, s, seed=3)
     assert [c for c, _ in again] == [c for c, _ in new]
 
 
@@ -134,7 +134,7 @@ def test_repair_lets_refinement_trade_bytes_at_the_budget_edge():
     assert _memory(edge) == BUDGET
     history = [(c, v) for c, v in _start(12, seed=4) if v < _score(edge)] + [(edge, _score(edge))]
     one = dict(initial_radius=1, min_radius=1, max_radius=1)  # only single steps are walked
-    s = BayesSettings(max_rounds=6, ei_threshold=0.0, seed=1, candidates=64, **one)
+    s = BayesSettings(max_rounds=6, ei_threshold=0.0, candidates=64, **one)
 
     def fix(config: Config) -> Config:
         return repair(config, SPACE, _memory, BUDGET)
@@ -142,7 +142,7 @@ def test_repair_lets_refinement_trade_bytes_at_the_budget_edge():
     def above_edge(config: Config) -> bool:
         return any(c.bits > 4 or c.rank > 8 for c in config)
 
-    plain = refine(_score, history, SPACE, _feasible, s)
+    plain = refine(_score, history, SPACE, _feasible, s, seed=1)
     assert not any(above_edge(c) for c, _ in plain)  # single steps up never fit
     assert max(v for _, v in plain) <= _score(edge)
     calls: list[Config] = []
@@ -151,7 +151,7 @@ def test_repair_lets_refinement_trade_bytes_at_the_budget_edge():
         calls.append(config)
         return _score(config)
 
-    traded = refine(evaluate, history, SPACE, _feasible, s, repair=fix)
+    traded = refine(evaluate, history, SPACE, _feasible, s, repair=fix, seed=1)
     assert calls and all(_feasible(c) for c in calls)
     assert any(above_edge(c) for c, _ in traded)
     assert max(v for _, v in traded) > _score(edge)
@@ -160,7 +160,7 @@ def test_repair_lets_refinement_trade_bytes_at_the_budget_edge():
 def test_refine_stops_when_expected_improvement_saturates():
     # A constant objective: once the GP has seen it, it expects no gain anywhere.
     history = [(c, 0.5) for c, _ in _start(12, seed=4)]
-    s = BayesSettings(max_rounds=30, ei_threshold=1e-2, patience=2, seed=0, candidates=32)
+    s = BayesSettings(max_rounds=30, ei_threshold=1e-2, patience=2, candidates=32)
     new = refine(lambda c: 0.5, history, SPACE, _feasible, s)
     assert 2 <= len(new) < 30
 
@@ -174,12 +174,14 @@ def test_refine_rejects_an_empty_or_failed_history():
 
 def test_lengler_stage3_improves_stays_feasible_and_is_deterministic():
     history = _start(8, seed=1)
-    settings = BayesSettings(max_rounds=12, seed=3, method="lengler")
+    settings = BayesSettings(max_rounds=12, method="lengler")
 
     def fix(config: Config) -> Config:
         return repair(config, SPACE, _memory, BUDGET)
 
-    runs = [refine(_score, history, SPACE, _feasible, settings, repair=fix) for _ in range(2)]
+    runs = [
+        refine(_score, history, SPACE, _feasible, settings, repair=fix, seed=3) for _ in range(2)
+    ]
     assert runs[0] == runs[1]  # seeded
     new = runs[0]
     assert 0 < len(new) <= 12

@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
-from test_search import SETTINGS, Synthetic
+from test_search import SEED, SETTINGS, Synthetic
 
 from edgeqra.errors import EdgeQRAError
 from edgeqra.search.driver import Evaluations, run_search
@@ -78,9 +78,9 @@ def search(run_dir: Path, executor=None, *, events=None, delay: float = 0.0):
     def fix(c):
         return repair(c, space, synthetic.memory, BUDGET)
 
-    rng = random.Random(SETTINGS.seed)
+    rng = random.Random(SEED)
     initial = list(dict.fromkeys(fix(space.sample(rng)) for _ in range(6)))
-    outcome = run_search(evaluations, space, initial, fix, BUDGET, anchors=[ANCHOR])
+    outcome = run_search(evaluations, space, initial, fix, BUDGET, anchors=[ANCHOR], seed=SEED)
     return outcome, evaluations
 
 
@@ -149,7 +149,7 @@ def test_local_executor_is_todays_search(sequential, tmp_path):
     assert [(x["config"], x["fidelity"]) for x in lines(run_dir)] == [
         (x["config"], x["fidelity"]) for x in lines(sequential[0])
     ]
-    assert again.best == outcome.best and evaluations.count <= SETTINGS.max_evals
+    assert again.best == outcome.best and evaluations.count <= SETTINGS.evals
     assert {x["worker"]["pid"] for x in lines(run_dir)} == {os.getpid()}
 
 

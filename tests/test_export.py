@@ -79,7 +79,7 @@ def run(env, tmp_path_factory, tokenizer):
             device="cpu",
             profile="t4-16gb",
         ),
-        search=SearchSettings(steps=STEPS, max_evals=1),
+        search=SearchSettings(steps=STEPS, evals=1),
     )
     out = root / "run"
     open_run_dir(out, job, resume=False)

@@ -49,9 +49,11 @@ def test_keys_map_onto_the_search_job():
     )
     job = spec.search
     assert (job.eval.bits, job.eval.ranks) == ((3, 4), (0, 8))
-    assert job.eval.tune.steps == job.search.steps == 12 and job.eval.tune.lr == 1.0
-    assert job.search.max_evals == 9 and not job.search.use_bayes and job.alpha == 0.5
-    assert job.search.seed == job.eval.tune.seed == 7 and spec.out == Path("runs/x")
+    assert job.search.steps == 12 and job.eval.tune.lr == 1.0
+    assert job.eval.tune.steps == 0  # the fidelity is set per evaluation: `steps` lives once
+    assert job.search.evals == 9 and not job.search.use_bayes and job.alpha == 0.5
+    assert job.search.evolution.front  # a trade-off point needs the front
+    assert job.eval.tune.seed == 7 and spec.out == Path("runs/x")  # `seed` lives once
     assert to_mapping(spec)["search"]["evals"] == 9
 
 

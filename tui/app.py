@@ -40,22 +40,34 @@ from textual.widgets import (
 from textual_plotext import PlotextPlot
 
 from edgeqra.errors import EdgeQRAError
-from edgeqra.job import from_mapping, save_job
+from edgeqra.job import default_mapping, from_mapping, save_job
 from edgeqra.profiles import DeviceProfile, list_profiles, load_profile
 from edgeqra.space import Config
 
 # The quick-start's settings (examples/quickstart.toml without its profile): a search that
 # finishes in minutes on a CPU, a sensible first run from the TUI.
-DEFAULT_DRAFT: dict[str, Any] = {
-    "model": "smollm2",
-    "task": "arc_easy",
+QUICKSTART: dict[str, Any] = {
     "out": "runs/tui",
-    "seed": 0,
-    "export": [],
     "data": {"n_train": 256, "n_eval": 40, "calib_samples": 16},
     "tuning": {"steps": 8},
     "search": {"evals": 16, "population": 4, "children": 4, "generations": 1},
 }
+
+
+def default_draft() -> dict[str, Any]:
+    """Every setting's default (the settings schema's, through :func:`edgeqra.job.default_mapping`)
+    with the quick-start's values over them; no profile yet, no ``[prune]``."""
+    draft = default_mapping()
+    for key, value in QUICKSTART.items():
+        if isinstance(value, dict):
+            draft.setdefault(key, {}).update(value)
+        else:
+            draft[key] = value
+    return draft
+
+
+DEFAULT_DRAFT: dict[str, Any] = default_draft()  # as at import; the app builds its own
+
 
 # One colour per bit-width for the heat strip (FP16 for completeness).
 BIT_STYLE = {2: "white on red", 3: "black on dark_orange", 4: "black on yellow",
@@ -178,6 +190,35 @@ class ProfileScreen(Screen[None]):
         self.query_one("#profiles", DataTable).focus()
 
 
+# The plan screen's fields, by setting key (the schema gives each its type and tooltip).
+PLAN_FIELDS = ("model", "task", "budget_gb", "prune.ratio")
+
+
+def _plan_fields() -> list[Any]:
+    from edgeqra.job import JobSpec
+    from edgeqra.settings import settings_of
+
+    by_key = {s.key: s for s in settings_of(JobSpec)}
+    return [by_key[key] for key in PLAN_FIELDS]
+
+
+def _get(draft: dict[str, Any], key: str) -> Any:
+    table, _, name = key.rpartition(".")
+    return (draft.get(table) or {} if table else draft).get(name)
+
+
+def _put(draft: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``key`` in the draft; ``None`` removes it, and with it an optional table such as
+    ``[prune]`` (not in the defaults: its first field is its switch)."""
+    table, _, name = key.rpartition(".")
+    if value is not None:
+        (draft.setdefault(table, {}) if table else draft)[name] = value
+    elif table and table not in default_mapping():
+        draft.pop(table, None)
+    else:
+        (draft.get(table, {}) if table else draft).pop(name, None)
+
+
 class PlanScreen(Screen[None]):
     """Model and task, the uniform baselines' memory against the budget, the most bits that fit."""
 
@@ -191,18 +232,14 @@ class PlanScreen(Screen[None]):
         draft = self.app.draft  # type: ignore[attr-defined]
         yield Header()
         with Horizontal(id="fields"):
-            yield Input(draft.get("model", ""), placeholder="model", id="model")
-            yield Input(draft.get("task", ""), placeholder="task", id="task")
-            budget = draft.get("budget_gb")
-            yield Input(
-                "" if budget is None else str(budget),
-                placeholder="budget GiB (profile)",
-                id="budget",
-            )
-            ratio = draft.get("prune", {}).get("ratio")
-            yield Input(
-                "" if ratio is None else str(ratio), placeholder="prune ratio (none)", id="prune"
-            )
+            for setting in _plan_fields():
+                value = _get(draft, setting.key)
+                yield Input(
+                    "" if value is None else str(value),
+                    placeholder=setting.key,
+                    tooltip=setting.help,
+                    id=setting.key.replace(".", "-").replace("_", "-"),
+                )
         yield Static(id="verdict")
         yield PlotextPlot(id="bars")
         yield Footer()
@@ -219,26 +256,19 @@ class PlanScreen(Screen[None]):
         self.plan()
 
     def _store_fields(self) -> None:
-        """Copy the fields into the draft (empty budget = the profile's own)."""
+        """Copy the fields into the draft (empty = the default; for `prune.ratio`: no pruning)."""
         draft = self.app.draft  # type: ignore[attr-defined]
-        draft["model"] = self.query_one("#model", Input).value.strip()
-        draft["task"] = self.query_one("#task", Input).value.strip()
-        budget = self.query_one("#budget", Input).value.strip()
-        if budget:
+        for setting in _plan_fields():
+            field_id = setting.key.replace(".", "-").replace("_", "-")
+            text = self.query_one(f"#{field_id}", Input).value.strip()
             try:
-                draft["budget_gb"] = float(budget)
+                value = None if not text else (text if setting.kind is str else setting.kind(text))
             except ValueError:
-                self.notify(f"budget {budget!r} is not a number of GiB", severity="error")
-        else:
-            draft.pop("budget_gb", None)
-        ratio = self.query_one("#prune", Input).value.strip()  # optional [prune] table
-        if not ratio:
-            draft.pop("prune", None)
-            return
-        try:
-            draft.setdefault("prune", {})["ratio"] = float(ratio)
-        except ValueError:
-            self.notify(f"prune ratio {ratio!r} is not a number in [0, 0.7]", severity="error")
+                self.notify(
+                    f"`{setting.key}` {text!r} is not {setting.describe()}", severity="error"
+                )
+                continue
+            _put(draft, setting.key, value)
 
     def plan(self) -> None:
         self._store_fields()
@@ -391,7 +421,7 @@ class SearchScreen(Screen[None]):
                 prune=None if resume else spec.prune,
             )  # fmt: skip
             call(self._log, f"run directory [b]{spec.out}[/b]")
-            call(self._total, job.search.max_evals)
+            call(self._total, job.search.evals)
             summary = run_search_job(job, spec.out, on_event=on_event, progress=False)
         except SearchCancelled:
             call(self._finish, "cancelled: press r to resume from the journal", None)
@@ -620,7 +650,7 @@ class EdgeQRAApp(App[None]):
         self, draft: dict[str, Any] | None = None, *, job_path: Path | str = "edgeqra-job.toml"
     ) -> None:
         super().__init__()
-        self.draft: dict[str, Any] = copy.deepcopy(DEFAULT_DRAFT if draft is None else draft)
+        self.draft: dict[str, Any] = default_draft() if draft is None else copy.deepcopy(draft)
         self.job_path = Path(job_path)
         self.profiles: list[DeviceProfile] = list_profiles()
 

@@ -39,6 +39,7 @@ from sklearn.gaussian_process import GaussianProcessRegressor
 from sklearn.gaussian_process.kernels import ConstantKernel, Matern, WhiteKernel
 
 from edgeqra.errors import EdgeQRAError
+from edgeqra.settings import setting
 from edgeqra.space import Config, SearchSpace
 
 __all__ = [
@@ -70,8 +71,13 @@ class BayesSettings:
     min_radius: int = 1
     max_radius: int = 16
     candidates: int = 256  # random feasible proposals scored by EI per round
-    seed: int = 0
-    method: str = "gp"  # "gp": this module; "lengler": nevergrad's discrete (1+1) from the best
+    method: str = setting(
+        "gp",
+        help="stage 3: the GP with expected improvement in a trust region, or nevergrad's "
+        "discrete (1+1) evolution (DiscreteLenglerOnePlusOne) from the best config",
+        key="search.stage3",
+        choices=STAGE3_METHODS,
+    )
 
     def __post_init__(self) -> None:
         if self.method not in STAGE3_METHODS:
@@ -190,6 +196,7 @@ def propose(
     rng: random.Random,
     settings: BayesSettings,
     repair: Callable[[Config], Config] | None = None,
+    seed: int = 0,
 ) -> tuple[Config, float] | None:
     """The unseen feasible config of largest EI within ``region.radius`` steps of the incumbent.
 
@@ -199,8 +206,9 @@ def propose(
         feasible: the hard constraint, e.g. ``memory(config) <= budget``.
         region: the trust region; only its radius is read.
         rng: the source of the random walks.
-        settings: candidate count and seed of the GP fit.
+        settings: the candidate count.
         repair: maps a config over the budget into it (``space.repair`` bound to the profile).
+        seed: the GP fit's seed (the job's seed).
 
     Candidates are every direct neighbour plus random walks of 1..radius steps (so within
     the Hamming ball); EI is enumerated over them rather than optimised in a relaxed
@@ -235,7 +243,7 @@ def propose(
     candidates = list(pool)
     X = np.asarray([space.encode(c) for c, _ in scored], dtype=np.float64)  # (n, 2L)
     y = np.asarray([s for _, s in scored], dtype=np.float64)  # (n,)
-    gp = fit_gp(X, y, settings.seed)
+    gp = fit_gp(X, y, seed)
     Xc = np.asarray([space.encode(c) for c in candidates], dtype=np.float64)  # (m, 2L)
     mu, sigma = gp.predict(Xc, return_std=True)
     # EI is in score units; dividing by the spread of the scores seen makes the stopping
@@ -255,6 +263,7 @@ def refine(
     *,
     repair: Callable[[Config], Config] | None = None,
     on_result: Callable[[Config, float], None] | None = None,
+    seed: int = 0,
 ) -> list[tuple[Config, float]]:
     """Propose, evaluate and resize the trust region until a stopping rule fires.
 
@@ -263,9 +272,10 @@ def refine(
         history: earlier (config, score) pairs, e.g. the top-fidelity evaluations of stage 2.
         space: the search space.
         feasible: the hard memory constraint; only feasible configs are evaluated.
-        settings: rounds, stopping rule, trust region and seed.
+        settings: rounds, stopping rule and trust region.
         repair: maps an over-budget config into the budget; see :func:`propose`.
         on_result: called with each new (config, score), e.g. to append to the journal.
+        seed: the random walks' and the GP's seed (the job's seed).
 
     Stops after ``max_rounds``, when max EI stayed below ``ei_threshold`` for ``patience``
     rounds in a row (the GP expects nothing more nearby), or when the trust region holds no
@@ -275,15 +285,16 @@ def refine(
         space.validate(config)
     if settings.method == "lengler":
         return refine_lengler(
-            evaluate, history, space, feasible, settings, repair=repair, on_result=on_result
-        )
-    rng = random.Random(settings.seed)
+            evaluate, history, space, feasible, settings, repair=repair, on_result=on_result,
+            seed=seed,
+        )  # fmt: skip
+    rng = random.Random(seed)
     region = TrustRegion(settings.initial_radius)
     seen = list(history)
     new: list[tuple[Config, float]] = []
     low = 0
     for round_ in range(settings.max_rounds):
-        proposal = propose(seen, space, feasible, region, rng, settings, repair)
+        proposal = propose(seen, space, feasible, region, rng, settings, repair, seed)
         if proposal is None:
             logger.info("refine: no feasible unseen config within radius %d", region.radius)
             break
@@ -320,6 +331,7 @@ def refine_lengler(
     *,
     repair: Callable[[Config], Config] | None = None,
     on_result: Callable[[Config, float], None] | None = None,
+    seed: int = 0,
 ) -> list[tuple[Config, float]]:
     """Stage 3 as nevergrad's ``DiscreteLenglerOnePlusOne`` started at the best config so far.
 
@@ -337,7 +349,7 @@ def refine_lengler(
     if not scored:
         return []
     best, _ = max(scored, key=lambda item: item[1])
-    param = _parametrization(space, settings.seed)
+    param = _parametrization(space, seed)
     param.value = _value(best)
     optimizer = ng.optimizers.registry["DiscreteLenglerOnePlusOne"](
         parametrization=param, budget=None

@@ -26,6 +26,7 @@ from edgeqra.search.executors import Done, Executor, LocalExecutor, Running, Tas
 from edgeqra.search.fidelity import Schedule
 from edgeqra.search.journal import Journal
 from edgeqra.search.pareto import non_dominated_sort
+from edgeqra.settings import setting
 from edgeqra.space import Config, SearchSpace
 
 __all__ = [
@@ -45,30 +46,46 @@ log = logging.getLogger(__name__)
 class SearchSettings:
     """How long and how the search runs; the stage switches exist for ablations."""
 
-    steps: int = 64  # full fidelity: LoRA steps of a full-length evaluation
-    eta: int = 4  # successive-halving ratio between rungs
-    n_rungs: int = 3
-    max_evals: int = 60  # evaluations at any fidelity, journal hits included
-    time_limit: float | None = None  # seconds of wall time for the whole search
-    seed: int = 0
-    use_sensitivity: bool = True  # stage 1; off = random initial population, no importance
-    use_evolution: bool = True  # stage 2; off = only the initial population is measured
-    use_bayes: bool = True  # stage 3
+    steps: int = setting(64, help="full-length tuning steps (the top fidelity)", key="tuning.steps")
+    eta: int = setting(4, help="successive-halving ratio between rungs", key="search.eta")
+    rungs: int = setting(3, help="fidelity rungs (steps / eta^k)", key="search.rungs")
+    evals: int = setting(  # journal hits included
+        60, help="evaluations at any fidelity", key="search.evals"
+    )
+    time_limit: float | None = setting(
+        None, help="wall-time budget in seconds", key="search.time_limit", metavar="S"
+    )
+    sensitivity: bool = setting(  # off = random initial population, no importance
+        True, help="run stage 1, the sensitivity warm start (turn off for ablations)",
+        key="search.sensitivity",
+    )  # fmt: skip
+    use_evolution: bool = setting(  # off = only the initial population is measured
+        True, help="run stage 2, the evolution (turn off for ablations)", key="search.evolution"
+    )
+    use_bayes: bool = setting(
+        True, help="run stage 3, the refinement (turn off for ablations)", key="search.bayes"
+    )
     seed_baselines: bool = True  # put the uniform baselines that fit into the initial population
-    fill: bool = True  # raise every candidate to the budget before it is evaluated (space.fill)
+    fill: bool = setting(  # space.fill
+        True,
+        help="raise every candidate's bits/ranks to the budget before it is evaluated",
+        key="search.fill",
+    )
     evolution: EvolutionSettings = field(default_factory=EvolutionSettings)
     bayes: BayesSettings = field(default_factory=BayesSettings)
 
     def __post_init__(self) -> None:
-        if self.max_evals < 1:
-            raise ConfigError(f"`max_evals` must be >= 1, got {self.max_evals}")
+        for name, low in (("steps", 0), ("eta", 2), ("rungs", 1), ("evals", 1)):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                raise ConfigError(f"`{name}` must be an integer >= {low}, got {value!r}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ConfigError(f"`time_limit` must be positive seconds, got {self.time_limit}")
 
     @property
     def schedule(self) -> Schedule:
         """The fidelity rungs."""
-        return Schedule(self.steps, self.eta, self.n_rungs)
+        return Schedule(self.steps, self.eta, self.rungs)
 
 
 @dataclass(frozen=True)
@@ -133,7 +150,7 @@ class Evaluations:
         """Results of independent requests, in request order; misses go to the executor.
 
         The budget is counted in request order exactly as one call per request would count
-        it (journal hits always answered, the first miss past ``max_evals`` stops), and
+        it (journal hits always answered, the first miss past ``evals`` stops), and
         full-fidelity results enter the front in request order, so a batch run in parallel
         leaves the search where a sequential one would. Raises :class:`Exhausted` after
         the admitted requests are done when the budget cut the batch short.
@@ -156,7 +173,7 @@ class Evaluations:
                 self.count += 1
                 self.emit(stage, message=f"failed before: {failure.error}", failed=True)
                 continue
-            if self.count + len(tasks) >= self.settings.max_evals:
+            if self.count + len(tasks) >= self.settings.evals:
                 stop = "evaluations"
                 break
             tasks.append(Task(index, config, fidelity))
@@ -270,7 +287,7 @@ class Evaluations:
             SearchEvent(
                 stage,
                 self.count,
-                self.settings.max_evals,
+                self.settings.evals,
                 None if best is None else best.score,
                 len(pareto_front(list(self.full.values()))),
                 result,
@@ -328,6 +345,7 @@ def run_search(
     *,
     importance: Sequence[float] | None = None,
     anchors: Sequence[Config] = (),
+    seed: int = 0,
 ) -> SearchOutcome:
     """Stages 2 and 3 from a feasible initial population; returns the measured front.
 
@@ -335,6 +353,7 @@ def run_search(
     first, whatever the low rungs say: at a few tuning steps the screening score is mostly
     noise (in the CPU quick-start, 1-step scores ranked uniform 3-bit above 4-bit), and a
     search must never return a config that loses to the baseline it was meant to beat.
+    ``seed`` (the job's one seed) seeds the evolution and the refinement.
     The initial population then goes through successive halving (so even with stage 2 off
     there are full-fidelity results); the evolution and the refinement run until their own
     stopping rule or until ``evaluations`` says the budget is spent.
@@ -356,7 +375,7 @@ def run_search(
                 schedule,
                 settings.evolution,
                 importance=importance,
-                seed=settings.seed,
+                seed=seed,
                 on_generation=lambda g, hv: evaluations.emit(
                     "evolution", message=f"generation {g}: hypervolume {hv:.4f}"
                 ),
@@ -378,6 +397,7 @@ def run_search(
                 evaluations.feasible,
                 settings.bayes,
                 repair=repair,
+                seed=seed,
             )
             stopped = "bayes finished"
     except Exhausted as why:

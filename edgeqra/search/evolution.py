@@ -32,6 +32,7 @@ from edgeqra.result import Result
 from edgeqra.search.fidelity import Schedule, promote
 from edgeqra.search.pareto import crowding_distance, hypervolume_2d, non_dominated_sort, select
 from edgeqra.search.surrogate import Surrogate
+from edgeqra.settings import setting
 from edgeqra.space import Config, SearchSpace
 
 __all__ = ["EvolutionSettings", "evolve", "run_rungs"]
@@ -45,9 +46,9 @@ Evaluate = Callable[[Config, int, str], Result | None]  # (config, fidelity, sta
 class EvolutionSettings:
     """NSGA-II settings; the paper ranges are population 5–20 and 5–10 generations."""
 
-    population: int = 8
-    children: int = 8
-    generations: int = 6
+    population: int = setting(8, help="NSGA-II population", key="search.population")
+    children: int = setting(8, help="children per generation", key="search.children")
+    generations: int = setting(6, help="at most this many generations", key="search.generations")
     crossover_rate: float = 0.9
     mutation_rate: float = 0.1
     native_fraction: float = 0.25  # share of children asked from the nevergrad optimizer
@@ -55,7 +56,12 @@ class EvolutionSettings:
     patience: int = 2  # generations without hypervolume gain before stopping
     hv_tolerance: float = 1e-3  # relative gain below which a generation counts as stagnant
     optimizer: str = "DiscreteLenglerOnePlusOne"
-    front: bool = False  # rank on (score, memory); False: memory under the budget is no merit
+    front: bool = setting(  # False: memory under the budget is no merit
+        False,
+        help="rank candidates on score and memory (the whole front), not on score under the "
+        "budget (implied by --alpha)",
+        key="search.front",
+    )
 
     def __post_init__(self) -> None:
         if self.population < 2 or self.children < 1:

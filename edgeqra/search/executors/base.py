@@ -14,6 +14,7 @@ from enum import Enum
 from typing import TYPE_CHECKING, Protocol
 
 from edgeqra.errors import ConfigError, EdgeQRAError
+from edgeqra.settings import setting
 
 if TYPE_CHECKING:
     from edgeqra.result import Result
@@ -32,10 +33,25 @@ class ExecutorKind(str, Enum):
 class ExecutorSettings:
     """Which executor, how many workers, where the Ray cluster is, how often to retry."""
 
-    kind: ExecutorKind = ExecutorKind.LOCAL
-    workers: int | None = None  # None: one per visible GPU, else 2 CPU workers (local: 1)
-    ray_address: str | None = None  # None: start a local Ray runtime
-    attempts: int = 3  # tries per evaluation before it is journaled as failed
+    kind: ExecutorKind = setting(
+        ExecutorKind.LOCAL,
+        help="where evaluations run: in process (local), worker processes (one per GPU, or N "
+        "on CPU), or Ray (`pip install 'edgeqra[ray]'`); the answers are the same",
+        key="search.executor",
+    )
+    workers: int | None = setting(  # None: one per visible GPU, else 2 CPU workers (local: 1)
+        None, help="parallel workers (default: one per visible GPU, 2 on CPU)",
+        key="search.workers",
+    )  # fmt: skip
+    ray_address: str | None = setting(  # None: start a local Ray runtime
+        None,
+        help="join this Ray cluster (e.g. `auto` or `ray://head:10001`) instead of starting one",
+        key="search.ray_address",
+        metavar="ADDR",
+    )
+    attempts: int = setting(
+        3, help="tries per evaluation before it is journaled failed", key="search.attempts"
+    )
 
     def __post_init__(self) -> None:
         try:

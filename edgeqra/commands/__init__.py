@@ -1,0 +1,1 @@
+"""The ``edgeqra`` subcommands, one module each; :mod:`edgeqra.cli` assembles the parser."""
