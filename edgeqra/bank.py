@@ -47,6 +47,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from edgeqra.errors import ConfigError
+from edgeqra.gptq import import_gptqmodel
 from edgeqra.models import Unit
 from edgeqra.space import DEFAULT_BITS, FP16_BITS, Config
 
@@ -130,6 +131,7 @@ def bank_key(model_dir: Path, calibration: torch.Tensor, spec: BankSpec) -> str:
     The bit set is not in the key: each bit-width is its own sub-folder, so a bank built for
     {4} is reused and extended by a later build for {2, 3, 4, 8}.
     """
+    import_gptqmodel()
     import gptqmodel
 
     digest = hashlib.sha256()
@@ -339,6 +341,7 @@ def _build_shared(
     on_bits_done: Callable[[int, float], None] | None,
 ) -> None:
     """Every width in ``todo`` from one Hessian per linear (``edgeqra.gptq_shared``)."""
+    import_gptqmodel()
     from gptqmodel import QuantizeConfig
 
     from edgeqra.gptq import dequantize_packed

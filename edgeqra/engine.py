@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from edgeqra.errors import ConfigError
+from edgeqra.gptq import import_gptqmodel
 from edgeqra.models import Unit
 from edgeqra.space import Config
 from edgeqra.tune import (
@@ -135,6 +136,7 @@ class GraphLoRA:
         alpha_ratio: float,
         settings: EngineSettings = EngineSettings(),
     ) -> None:
+        import_gptqmodel()
         from peft import LoraConfig, get_peft_model
 
         self.units = tuple(units)

@@ -25,9 +25,12 @@ import logging
 import os
 import re
 import struct
+import sys
 import tempfile
+import types
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TextIO
 
 import torch
 from torch import nn
@@ -37,6 +40,8 @@ from edgeqra.errors import ConfigError, DataError, ModelError
 __all__ = [
     "dequantized_weights",
     "dynamic_overrides",
+    "gptqmodel_verbose",
+    "import_gptqmodel",
     "load_quantized",
     "packed_module_bytes",
     "packed_tensors",
@@ -161,14 +166,108 @@ def _staged(model_dir: Path, tmp: Path) -> Path:
     return stage
 
 
+VERBOSE_ENV = "EDGEQRA_GPTQ_VERBOSE"
+"""Set (to anything non-empty) to let GPTQModel print its banner, INFO lines and progress."""
+
+
+def gptqmodel_verbose() -> bool:
+    """Whether GPTQModel may print: ``$EDGEQRA_GPTQ_VERBOSE`` is set or edgeqra logs at DEBUG.
+
+    The CLI's ``--verbose`` sets the root logger to DEBUG, so it turns GPTQModel's output on too.
+    """
+    return bool(os.environ.get(VERBOSE_ENV)) or logging.getLogger("edgeqra").isEnabledFor(
+        logging.DEBUG
+    )
+
+
+def import_gptqmodel(verbose: bool | None = None) -> types.ModuleType:
+    """Import GPTQModel (once) without its banner, ``ENV: Auto setting`` lines and GIL warning.
+
+    Every module that touches ``gptqmodel`` (or PEFT's LoRA, which imports it) calls this
+    first: the first ``import gptqmodel`` prints through its LogBar logger to stdout, and
+    later imports are silent. The import still sets what it sets (``PYTORCH_ALLOC_CONF``,
+    ``CUDA_DEVICE_ORDER``); only the output is dropped. Afterwards GPTQModel's logger stays
+    at WARNING, so its INFO lines (kernel choices, config dumps) stay out too.
+
+    Args:
+        verbose: print as GPTQModel normally does; ``None``: :func:`gptqmodel_verbose`.
+    """
+    if verbose is None:
+        verbose = gptqmodel_verbose()
+    if "gptqmodel" not in sys.modules:
+        if verbose:
+            import gptqmodel  # noqa: F401
+        else:
+            _import_quietly()
+    from logbar import LogBar
+
+    LogBar.shared().setLevel(logging.INFO if verbose else logging.WARNING)
+    return sys.modules["gptqmodel"]
+
+
+_SINKS: dict[str, TextIO] = {}  # kept open: a handler we miss writes there, never to a closed file
+
+
+def _import_quietly() -> None:
+    """``import gptqmodel`` with stdout, stderr and logging up to WARNING dropped."""
+    real = {"stdout": sys.stdout, "stderr": sys.stderr}
+    for name in real:
+        _SINKS.setdefault(name, open(os.devnull, "w"))  # noqa: SIM115 - lives as long as we do
+    disabled = logging.root.manager.disable
+    logging.disable(logging.WARNING)  # torch/torchao warnings from handlers made before us
+    root, root_level, root_handlers = (
+        logging.getLogger(),
+        logging.root.level,
+        logging.root.handlers[:],
+    )
+    try:
+        with (
+            contextlib.redirect_stdout(_SINKS["stdout"]),
+            contextlib.redirect_stderr(_SINKS["stderr"]),
+        ):
+            from logbar import LogBar
+
+            # Created here, so its opening blank line is dropped; ERROR hides the GIL
+            # warning that gptqmodel.utils logs at import.
+            LogBar.shared().setLevel(logging.ERROR)
+            import gptqmodel  # noqa: F401
+    finally:
+        logging.disable(disabled)
+        # tokenicer calls logging.basicConfig(level=INFO) at import: every library's INFO
+        # lines would reach stderr. The root logger is the application's; put it back.
+        for handler in root.handlers[:]:
+            if handler not in root_handlers:
+                root.removeHandler(handler)
+        root.setLevel(root_level)
+        # transformers, datasets, ... imported for the first time in there made their
+        # handlers on the sinks (transformers also binds `flush`): give them the real streams.
+        _rebind_handlers({id(_SINKS[name]): (_SINKS[name], real[name]) for name in real})
+
+
+def _rebind_handlers(streams: Mapping[int, tuple[TextIO, TextIO]]) -> None:
+    """Point every logging handler writing to a sink (``id -> (sink, real)``) at the real stream."""
+    loggers = [logging.getLogger(), *logging.Logger.manager.loggerDict.values()]
+    for logger in loggers:
+        for handler in getattr(logger, "handlers", ()):
+            if not isinstance(handler, logging.StreamHandler):
+                continue
+            if id(handler.stream) in streams:
+                handler.setStream(streams[id(handler.stream)][1])
+            flush = vars(handler).get("flush")
+            owner = getattr(flush, "__self__", None)
+            if id(owner) in streams and streams[id(owner)][0] is owner:
+                handler.flush = streams[id(owner)][1].flush
+
+
 @contextlib.contextmanager
 def _quiet(log_path: Path | None = None) -> Iterator[None]:
     """Send GPTQModel's banner, config dumps and progress bars to a log file, not the terminal.
 
     Python-level only (sys.stdout / sys.stderr); rich consoles created beforehand with an
-    explicit file keep drawing.
+    explicit file keep drawing. Off when :func:`gptqmodel_verbose`.
     """
-    if os.environ.get("EDGEQRA_GPTQ_VERBOSE"):
+    import_gptqmodel()
+    if gptqmodel_verbose():
         yield
         return
     target = open(log_path, "a") if log_path else open(os.devnull, "w")  # noqa: SIM115
@@ -234,6 +333,7 @@ def quantize_to_checkpoint(
         )
 
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")  # else "requests 2 workers" on 1-2 cores
+    import_gptqmodel()
     from gptqmodel import GPTQModel, QuantizeConfig
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
@@ -359,6 +459,7 @@ def dequantize_packed(
     ``tensors`` holds ``{module}.qweight/.qzeros/.scales/.g_idx`` as a checkpoint stores them;
     ``qcfg`` is its quantization config (``bits``, ``dynamic``, ``checkpoint_format``).
     """
+    import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
     from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
 
@@ -391,19 +492,22 @@ def load_quantized(
     4-bit modules get TorchAtenLinear, the others TorchLinear); scales are rounded to ``dtype``.
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel
 
     checkpoint_dir = Path(checkpoint_dir)
     with tempfile.TemporaryDirectory(prefix="edgeqra-gptq-load-") as tmp:
         source = _staged(checkpoint_dir, Path(tmp))
         if dtype == torch.float32:
-            qmodel = GPTQModel.load(
-                str(source), device=device, dtype=torch.float16, backend=BACKEND.TORCH
-            )
+            with _quiet():  # GPTQModel prints its config dumps to stdout
+                qmodel = GPTQModel.load(
+                    str(source), device=device, dtype=torch.float16, backend=BACKEND.TORCH
+                )
             model = qmodel.model.float()
             _restore_dense_tensors(model, checkpoint_dir)  # fp16 load rounded embeddings/norms
         elif dtype in (torch.float16, torch.bfloat16):
-            model = GPTQModel.load(str(source), device=device, dtype=dtype).model
+            with _quiet():
+                model = GPTQModel.load(str(source), device=device, dtype=dtype).model
         else:
             raise ConfigError(f"`dtype`={dtype} is not supported; use float32, float16 or bfloat16")
     model.eval()

@@ -28,7 +28,13 @@ import torch
 from torch import nn
 
 from edgeqra.errors import ConfigError, DataError
-from edgeqra.gptq import _PACKED_SUFFIXES, _SUPPORTED_BITS, _check_3bit_shapes, _quiet
+from edgeqra.gptq import (
+    _PACKED_SUFFIXES,
+    _SUPPORTED_BITS,
+    _check_3bit_shapes,
+    _quiet,
+    import_gptqmodel,
+)
 
 __all__ = ["quantize_shared_hessian", "saved_quantize_config"]
 
@@ -65,6 +71,7 @@ class _HessianCollector:
         *,
         stop_at: str | None,
     ) -> None:
+        import_gptqmodel()
         from gptqmodel.quantization.gptq import GPTQ
 
         self.model = model
@@ -139,6 +146,7 @@ def saved_quantize_config(qcfg: object, *, shared_hessian: bool = True) -> dict:
 
     ``shared_hessian`` records in ``meta`` that every layer saw unquantized inputs.
     """
+    import_gptqmodel()
     import gptqmodel
     from gptqmodel.quantization import config as gc
 
@@ -160,6 +168,7 @@ def saved_quantize_config(qcfg: object, *, shared_hessian: bool = True) -> dict:
 @functools.cache
 def _kernel(bits: int, group_size: int, desc_act: bool, sym: bool, pack_dtype: torch.dtype):
     """GPTQModel's packing kernel for these settings (TorchLinear), chosen once."""
+    import_gptqmodel()
     from gptqmodel import BACKEND
     from gptqmodel.utils.importer import select_quant_linear
 
@@ -177,6 +186,7 @@ def _kernel(bits: int, group_size: int, desc_act: bool, sym: bool, pack_dtype: t
 
 def _pack(name: str, linear: nn.Linear, q_weight, scale, zero, g_idx, qcfg) -> dict:
     """GPTQModel's own packer (TorchLinear + v2->v1) on one GPTQ result; tensors by checkpoint key."""
+    import_gptqmodel()
     from gptqmodel.utils.model import create_quant_module, pack_module
 
     kernel = _kernel(qcfg.bits, qcfg.group_size, qcfg.desc_act, qcfg.sym, qcfg.pack_dtype)
@@ -228,6 +238,7 @@ def _quantize_layer(
     tokens: int,
 ) -> dict[int, dict[str, torch.Tensor]]:
     """Every width of one layer's linears from their collected Hessians, packed; frees them."""
+    import_gptqmodel()
     from gptqmodel.looper.gptq_processor import clone_gptq_config_for_module
     from gptqmodel.quantization.gptq import GPTQ, SharedHessianFactorCache
 
@@ -296,6 +307,7 @@ def quantize_shared_hessian(
         (unit index, {bits: {"{module}.qweight" / .qzeros / .scales / .g_idx / .bias: tensor}})
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import_gptqmodel()
     from gptqmodel import QuantizeConfig
     from transformers import AutoModelForCausalLM
 

@@ -30,6 +30,8 @@ from collections.abc import Iterator
 import torch
 from torch import nn
 
+from edgeqra.gptq import import_gptqmodel
+
 __all__ = [
     "disable_recompute_backward",
     "enable_recompute_backward",
@@ -44,6 +46,7 @@ _FLAG = "_edgeqra_recompute_backward"
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
     """(name, module) of every GPTQModel ``BaseQuantLinear`` in ``model``."""
+    import_gptqmodel()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     for name, module in model.named_modules():

@@ -34,6 +34,7 @@ import torch
 from torch import nn
 
 from edgeqra.errors import ConfigError, ModelError
+from edgeqra.gptq import import_gptqmodel
 from edgeqra.models import find_units
 from edgeqra.space import FP16_BITS, Config
 
@@ -240,6 +241,7 @@ def allowed_kernels(names: Sequence[str] | None, *, trainable_only: bool = False
     if names is None and not trainable_only:
         yield
         return
+    import_gptqmodel()
     from gptqmodel.quantization import FORMAT, METHOD
     from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
 
@@ -274,6 +276,7 @@ def load_gptq(
     A trainable load never validates (hence never JIT-builds) an inference-only kernel.
     """
     os.environ.setdefault("GPTQMODEL_CPU_WORKERS", "2")
+    import_gptqmodel()
     from gptqmodel import BACKEND, GPTQModel
 
     from edgeqra.gptq import _quiet, _staged, load_quantized
@@ -308,6 +311,7 @@ def load_gptq(
 
 def kernels_by_bits(model: nn.Module) -> dict[int, str]:
     """{bits: QuantLinear class name} of a loaded model ("A+B" if one width got two kernels)."""
+    import_gptqmodel()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     seen: dict[int, set[str]] = {}
@@ -325,6 +329,7 @@ def module_bytes(model: nn.Module) -> dict[str, int]:
     (kernel shift tables, rotary ``inv_freq``, kernel workspaces), which the memory model
     does not count. Storage shared between tensors is counted once.
     """
+    import_gptqmodel()
     from gptqmodel.nn_modules.qlinear import BaseQuantLinear
 
     seen: set[tuple[int, int]] = set()

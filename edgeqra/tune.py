@@ -39,6 +39,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeqra.errors import ConfigError, DataError, ModelError
+from edgeqra.gptq import import_gptqmodel
 from edgeqra.models import Unit, find_units
 from edgeqra.settings import setting
 from edgeqra.space import Config
@@ -314,6 +315,7 @@ def attach_lora(
         config: one (bits, rank) per unit.
         settings: seed, alpha ratio, dropout.
     """
+    import_gptqmodel()
     from peft import get_peft_model
 
     peft_config = lora_config(units, config, settings)
@@ -568,6 +570,7 @@ class QuantizedLoRA:
 
 def _check_checkpoint_bits(checkpoint: Path, units: Sequence[Unit], config: Config) -> None:
     """Every linear of the checkpoint must carry the config's bits (16 = not quantized)."""
+    import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
 
     from edgeqra.gptq import _quantize_config

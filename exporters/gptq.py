@@ -38,6 +38,7 @@ from edgeqra.bank import Bank
 from edgeqra.errors import ConfigError, ModelError
 from edgeqra.gptq import (
     dynamic_overrides,
+    import_gptqmodel,
     load_quantized,
     quantize_to_checkpoint,
     quiet_gptqmodel,
@@ -87,6 +88,7 @@ def unit_bits(units: Sequence[Unit], config: Config) -> dict[str, int]:
 
 def module_bits(quantization_config: dict[str, Any], modules: Sequence[str]) -> dict[str, int]:
     """Each module's bits as GPTQModel resolves ``dynamic`` (16 where a ``-:`` rule skips it)."""
+    import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
 
     dynamic = quantization_config.get("dynamic")
@@ -276,6 +278,7 @@ def merge_adapter(model: nn.Module, adapter_dir: Path | None) -> nn.Module:
     """
     if adapter_dir is None:
         return model
+    import_gptqmodel()
     from peft import PeftModel
 
     peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
@@ -352,6 +355,7 @@ def eager_torch_kernel(enabled: bool = True) -> Iterator[None]:
     if not enabled:
         yield
         return
+    import_gptqmodel()
     from gptqmodel.nn_modules.qlinear.torch import TorchLinear
 
     original = TorchLinear.optimize
@@ -377,6 +381,7 @@ def load_checkpoint(path: Path, device: str = "cpu", *, compile_kernels: bool = 
         model = load_quantized(Path(path), device=device)
     partial = Path(path) / UNMERGED_ADAPTER
     if (partial / "adapter_config.json").is_file():
+        import_gptqmodel()
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, str(partial), is_trainable=False).eval()
@@ -388,6 +393,7 @@ def load_adapter_form(base: Path, adapter: Path | None, device: str = "cpu") -> 
     model = load_checkpoint(base, device)
     if adapter is None:
         return model
+    import_gptqmodel()
     from peft import PeftModel
 
     return PeftModel.from_pretrained(model, str(adapter), is_trainable=False).eval()

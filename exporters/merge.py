@@ -36,6 +36,7 @@ import torch
 from torch import nn
 
 from edgeqra.errors import ConfigError
+from edgeqra.gptq import import_gptqmodel
 from edgeqra.models import Unit
 from edgeqra.settings import setting
 from edgeqra.space import FP16_BITS, Choice, Config
@@ -141,6 +142,7 @@ class GridLayout:
     @classmethod
     def from_packed(cls, packed: Mapping[str, torch.Tensor], prefix: str, bits: int, v1: bool):
         """Read a module's scales / zeros / g_idx out of its checkpoint tensors."""
+        import_gptqmodel()
         from gptqmodel.utils.model_dequant import unpack_cols
 
         scales = packed[f"{prefix}.scales"]  # (groups, d_out) fp16
@@ -162,6 +164,7 @@ class GridLayout:
 
     def codes_of(self, packed: Mapping[str, torch.Tensor], prefix: str) -> torch.Tensor:
         """The stored (d_out, d_in) integer codes of ``prefix``."""
+        import_gptqmodel()
         from gptqmodel.utils.model_dequant import unpack_rows
 
         d_in = self.g_idx.numel()
@@ -169,6 +172,7 @@ class GridLayout:
 
     def pack(self, codes: torch.Tensor) -> torch.Tensor:
         """(d_out, d_in) codes -> GPTQ ``qweight`` int32 (ceil(d_in·bits/32), d_out)."""
+        import_gptqmodel()
         from gptqmodel.utils.model_dequant import pack_cols
 
         # pack_cols packs along its last dim; on (d_out, d_in) that is GPTQ's row packing.

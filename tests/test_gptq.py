@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +14,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgeqra.errors import ConfigError
 from edgeqra.gptq import (
+    VERBOSE_ENV,
     dequantized_weights,
     dynamic_overrides,
     load_quantized,
@@ -238,3 +242,67 @@ def test_3bit_needs_dims_multiple_of_32(tmp_path, calibration):
         quantize_to_checkpoint(
             tmp_path / "dense", tmp_path / "q", calibration, bits=3, group_size=32
         )
+
+
+# --- GPTQModel's banner, ENV lines and GIL warning stay out of the output unless verbose -----
+
+_GPTQMODEL_CHATTER = ("GPT-QModel", "ENV: Auto setting", "Python GIL is enabled", "Tokenicer")
+
+_TINY_GPTQ_PATH = """
+import os, sys
+from pathlib import Path
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+from edgeqra.gptq import load_quantized, quantize_to_checkpoint
+from edgeqra.models import find_units
+from edgeqra.space import Config
+from edgeqra.tune import TuneSettings, attach_lora
+
+out = Path(sys.argv[1])
+torch.manual_seed(0)
+cfg = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=2, vocab_size=128)
+dense = LlamaForCausalLM(cfg).eval()
+dense.save_pretrained(out / "dense")
+calibration = torch.randint(0, 128, (8, 32), generator=torch.Generator().manual_seed(1))
+checkpoint = quantize_to_checkpoint(out / "dense", out / "q", calibration, bits=4, group_size=32)
+model = load_quantized(checkpoint)
+units = find_units(dense)
+attach_lora(model, units, Config.uniform(len(units), 4, 4), TuneSettings(steps=1))
+print("alloc-conf:", os.environ.get("PYTORCH_ALLOC_CONF"))
+print("done")
+"""
+
+
+def _run_python(code: str, *args: str, verbose: bool) -> subprocess.CompletedProcess:
+    """``code`` in a fresh interpreter (GPTQModel prints on its first import only)."""
+    # GPTQModel's ENV lines appear only where it sets the variable itself: an earlier import
+    # in this test process has set them, so the child starts without.
+    unset = {VERBOSE_ENV, "PYTORCH_ALLOC_CONF", "PYTORCH_CUDA_ALLOC_CONF", "CUDA_DEVICE_ORDER"}
+    env = {k: v for k, v in os.environ.items() if k not in unset}
+    env.update(OMP_NUM_THREADS="1", **({VERBOSE_ENV: "1"} if verbose else {}))
+    return subprocess.run(  # noqa: S603 - our own interpreter and script
+        [sys.executable, "-c", code, *args],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
+
+
+def test_tiny_gptq_path_prints_no_gptqmodel_banner(tmp_path):
+    result = _run_python(_TINY_GPTQ_PATH, str(tmp_path), verbose=False)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert result.stdout.splitlines()[-1] == "done"
+    output = result.stdout + result.stderr
+    assert [line for line in _GPTQMODEL_CHATTER if line in output] == [], output[-3000:]
+    # Silenced, not skipped: GPTQModel's import still sets its allocator setting.
+    assert "alloc-conf: expandable_segments:True" in result.stdout
+
+
+def test_verbose_lets_the_gptqmodel_banner_through():
+    code = "from edgeqra.gptq import import_gptqmodel; import_gptqmodel()"
+    result = _run_python(code, verbose=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "GPT-QModel" in result.stdout and "ENV: Auto setting" in result.stdout
