@@ -190,8 +190,8 @@ class ProfileScreen(Screen[None]):
         self.query_one("#profiles", DataTable).focus()
 
 
-# The plan screen's fields, by setting key (the schema gives each its type and tooltip).
-PLAN_FIELDS = ("model", "task", "budget_gb", "prune.ratio")
+# The plan screen's fields: setting key -> widget id (the schema gives each its type and tooltip).
+PLAN_FIELDS = {"model": "model", "task": "task", "budget_gb": "budget", "prune.ratio": "prune"}
 
 
 def _plan_fields() -> list[Any]:
@@ -238,7 +238,7 @@ class PlanScreen(Screen[None]):
                     "" if value is None else str(value),
                     placeholder=setting.key,
                     tooltip=setting.help,
-                    id=setting.key.replace(".", "-").replace("_", "-"),
+                    id=PLAN_FIELDS[setting.key],
                 )
         yield Static(id="verdict")
         yield PlotextPlot(id="bars")
@@ -259,8 +259,7 @@ class PlanScreen(Screen[None]):
         """Copy the fields into the draft (empty = the default; for `prune.ratio`: no pruning)."""
         draft = self.app.draft  # type: ignore[attr-defined]
         for setting in _plan_fields():
-            field_id = setting.key.replace(".", "-").replace("_", "-")
-            text = self.query_one(f"#{field_id}", Input).value.strip()
+            text = self.query_one(f"#{PLAN_FIELDS[setting.key]}", Input).value.strip()
             try:
                 value = None if not text else (text if setting.kind is str else setting.kind(text))
             except ValueError:
