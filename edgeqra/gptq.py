@@ -199,10 +199,29 @@ def import_gptqmodel(verbose: bool | None = None) -> types.ModuleType:
             import gptqmodel  # noqa: F401
         else:
             _import_quietly()
+        _release_import_frames()
     from logbar import LogBar
 
     LogBar.shared().setLevel(logging.INFO if verbose else logging.WARNING)
     return sys.modules["gptqmodel"]
+
+
+def _release_import_frames() -> None:
+    """Drop the traceback of the ImportError GPTQModel keeps for its optional llama.cpp kernel.
+
+    GPTQModel 7.6 stores that exception at module level (``gguf_cpp._LLAMA_CPP_IMPORT_ERROR``);
+    its traceback holds every frame that was on the stack at the first import, so a model in
+    one of the caller's frames stayed alive for the whole process (bench/throughput.py found
+    the FP16 model's 15 GiB still allocated after ``del``). The exception itself, and its
+    message, are kept.
+    """
+    module = sys.modules.get("gptqmodel.nn_modules.qlinear.gguf_cpp")
+    error = getattr(module, "_LLAMA_CPP_IMPORT_ERROR", None)
+    if isinstance(error, BaseException):
+        error.__traceback__ = None
+        for linked in (error.__cause__, error.__context__):
+            if linked is not None:
+                linked.__traceback__ = None
 
 
 _SINKS: dict[str, TextIO] = {}  # kept open: a handler we miss writes there, never to a closed file

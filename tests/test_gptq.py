@@ -306,3 +306,32 @@ def test_verbose_lets_the_gptqmodel_banner_through():
     result = _run_python(code, verbose=True)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "GPT-QModel" in result.stdout and "ENV: Auto setting" in result.stdout
+
+
+_FIRST_IMPORT_PROBE = """
+import gc, weakref
+from torch import nn
+from edgeqra.gptq import import_gptqmodel
+
+def build():  # a model on the stack while GPTQModel is imported for the first time
+    model = nn.Linear(64, 64)
+    import_gptqmodel()
+    return weakref.ref(model)
+
+ref = build()
+gc.collect()
+print("alive" if ref() is not None else "freed")
+"""
+
+
+def test_first_gptqmodel_import_does_not_pin_the_callers_frames():
+    """GPTQModel keeps an ImportError whose traceback held the frames of its first import (a
+    15 GiB FP16 model outlived ``del`` on the H200); import_gptqmodel releases them."""
+    out = subprocess.run(  # noqa: S603 - this interpreter, a fixed script
+        [sys.executable, "-c", _FIRST_IMPORT_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "freed", out.stdout + out.stderr
