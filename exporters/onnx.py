@@ -29,6 +29,13 @@ onnxruntime-genai's (and Optimum's) names, with a ``genai_config.json`` beside t
 A prefill passes past length 0. Storage (issue 21): 2- and 3-bit codes run in the 4-bit
 kernel, 8-bit layers as two 4-bit nodes by default, the tied embedding once in float16. ``EDGEQRA_ORT_THREADS`` sets onnxruntime's intra-op threads
 for :func:`onnx_logits` / :func:`greedy_generate` (unset: one per core).
+
+Units kept unmerged (issue 21: a short-tuned adapter moves weights by less than a grid step,
+so no merge keeps it): a merged package holds their PEFT adapter in ``adapter/``
+(``exporters.gptq.UNMERGED_ADAPTER``). The float twin then loads it with PEFT (eval, so no
+dropout), and the graph computes y = MatMulNBits(x) + s·((x Aᵀ) Bᵀ) for those modules: the
+base MatMul is swapped as for any unit, the two LoRA MatMuls stay float32 MatMuls with
+PEFT's own scaling s (``lora_alpha / r``, or ``/ √r`` with rslora) as one Mul.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from edgeqra.exporters.gptq import TOKENIZER_FILES
+from edgeqra.exporters.gptq import TOKENIZER_FILES, UNMERGED_ADAPTER
 from torch import nn
 
 from edgeqra.errors import ConfigError, ModelError
@@ -54,10 +61,10 @@ from edgeqra.errors import ConfigError, ModelError
 __all__ = [
     "EightBit",
     "LinearPlan",
+    "embedding_storage",
     "float_model",
     "genai_config",
     "greedy_generate",
-    "embedding_storage",
     "nbits_bytes",
     "onnx_logits",
     "plan_linear",
@@ -65,6 +72,7 @@ __all__ = [
     "split_eight_bit",
     "storage_line",
     "storage_report",
+    "unmerged_adapter",
     "write_onnx",
 ]
 
@@ -336,6 +344,9 @@ def _gptq_modules(
     gptq_dir: Path, eight_bit: EightBit = EightBit.SPLIT, two_bit_storage: int = LOW_BIT_STORAGE
 ) -> Iterator[LinearPlan]:
     """Each quantized linear of the checkpoint, unpacked and planned for the ONNX graph."""
+    from edgeqra.gptq import import_gptqmodel
+
+    import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
     from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
     from safetensors import safe_open
@@ -379,15 +390,19 @@ def _gptq_modules(
         )
 
 
-def float_model(gptq_dir: Path) -> nn.Module:
+def float_model(gptq_dir: Path, *, adapter: bool = True) -> nn.Module:
     """The float32 HF model of config.json: the checkpoint's dense tensors, W_hat in every linear.
 
-    The torch reference of the export (what the ONNX graph is traced from).
+    The torch reference of the export (what the ONNX graph is traced from). With ``adapter``
+    (default) a package's unmerged adapter (``adapter/``) is applied on top by PEFT, unmerged,
+    as :func:`edgeqra.exporters.gptq.load_checkpoint` does: the twin computes what the package
+    loads as. The result is the plain HF model (PEFT's LoRA layers injected in place).
     """
     import transformers
 
     from edgeqra.gptq import _restore_dense_tensors, dequantized_weights
 
+    gptq_dir = Path(gptq_dir)
     config = transformers.AutoConfig.from_pretrained(gptq_dir)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # the float twin; no quantizer
@@ -397,7 +412,80 @@ def float_model(gptq_dir: Path) -> nn.Module:
     with torch.no_grad():
         for name, w_hat in weights.items():
             model.get_submodule(name).weight.copy_(w_hat)  # (d_out, d_in)
+    if adapter and unmerged_adapter(gptq_dir) is not None:
+        model = _with_adapter(model, unmerged_adapter(gptq_dir))
     return model.eval()
+
+
+def unmerged_adapter(gptq_dir: Path) -> Path | None:
+    """The PEFT adapter of the units a merged package kept unmerged (None: every unit merged)."""
+    folder = Path(gptq_dir) / UNMERGED_ADAPTER
+    return folder if (folder / "adapter_config.json").is_file() else None
+
+
+def _with_adapter(model: nn.Module, adapter_dir: Path) -> nn.Module:
+    """``model`` with the PEFT adapter injected, unmerged and in eval (dropout off).
+
+    Every module that has LoRA weights in the adapter file must get a LoRA layer whose rank
+    is that tensor's (PEFT only warns on unexpected keys, e.g. a ``target_modules`` that
+    misses a module); LoRA variants (DoRA, ...) are refused: the graph holds plain LoRA.
+    """
+    from edgeqra.gptq import import_gptqmodel
+
+    import_gptqmodel()  # PEFT's LoRA imports GPTQModel: quietly, once
+    from peft import PeftModel
+    from peft.tuners.lora import LoraLayer
+    from safetensors import safe_open
+
+    ranks: dict[str, int] = {}  # module name -> rank, from the adapter file itself
+    for path in sorted(adapter_dir.glob("adapter_model*.safetensors")):
+        with safe_open(str(path), framework="pt") as reader:
+            for key in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
+                if ".lora_A." in key:  # base_model.model.<module>.lora_A.weight: (r, d_in)
+                    name = key.split(".lora_A.")[0].removeprefix("base_model.model.")
+                    ranks[name] = int(reader.get_slice(key).get_shape()[0])
+    if not ranks:
+        raise ModelError(
+            f"{adapter_dir} holds no LoRA weights (`adapter_model.safetensors` with lora_A "
+            "tensors); re-export the package"
+        )
+    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=False)
+    peft_model.eval()
+    base = peft_model.get_base_model()
+    layers = {n: m for n, m in base.named_modules() if isinstance(m, LoraLayer)}
+    for name, layer in layers.items():
+        if any(layer.lora_variant.values()):
+            raise ConfigError(
+                f"`{name}` in {adapter_dir} is a LoRA variant "
+                f"({type(next(iter(layer.lora_variant.values()))).__name__}); the ONNX "
+                "export holds plain LoRA only: merge it or export `--format gptq`"
+            )
+    got = {n: int(m.lora_A[m.active_adapters[0]].weight.shape[0]) for n, m in layers.items()}
+    if got != ranks:
+        missing = sorted(set(ranks) - set(got)) or sorted(n for n in got if got[n] != ranks.get(n))
+        raise ModelError(
+            f"the adapter in {adapter_dir} did not load as saved: {len(missing)} module(s) "
+            f"differ, e.g. `{missing[0]}` (rank in file {ranks.get(missing[0])}, loaded "
+            f"{got.get(missing[0])}); check its `target_modules` / `rank_pattern`"
+        )
+    return base.eval()
+
+
+def _lora_summary(model: nn.Module) -> dict[str, dict] | None:
+    """{module: {"rank", "scaling", "d_in", "d_out"}} of the PEFT LoRA layers (None: none)."""
+    from edgeqra.gptq import import_gptqmodel
+
+    import_gptqmodel()
+    from peft.tuners.lora import LoraLayer
+
+    out = {}
+    for name, m in model.named_modules():
+        if isinstance(m, LoraLayer):
+            adapter = m.active_adapters[0]
+            a, b = m.lora_A[adapter].weight, m.lora_B[adapter].weight  # (r, d_in), (d_out, r)
+            out[name] = {"rank": int(a.shape[0]), "scaling": float(m.scaling[adapter]),
+                         "d_in": int(a.shape[1]), "d_out": int(b.shape[0])}  # fmt: skip
+    return out or None
 
 
 # --- export -------------------------------------------------------------------------------
@@ -483,15 +571,75 @@ def _module_of(node, names: set[str]) -> str | None:
     """The quantized module a node was traced from, read from the exporter's name scopes.
 
     torch.onnx (dynamo) records ``pkg.torch.onnx.name_scopes`` on each node, e.g.
-    ``['', 'lm', 'lm.model', ..., 'lm.model.layers.0.self_attn.q_proj', 'linear']``.
+    ``['', 'lm', 'lm.model', ..., 'lm.model.layers.0.self_attn.q_proj', 'linear']``. Under a
+    PEFT LoRA layer the base MatMul sits in ``q_proj.base_layer`` and the adapter's in
+    ``q_proj.lora_A.default`` / ``lora_B.default``: only a node whose deeper scopes are the
+    module's own ``base_layer`` belongs to the module (the LoRA MatMuls map to none).
     """
     raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
     if not raw:
         return None
     prefix = _WRAPPER_ATTR + "."
     scopes = [s[len(prefix) :] for s in ast.literal_eval(raw) if s.startswith(prefix)]
-    hits = [s for s in scopes if s in names]
-    return hits[-1] if hits else None
+    hits = [i for i, s in enumerate(scopes) if s in names]
+    if not hits:
+        return None
+    name = scopes[hits[-1]]
+    if any(s != f"{name}.base_layer" for s in scopes[hits[-1] + 1 :]):
+        return None  # a submodule's node (a LoRA branch), not the module's own linear
+    return name
+
+
+def _lora_of(node, modules: set[str]) -> str | None:
+    """The LoRA-adapted module whose ``lora_A`` / ``lora_B`` branch traced ``node`` (or None)."""
+    raw = node.metadata_props.get("pkg.torch.onnx.name_scopes")
+    if not raw:
+        return None
+    prefix = _WRAPPER_ATTR + "."
+    for scope in reversed([s[len(prefix) :] for s in ast.literal_eval(raw)
+                           if s.startswith(prefix)]):  # fmt: skip
+        head, sep, _ = scope.partition(".lora_")
+        if sep and head in modules:
+            return head
+    return None
+
+
+def _lora_storage(model, lora: dict[str, dict]) -> dict:
+    """Bytes and node count of the LoRA branches left in the graph (float32 MatMuls).
+
+    Each adapted module must keep exactly two MatMuls (x Aᵀ, then Bᵀ) whose constant
+    weights are its A and B: their initializers are what the adapters cost in the file.
+    """
+    per_module: dict[str, list] = {name: [] for name in lora}
+    for node in model.graph:
+        if node.op_type != "MatMul":
+            continue
+        name = _lora_of(node, set(lora))
+        weight = node.inputs[1] if len(node.inputs) > 1 else None
+        if name is not None and weight is not None and weight.const_value is not None:
+            per_module[name].append(weight)
+    nbytes = 0
+    for name, weights in per_module.items():
+        r, d_in, d_out = lora[name]["rank"], lora[name]["d_in"], lora[name]["d_out"]
+        shapes = sorted(tuple(w.const_value.shape) for w in weights)
+        if shapes != sorted([(d_in, r), (r, d_out)]):
+            raise ModelError(
+                f"the LoRA branch of `{name}` traced to MatMul weights {shapes}, expected "
+                f"(d_in, r) = ({d_in}, {r}) and (r, d_out) = ({r}, {d_out}); the exporter's "
+                "graph changed"
+            )
+        nbytes += sum(int(w.const_value.nbytes) for w in weights)
+    dtypes = {w.const_value.numpy().dtype.name for ws in per_module.values() for w in ws}
+    ranks = sorted({v["rank"] for v in lora.values()})
+    return {
+        "modules": len(lora),
+        "matmuls": 2 * len(lora),
+        "ranks": ranks,
+        "scalings": sorted({round(v["scaling"], 6) for v in lora.values()}),
+        "dtype": "+".join(sorted(dtypes)),  # float32: the twin's dtype (PEFT upcasts bf16 LoRA)
+        "bytes": nbytes,
+        "source": UNMERGED_ADAPTER + "/ of the GPTQ checkpoint (units kept unmerged)",
+    }
 
 
 def _nbits_node(ir, graph, x, p: PackedLinear, tag: str, accuracy_level: int, bits_requested: int):
@@ -940,7 +1088,8 @@ def _parity(dest: Path, model: nn.Module) -> dict:
         "max_abs_logit": float(ref.abs().max()),
         "input_shape": list(PARITY_SHAPE),
         "seed": PARITY_SEED,
-        "reference": "torch float32 model of config.json with the dequantized GPTQ weights",
+        "reference": "torch float32 model of config.json with the dequantized GPTQ weights"
+        " (+ the package's unmerged PEFT adapter, if any)",
     }
 
 
@@ -963,8 +1112,12 @@ def _three_bit_info(plans: dict[str, LinearPlan]) -> dict:
     }
 
 
-def storage_report(plans: dict[str, LinearPlan]) -> dict:
-    """Per requested width: how it is stored, its bytes, and what every alternative would cost."""
+def storage_report(plans: dict[str, LinearPlan], lora: dict | None = None) -> dict:
+    """Per requested width: how it is stored, its bytes, and what every alternative would cost.
+
+    ``lora`` (:func:`_lora_storage`, units kept unmerged) adds a ``"lora"`` row last: the
+    adapters' float32 A and B of those modules, on top of their MatMulNBits base.
+    """
     out: dict[str, dict] = {}
     for plan in plans.values():
         row = out.setdefault(str(plan.bits_requested), {
@@ -977,7 +1130,12 @@ def storage_report(plans: dict[str, LinearPlan]) -> dict:
             row["alternatives"][key] = row["alternatives"].get(key, 0) + value
     for row in out.values():
         row["storage"] = "+".join(sorted(row["storage"]))
-    return dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    report = dict(sorted(out.items(), key=lambda kv: int(kv[0])))
+    if lora:
+        report["lora"] = {"storage": f"{lora['dtype']} MatMul A and B", "dtype": lora["dtype"],
+                          "modules": lora["modules"], "bytes": lora["bytes"],
+                          "alternatives": {}}  # fmt: skip
+    return report
 
 
 def storage_line(report: dict, embedding: dict | None = None) -> str:
@@ -985,6 +1143,9 @@ def storage_line(report: dict, embedding: dict | None = None) -> str:
     mib = 1 / 2**20
     parts = []
     for bits, row in report.items():
+        if bits == "lora":  # the unmerged units' adapters, beside their quantized base
+            parts.append(f"lora ({row['dtype']}) x{row['modules']} {row['bytes'] * mib:.1f} MiB")
+            continue
         alts = ", ".join(f"{k} {v * mib:.1f}" for k, v in row["alternatives"].items())
         parts.append(f"{bits}-bit x{row['modules']} as {row['storage']} {row['bytes'] * mib:.1f} "
                      f"MiB ({alts})")  # fmt: skip
@@ -1029,6 +1190,11 @@ def write_onnx(
     ``genai_config.json``; ``stacked`` keeps edgeqra's (layers, ...) ``past_keys`` tensors.
     :func:`onnx_logits` / :func:`greedy_generate` run either. ``two_bit_storage`` 2 keeps
     2-bit codes in the 2-bit kernel (the slow layout before issue 21, for comparison).
+
+    A package whose merge kept units unmerged (``gptq_dir/adapter/``, a PEFT adapter) keeps
+    them so: their LoRA branch y += s·(x Aᵀ) Bᵀ is traced from PEFT's own layers (eval) as two
+    float32 MatMuls, a Mul and an Add beside the MatMulNBits base; the info's ``lora`` (and
+    the storage report's ``lora`` row) counts their bytes, the parity reference includes them.
     """
     import onnx_ir as ir
     from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
@@ -1057,7 +1223,7 @@ def write_onnx(
 
     steps = [
         "read and re-pack the GPTQ integers",
-        "build the float torch model (dequantized GPTQ weights)",
+        "build the float torch model (dequantized GPTQ weights, unmerged LoRA)",
         "torch.onnx.export (dynamo, KV cache)",
         "swap MatMul -> MatMulNBits",
         "save model.onnx + external data",
@@ -1081,7 +1247,10 @@ def write_onnx(
             raise ConfigError(f"`two_bit_storage`={two_bit_storage} must be 4 (fast) or 2")
         plans = {p.name: p for p in _gptq_modules(gptq_dir, eight_bit, two_bit_storage)}
         advance(1)
-        model = float_model(gptq_dir)
+        model = float_model(gptq_dir)  # + the unmerged units' LoRA (PEFT, eval), if any
+        lora = _lora_summary(model)
+        if lora:
+            log.info("onnx export: %d module(s) kept unmerged, their LoRA in the graph", len(lora))
         from edgeqra.gptq import dequantized_weights
 
         w_hat = dequantized_weights(gptq_dir)
@@ -1096,6 +1265,7 @@ def write_onnx(
         advance(3)
         swapped = _swap_matmuls(onnx_model, plans, w_hat, accuracy_level)
         del w_hat
+        lora_storage = _lora_storage(onnx_model, lora) if lora else None
         embedding, table = _embedding_to(onnx_model, embedding_dtype)
         if cache_io == "genai":
             _per_layer_io(onnx_model, model.config.num_hidden_layers)
@@ -1138,10 +1308,11 @@ def write_onnx(
             "K": p.k,
             "N": p.n,
             "bytes": p.bytes,
+            "lora_rank": (lora or {}).get(name, {}).get("rank", 0),  # 0: merged (no branch)
         }
         for name, p in sorted(plans.items())
     ]
-    storage = storage_report(plans)
+    storage = storage_report(plans, lora_storage)
     line = storage_line(storage, embedding)
     log.info("%s", line)
     files = sorted(p for p in dest.iterdir() if p.is_file())
@@ -1159,7 +1330,9 @@ def write_onnx(
         "storage": storage,
         "storage_line": line,
         "embedding": embedding,
-        "values": "GPTQ integers, scales and zero points (no re-quantization)",
+        "values": "GPTQ integers, scales and zero points (no re-quantization)"
+        + ("; the unmerged units' LoRA A and B as float32" if lora else ""),
+        "lora": lora_storage,
         "accuracy_level": accuracy_level,
         "kv_cache": True,
         "cache_io": cache_io,

@@ -547,19 +547,17 @@ def _onnx_budget(run: RunDir, info: dict[str, Any]) -> dict[str, Any]:
 
 
 def _reusable_gptq(run: RunDir, merge: Any) -> Path | None:
-    """The run's ``export-gptq`` package if the ONNX export may reuse its merged checkpoint."""
-    from dataclasses import replace
+    """The run's ``export-gptq`` package if the ONNX export may reuse its merged checkpoint.
 
-    from edgeqra.exporters.merge import OverThreshold
-
+    Units that package kept unmerged come along: their adapter (``adapter/``) becomes LoRA
+    MatMuls in the graph (``write_onnx``), so the ONNX package is what the gptq one loads as.
+    """
     root = default_out(run.path, "gptq")
     if not (root / MANIFEST).is_file():
         return None
     m = _read_json(root / MANIFEST)
     journal = run.path / "journal.jsonl"
     wanted = [merge.to_json()]
-    if merge.over_threshold is OverThreshold.UNMERGED:  # ONNX merges those layers anyway
-        wanted.append(replace(merge, over_threshold=OverThreshold.REPORT).to_json())
     merge_record = m.get("merge") or {}
     reasons = []
     if m.get("format") != "gptq" or m.get("config", {}).get("spec") != str(run.config):
@@ -568,8 +566,6 @@ def _reusable_gptq(run: RunDir, merge: Any) -> Path | None:
         reasons.append("another journal")
     if merge_record.get("settings") not in wanted:
         reasons.append("other merge settings")
-    if merge_record.get("unmerged_modules"):
-        reasons.append("layers kept unmerged (the ONNX graph holds no adapter)")
     if not reasons and not verify_package(root, parity=False).ok:
         reasons.append("its files do not verify")
     if reasons:
@@ -590,7 +586,9 @@ def _onnx_from_gptq(
     m = _read_json(gptq / MANIFEST)
     stage(f"reusing the run's gptq package `{gptq}` (same config, journal and merge; verified)")
     onnx = _onnx_module()
-    stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit)")
+    kept = len((m.get("merge") or {}).get("unmerged_modules") or [])
+    stage("exporting the merged checkpoint to ONNX (MatMulNBits per unit"
+          + (f"; LoRA MatMuls for the {kept} modules kept unmerged)" if kept else ")"))  # fmt: skip
     info = onnx.write_onnx(gptq, staging, progress=False, **onnx_options)
     info["budget"] = _onnx_budget(run, info)
     stage(info["storage_line"] + "; " + info["budget"]["line"])
@@ -662,18 +660,15 @@ def _merge_on_grid(
     fmt: str,
 ) -> dict[str, Any]:
     """Merge onto the bank's grid (exporters.merge), write the checkpoint; the merge record."""
-    from dataclasses import replace
-
     from edgeqra.exporters.gptq import write_grid_checkpoint, write_partial_adapter
-    from edgeqra.exporters.merge import LayerInputs, OverThreshold, merge_units
+    from edgeqra.exporters.merge import LayerInputs, merge_units
 
     from edgeqra.space import Choice
 
     loaded, bank, config = prepared.loaded, prepared.bank, run.config
     units = loaded.units
-    if fmt == "onnx" and settings.over_threshold is OverThreshold.UNMERGED:
-        log.warning("the ONNX graph holds no adapter: `unmerged` layers are merged and flagged")
-        settings = replace(settings, over_threshold=OverThreshold.REPORT)
+    # `unmerged` layers keep their adapter in target/adapter; the ONNX export holds it as
+    # LoRA MatMuls beside their MatMulNBits base (exporters.onnx.write_onnx).
     pairs = list(zip(units, config, strict=True))
     target_w = {
         lin.name: merged.get_submodule(lin.name).weight.detach().float().cpu().clone()
@@ -880,7 +875,9 @@ _WHAT = {
     "checkpoint holding the very quantized values of the search's GPTQ bank, `adapter/` "
     "the PEFT LoRA adapter with one rank per unit (`rank_pattern`), not merged.",
     "onnx": "the merged model (as in the `gptq` format) as an ONNX graph whose linear layers "
-    "are onnxruntime `MatMulNBits` nodes carrying the GPTQ values, each at its unit's width.",
+    "are onnxruntime `MatMulNBits` nodes carrying the GPTQ values, each at its unit's width; "
+    "units the merge kept unmerged add their LoRA branch (s·(x Aᵀ) Bᵀ, float32 MatMuls) "
+    "beside it.",
 }
 
 
@@ -919,7 +916,12 @@ def _merge_lines(m: dict[str, Any]) -> list[str]:
             f"{layer['action']}{flag} | {layer['lost']:.3f} ({layer['lost_rtn']:.3f}) | "
             f"{100 * layer['codes_changed']:.2f}% |"
         )
-    if merge.get("unmerged_modules"):
+    if merge.get("unmerged_modules") and m["format"] == "onnx":
+        lora = (m.get("onnx") or {}).get("lora") or {}
+        lines += ["", f"Units kept unmerged: their adapter is in the graph as float32 LoRA "
+                      f"MatMuls ({len(merge['unmerged_modules'])} modules, "
+                      f"{lora.get('bytes', 0) / 2**20:.1f} MiB) beside the MatMulNBits base."]  # fmt: skip
+    elif merge.get("unmerged_modules"):
         lines += ["", "Units kept unmerged: their adapter is in `adapter/` and loads on top."]
     return lines
 

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -476,3 +478,154 @@ def test_other_storage_options_end_to_end(checkpoint, dense_dequantized, tmp_pat
         expected = model(ids).logits.numpy()
     np.testing.assert_allclose(onnx_logits(dest, ids.numpy()), expected, atol=1e-4, rtol=0)
     assert info["parity"]["max_abs_dlogits_cached_step"] < 1e-4
+
+
+# --- units kept unmerged (issue 21): their LoRA stays in the graph ---------------------------
+
+KEPT_LAYERS = ("model.layers.1", "model.layers.3")  # 3-bit and 8-bit (split) units kept unmerged
+LORA_RANKS = {"model.layers.1": 2, "model.layers.3": 8}  # rank_pattern per unit (default 4)
+# The branch PEFT computes, per module: MatMul (x Aᵀ), MatMul (· Bᵀ), Mul (· s), Add (to base).
+LORA_OPS_PER_MODULE = {"MatMul": 2, "Mul": 1, "Add": 1}
+# The plain export (no adapter) of this checkpoint before the unmerged path existed: nodes and
+# model.onnx.data bytes (measured with the parent commit's exporter; torch 2.13, onnxscript
+# 0.7.2, onnxruntime 1.32): the unmerged path must leave it as it was.
+PLAIN_NODES, PLAIN_DATA_BYTES = 416, 546_816
+
+
+@pytest.fixture(scope="module")
+def unmerged(checkpoint) -> Path:
+    """The checkpoint as a merged package that kept units 1 and 3 unmerged: ``adapter/`` holds
+    their PEFT adapter (rslora, dropout 0.1, two ranks), written as the merge writes it."""
+    from edgeqra.exporters.gptq import write_partial_adapter
+    from peft import LoraConfig, get_peft_model
+
+    root = checkpoint.parent
+    pkg = root / "unmerged"
+    shutil.copytree(checkpoint, pkg)
+    torch.manual_seed(5)
+    config = LoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.1, use_rslora=True, init_lora_weights=False,
+        target_modules=r".*\.(q|k|v|o|gate|up|down)_proj",
+        rank_pattern={rf"{re.escape(k)}\..*": r for k, r in LORA_RANKS.items()},
+    )  # fmt: skip
+    peft_model = get_peft_model(LlamaForCausalLM.from_pretrained(root / "dense"), config)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:  # default init: an effect ~10x the weights'; make it ~0.1x
+                p.mul_(0.02)
+    peft_model.save_pretrained(root / "full-adapter")
+    kept = [n for n in dequantized_weights(checkpoint) if n.startswith(KEPT_LAYERS)]
+    write_partial_adapter(root / "full-adapter", kept, pkg / "adapter")
+    return pkg
+
+
+@pytest.fixture(scope="module")
+def exported_unmerged(unmerged) -> tuple[Path, dict]:
+    dest = unmerged.parent / "onnx-unmerged"
+    dest.mkdir()
+    return dest, write_onnx(unmerged, dest, progress=False)
+
+
+@pytest.fixture(scope="module")
+def adapter_form(unmerged, dense_dequantized):
+    """The torch adapter form, built apart from the exporter: base W_hat + the PEFT adapter."""
+    import copy
+
+    from peft import PeftModel
+
+    base = copy.deepcopy(dense_dequantized)
+    return PeftModel.from_pretrained(base, str(unmerged / "adapter"), is_trainable=False).eval()
+
+
+def test_unmerged_units_keep_their_lora_and_match_the_adapter_form(
+    exported_unmerged, adapter_form, dense_dequantized
+):
+    dest, info = exported_unmerged
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 512, (3, 24), generator=g)
+    with torch.no_grad():
+        expected = adapter_form(ids).logits.numpy()  # (3, 24, 512)
+        without = dense_dequantized(ids).logits.numpy()
+    got = onnx_logits(dest, ids.numpy())
+    # The adapter moves the logits (teeth), and the graph computes it: same tolerance as above.
+    assert np.abs(expected - without).max() > 1e-2
+    np.testing.assert_allclose(got, expected, atol=1e-4, rtol=0)
+    assert info["parity"]["max_abs_dlogits"] < 1e-4
+    assert info["parity"]["max_abs_dlogits_cached_step"] < 1e-4
+    prompt = [5, 17, 42, 7, 99, 3]
+    ids = torch.tensor([prompt])
+    with torch.no_grad():
+        for _ in range(12):
+            ids = torch.cat([ids, adapter_form(ids).logits[:, -1].argmax(-1, keepdim=True)], 1)
+    assert greedy_generate(dest, prompt, 12) == ids[0, len(prompt) :].tolist()
+
+
+def test_unmerged_export_keeps_the_matmulnbits_bit_for_bit_and_counts_the_lora(
+    exported_unmerged, exported
+):
+    """Same MatMulNBits nodes with the same initializers as the plain export; the LoRA
+    branches are float32 MatMuls on top, and their bytes are reported."""
+    from onnx import numpy_helper
+
+    dest, info = exported_unmerged
+    plain_dest, plain_info = exported
+
+    def nbits(folder: Path) -> dict[str, list[np.ndarray]]:
+        model = onnx.load(str(folder / "model.onnx"))
+        inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+        return {n.name: [inits[i] for i in n.input[1:]] for n in model.graph.node
+                if n.op_type == "MatMulNBits"}  # fmt: skip
+
+    got, want = nbits(dest), nbits(plain_dest)
+    assert got.keys() == want.keys() and len(got) == LINEARS_PER_LAYER * sum(PARTS.values())
+    for name, arrays in got.items():
+        for a, b in zip(arrays, want[name], strict=True):
+            np.testing.assert_array_equal(a, b, err_msg=name)
+    kept = [r for r in info["nodes"] if r["module"].startswith(KEPT_LAYERS)]
+    assert len(kept) == 2 * LINEARS_PER_LAYER
+    assert all(r["lora_rank"] == LORA_RANKS[".".join(r["module"].split(".")[:3])] for r in kept)
+    assert all(r["lora_rank"] == 0 for r in info["nodes"] if r not in kept)
+    lora_bytes = sum(4 * r["lora_rank"] * (r["K"] + r["N"]) for r in kept)  # float32 A and B
+    assert info["lora"]["modules"] == len(kept) and info["lora"]["bytes"] == lora_bytes
+    assert info["lora"]["ranks"] == [2, 8]
+    scalings = sorted(round(8 / r**0.5, 6) for r in (2, 8))  # rslora: alpha / sqrt(r)
+    assert info["lora"]["scalings"] == scalings
+    assert info["storage"]["lora"]["bytes"] == lora_bytes
+    assert f"lora (float32) x{len(kept)} " in info["storage_line"]
+    with_lora = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    plain = onnx.load(str(plain_dest / "model.onnx"), load_external_data=False)
+    ops = Counter(n.op_type for n in with_lora.graph.node)
+    ops.subtract(Counter(n.op_type for n in plain.graph.node))
+    added = {op: k for op, k in ops.items() if k}  # node count per op type, LoRA minus plain
+    assert added == {op: k * len(kept) for op, k in LORA_OPS_PER_MODULE.items()}
+    data = {f["path"]: f["bytes"] for f in info["files"]}
+    plain_data = {f["path"]: f["bytes"] for f in plain_info["files"]}
+    assert data["model.onnx.data"] - plain_data["model.onnx.data"] >= lora_bytes
+
+
+def test_a_package_without_adapter_exports_as_before(exported):
+    """No adapter: the graph the plain path wrote before the unmerged path (node count), no
+    LoRA row, no LoRA node."""
+    dest, info = exported
+    model = onnx.load(str(dest / "model.onnx"), load_external_data=False)
+    assert len(model.graph.node) == PLAIN_NODES
+    assert (dest / "model.onnx.data").stat().st_size == PLAIN_DATA_BYTES
+    assert info["lora"] is None and "lora" not in info["storage"]
+    assert "lora" not in info["storage_line"]
+    assert not any("lora_" in p.value for n in model.graph.node for p in n.metadata_props)
+
+
+def test_an_adapter_that_does_not_load_as_saved_is_refused(unmerged, tmp_path):
+    """A ``target_modules`` that misses a saved module: PEFT only warns; the export refuses."""
+    from edgeqra.exporters.onnx import float_model
+
+    bad = tmp_path / "bad"
+    shutil.copytree(unmerged, bad)
+    path = bad / "adapter" / "adapter_config.json"
+    cfg = json.loads(path.read_text())
+    cfg["target_modules"] = cfg["target_modules"].replace(
+        re.escape("model.layers.3.mlp.up_proj") + "|", ""
+    )
+    path.write_text(json.dumps(cfg))
+    with pytest.raises(ModelError, match=r"did not load as saved.*model\.layers\.3\.mlp\.up_proj"):
+        float_model(bad)
