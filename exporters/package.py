@@ -352,7 +352,13 @@ def export_package(
     """
     from edgeqra.exporters.merge import MergeSettings, OverThreshold
 
-    stage = on_stage or (lambda _msg: None)
+    report = on_stage or (lambda _msg: None)
+    timings: list[tuple[str, float]] = []  # (stage, start): the manifest's per-stage seconds
+
+    def stage(msg: str) -> None:
+        timings.append((msg, time.perf_counter()))
+        report(msg)
+
     merge = merge if merge is not None else MergeSettings()
     _check_format(fmt)
     run = RunDir.open(run_dir)
@@ -378,6 +384,11 @@ def export_package(
     with _staging(out) as staging:
         manifest = _build(run, fmt, prepared, staging, stage, merge, dict(onnx or {}))
         manifest["seconds"] = round(time.perf_counter() - start, 2)
+        ends = [t for _, t in timings[1:]] + [time.perf_counter()]
+        spent: dict[str, float] = {}
+        for (msg, begin), end in zip(timings, ends, strict=True):
+            spent[msg] = round(spent.get(msg, 0.0) + end - begin, 2)
+        manifest["stage_seconds"] = spent
         stage("hashing files, writing manifest and model card")
         _write_card(staging, manifest)
         manifest["files"] = file_hashes(staging)
