@@ -25,6 +25,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -228,15 +229,24 @@ def _backend_values(names: Sequence[str]) -> set[str]:
     return {KERNELS[n].backend for n in names}
 
 
+_KERNEL_TABLE_LOCK = threading.RLock()  # held while allowed_kernels filters the table
+
+
 @contextlib.contextmanager
 def allowed_kernels(names: Sequence[str] | None, *, trainable_only: bool = False) -> Iterator[None]:
     """Restrict GPTQModel's AUTO kernel choice to ``names`` while a model loads.
 
-    GPTQModel 7.6 has no public switch for this: AUTO walks ``AUTO_BACKEND_KERNEL_MAPPING``
-    in priority order, and validating a candidate JIT-compiles its CUDA extension (minutes
-    for Marlin or Machete) before it checks bits or trainability, even when a later one is
-    used. So the candidates are filtered in place and restored afterwards. ``None`` keeps
-    every kernel; ``trainable_only`` also drops kernels without ``SUPPORTS_TRAINING``.
+    ``None`` keeps every kernel; ``trainable_only`` also drops kernels without
+    ``SUPPORTS_TRAINING``. The one place edgeqra edits a GPTQModel global, because GPTQModel
+    7.6 (pinned ``<7.7``) has no per-call way to say "AUTO, among these kernels": ``backend=``
+    names one kernel for every module, while a mixed-bit config needs one per width (on CUDA
+    with a profile's list, trainable: Triton for 2/4/8 bits, the torch kernel for 3), which
+    only AUTO's per-module choice gives; and AUTO walks ``AUTO_BACKEND_KERNEL_MAPPING`` in
+    priority order, validating each candidate, which JIT-compiles its CUDA extension (minutes
+    for Marlin or Machete) before it checks bits or trainability. So the table is filtered
+    for the ``with`` block only and restored (same entries, same order) on the way out,
+    exceptions included; a lock keeps concurrent loads in threads (the TUI's workers) from
+    seeing each other's filter. CPU loads never get here (``backend=BACKEND.TORCH``).
     """
     if names is None and not trainable_only:
         yield
@@ -246,18 +256,19 @@ def allowed_kernels(names: Sequence[str] | None, *, trainable_only: bool = False
     from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
 
     keep = None if names is None else _backend_values(names)
-    table = AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ]
-    saved = list(table.items())
-    for backend, cls in saved:
-        if (keep is not None and backend.value not in keep) or (
-            trainable_only and not getattr(cls, "SUPPORTS_TRAINING", False)
-        ):
-            del table[backend]
-    try:
-        yield
-    finally:
-        table.clear()
-        table.update(saved)
+    with _KERNEL_TABLE_LOCK:
+        table = AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ]
+        saved = list(table.items())
+        for backend, cls in saved:
+            if (keep is not None and backend.value not in keep) or (
+                trainable_only and not getattr(cls, "SUPPORTS_TRAINING", False)
+            ):
+                del table[backend]
+        try:
+            yield
+        finally:
+            table.clear()
+            table.update(saved)
 
 
 def load_gptq(

@@ -258,6 +258,10 @@ def test_allowed_kernels_restricts_auto_and_restores(checkpoint):
         assert table and all(cls.SUPPORTS_TRAINING for cls in table.values())
         assert len(table) < len(order)
     assert list(table) == order
+    with pytest.raises(RuntimeError, match="mid-load"), allowed_kernels(["torch"]):
+        assert [cls.__name__ for cls in table.values()] == ["TorchLinear"]
+        raise RuntimeError("mid-load")
+    assert list(table) == order  # restored on the way out of a failed load too
     with pytest.raises(ConfigError, match="cuda_magic"):
         with allowed_kernels(["cuda_magic"]):
             pass
