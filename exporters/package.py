@@ -489,7 +489,7 @@ def _build(
             target = scratch
         try:
             if merge.method is MergeMethod.GRID:
-                extra["merge"] = _merge_on_grid(run, prepared, merged, target, stage, merge, fmt)
+                extra["merge"] = _merge_on_grid(run, prepared, merged, target, stage, merge)
             else:
                 stage("GPTQ of the merged model at each unit's bit-width (GPTQModel)")
                 write_merged_checkpoint(
@@ -668,7 +668,6 @@ def _merge_on_grid(
     target: Path,
     stage: Stage,
     settings: Any,
-    fmt: str,
 ) -> dict[str, Any]:
     """Merge onto the bank's grid (exporters.merge), write the checkpoint; the merge record."""
     from edgeqra.exporters.gptq import write_grid_checkpoint, write_partial_adapter
