@@ -154,7 +154,11 @@ def reserves(payloads: list[dict]) -> dict[str, dict[str, int]]:
         fit = [m for m in phases if m["process_peak"] <= budget]
         slack = max((m["peak_reserved"] - m["peak_allocated"] for m in fit), default=0)
         mib = -(-(outside + slack) // (64 << 20)) * 64
-        out[path.stem] = {"outside_mib": outside >> 20, "slack_mib": slack >> 20, "reserve_mib": mib}
+        out[path.stem] = {
+            "outside_mib": outside >> 20,
+            "slack_mib": slack >> 20,
+            "reserve_mib": mib,
+        }
     return out
 
 
