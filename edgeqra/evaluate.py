@@ -571,8 +571,7 @@ class Evaluator:
             self.close()
             return None
         if self._graph is not None and (
-            top > self._graph.settings.max_rank
-            or self._graph.alpha_ratio != settings.alpha_ratio
+            top > self._graph.settings.max_rank or self._graph.alpha_ratio != settings.alpha_ratio
         ):
             self.close()
         if self._graph is None:

@@ -437,14 +437,9 @@ def test_space_from_model_parses_a_good_config_and_allows_fp16(unloadable_gguf, 
     assert not (tmp_path / "cache").exists()
 
 
-# Once the CLI checks `--config` with SearchSpace.from_model before resolve_model (issue 19),
-# these pass: remove the xfail marks then.
-_CLI_WIRING = pytest.mark.xfail(
-    strict=True, reason="issue 19: the CLI must check --config via SearchSpace.from_model first"
-)
+# The CLI checks `--config` with SearchSpace.from_model before resolve_model (issue 19).
 
 
-@_CLI_WIRING
 @pytest.mark.parametrize(
     "spec, needle",
     [("4/8,3/16", "config has 2 units but the model has 3"), ("5/8,5/8,5/8", "bit-width 5")],
@@ -457,7 +452,6 @@ def test_evaluate_rejects_a_bad_config_before_the_model_loads(
     assert needle in capsys.readouterr().err
 
 
-@_CLI_WIRING
 @pytest.mark.parametrize(
     "spec, needle",
     [("4/8,3/16", "config has 2 units but the model has 3"), ("5/8,5/8,5/8", "bit-width 5")],

@@ -67,6 +67,11 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     job = schema.build(EvalJob, schema.given(args, schema.settings_of(EvalJob)))  # validated
     if job.profile:
         load_profile(job.profile)  # fail fast on a bad profile name
+    if args.config is not None:  # length and values checked from the header: nothing loads yet
+        space = SearchSpace.from_model(
+            job.model, job.bits, job.ranks, trust_remote_code=job.trust_remote_code
+        )
+        space.parse(args.config)
     # Check the config against the model's shape before any loading or GPTQ.
     with out.status(f"reading model `{job.model}`…"):
         path = resolve_model(job.model)

@@ -95,6 +95,12 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
 
     args = with_defaults(args, _settings())
     profile = load_profile(args.profile, extra_dirs=args.profiles_dir or ())
+    if args.config is not None:  # checked from config.json / the GGUF header: nothing loads yet
+        from edgeqra.space import SearchSpace
+
+        SearchSpace.from_model(
+            args.model, profile.bits, trust_remote_code=args.trust_remote_code
+        ).parse(args.config)
     from transformers import AutoConfig
 
     with out.status(f"reading model `{args.model}`…"):
