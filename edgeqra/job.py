@@ -16,6 +16,9 @@ and what to export. The file's keys are the CLI's option names grouped in tables
     [prune]                            # optional: prune first (edgeqra.prune), then search
     ratio = 0.2
 
+    [merge]                            # optional: how `export = [...]` merges (edgeqra export's)
+    hessian_rows = 8
+
 Every key is optional except ``profile`` (and ``ratio`` once there is a ``[prune]`` table).
 The keys, their types and defaults (the CLI's) are the settings' own (:mod:`edgeqra.settings`
 walks :class:`JobSpec` and the dataclasses it holds); ``edgeqra search --help`` lists them
@@ -38,6 +41,7 @@ import tomli_w
 
 from edgeqra import settings as schema
 from edgeqra.errors import ConfigError
+from edgeqra.exporters.merge import MergeSettings
 from edgeqra.pipeline import SearchJob
 from edgeqra.prune import PruneSettings
 from edgeqra.settings import setting
@@ -79,6 +83,7 @@ class JobSpec:
         choices=EXPORT_FORMATS,
     )
     prune: PruneSettings | None = None  # [prune]: prune the model into RUN_DIR/pruned first
+    merge: MergeSettings = dataclasses.field(default_factory=MergeSettings)  # [merge]: exports
 
     def __post_init__(self) -> None:
         from edgeqra.exporters import available_formats

@@ -74,7 +74,7 @@ class OverThreshold(str, Enum):
 
 @dataclass(frozen=True)
 class MergeSettings:
-    """The export's merge choices (CLI ``edgeqra export --merge ...``)."""
+    """The export's merge choices (``edgeqra export --merge ...``; a job file's ``[merge]``)."""
 
     method: MergeMethod = setting(
         MergeMethod.GRID,
@@ -97,7 +97,13 @@ class MergeSettings:
         "if the budget allows (upbits)",
         key="merge.over_threshold",
     )
-    hessian_rows: int = 64  # calibration rows for H (the run's, plus fresh ones if fewer)
+    hessian_rows: int = setting(  # the run's calibration rows, plus fresh windows if fewer
+        64,
+        help="calibration rows for each layer's merge Hessian (the run's, plus fresh windows "
+        "of the same source if it had fewer); fewer is faster, on CPU especially",
+        key="merge.hessian_rows",
+        flag="--hessian-rows",
+    )
     damp: float = 0.01  # GPTQ's dampening, a fraction of mean(diag H)
     block_size: int = 128  # GPTQ's lazy-batch block (speed only, same result)
 
@@ -113,7 +119,7 @@ class MergeSettings:
         if not (self.threshold >= 0 and math.isfinite(self.threshold)):
             raise ConfigError(f"`threshold` {self.threshold} must be a finite number >= 0")
         if self.hessian_rows < 1:
-            raise ConfigError(f"`hessian_rows` {self.hessian_rows} must be >= 1")
+            raise ConfigError(f"`hessian_rows` {self.hessian_rows} must be >= 1, e.g. 8 or 64")
         if not 0 <= self.damp < 1:
             raise ConfigError(f"`damp` {self.damp} must be in [0, 1), e.g. 0.01")
         if self.block_size < 1:

@@ -269,6 +269,30 @@ def _score(prepared: Any, model: nn.Module) -> dict[str, object]:
     }
 
 
+def _run_final_score(run: RunDir, prepared: Any) -> dict[str, object] | None:
+    """The run's final score as the unmerged score, when it is the same computation.
+
+    The final tuning scored exactly this model (bank base + the adapter it saved) on this eval
+    split; on the same device the numbers are the same (checked in tests), so the export does
+    not pay for a second scoring (~17 s of the CPU quick-start). None: score it again.
+    """
+    final = run.summary.get("chosen", {}).get("final") or {}
+    task, metric = prepared.evaluator.task, prepared.evaluator.metric
+    if run.summary.get("device") != prepared.device or final.get("metric") != metric:
+        return None
+    if any(final.get(k) is None for k in ("score", "loss")):
+        return None
+    return {
+        "score": final["score"],
+        "metric": final["metric"],
+        "loss": final["loss"],
+        "accuracy": final.get("accuracy"),
+        "accuracy_norm": final.get("accuracy_norm"),
+        "n": len(task.eval_mc) if task.kind == "mc" else len(task.eval_text),
+        "from_run": True,  # the final tuning's score, not scored again here
+    }
+
+
 def _probe_ids(vocab: int) -> torch.Tensor:
     """The fixed parity input: (1, PARITY_TOKENS) seeded token ids."""
     generator = torch.Generator().manual_seed(0)
@@ -431,13 +455,15 @@ def _build(
     bank.assemble(model, config)
     ids = _probe_ids(int(model.config.get_text_config().vocab_size))
 
-    stage("scoring the unmerged model (bank base + adapter, as the search did)")
     unmerged = model
     if run.adapter is not None:
         from peft import PeftModel
 
         unmerged = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False).eval()
-    before = _score(prepared, unmerged)
+    before = _run_final_score(run, prepared)
+    if before is None:
+        stage("scoring the unmerged model (bank base + adapter, as the search did)")
+        before = _score(prepared, unmerged)
     unmerged_logits = _logits(unmerged, ids)
     scores: dict[str, Any] = {
         "metric": before["metric"],
@@ -1100,17 +1126,22 @@ def verify_package(path: Path, *, parity: bool = True) -> VerifyReport:
 
 
 def export_run(
-    run_dir: Path, formats: tuple[str, ...], *, on_stage: Stage | None = None
+    run_dir: Path,
+    formats: tuple[str, ...],
+    *,
+    merge: Any = None,
+    on_stage: Stage | None = None,
 ) -> dict[str, str]:
     """A job's ``export = [...]``: each format to ``RUN_DIR/export-FMT``, recorded in summary.json.
 
     The job owns its run directory, so packages from an earlier run of it are replaced.
+    ``merge`` is the job's ``[merge]`` table (:class:`MergeSettings`; None: the defaults).
     Returns {format: package path relative to the run directory}.
     """
     run_dir = Path(run_dir)
     paths: dict[str, str] = {}
     for fmt in formats:
-        result = export_package(run_dir, fmt, force=True, on_stage=on_stage)
+        result = export_package(run_dir, fmt, force=True, merge=merge, on_stage=on_stage)
         paths[fmt] = result.path.relative_to(run_dir).as_posix()
     summary_path = run_dir / "summary.json"
     summary = _read_json(summary_path)

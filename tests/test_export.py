@@ -223,6 +223,30 @@ def test_adapter_export_is_the_exact_search_model(run, capsys):
     assert "transformers" in card and "PeftModel.from_pretrained" in card
 
 
+def test_unmerged_score_is_the_runs_final_and_scored_again_on_another_device(run):
+    """The export takes the run's final score as the unmerged one only where it is the same
+    computation: the saved adapter on the bank base scores exactly what the final tuning did."""
+    import dataclasses
+
+    from peft import PeftModel
+
+    out, prepared, config, final = run
+    run_dir = package.RunDir.open(out)
+    reused = package._run_final_score(run_dir, prepared)
+    assert reused is not None and reused["from_run"]
+    model = prepared.loaded.model
+    prepared.bank.assemble(model, config)
+    unmerged = PeftModel.from_pretrained(model, str(out / "adapter"), is_trainable=False).eval()
+    try:
+        again = package._score(prepared, unmerged)
+    finally:
+        unmerged.unload()
+    assert again["score"] == reused["score"] == final.score
+    assert abs(again["loss"] - reused["loss"]) <= 1e-6 and again["n"] == reused["n"]
+    elsewhere = dataclasses.replace(run_dir, summary={**run_dir.summary, "device": "cuda"})
+    assert package._run_final_score(elsewhere, prepared) is None  # bf16 there: score again
+
+
 def test_gptq_export_old_merge_requantizes_and_verifies(run, capsys):
     out, prepared, config, final = run
     pkg = out / "gptq-pkg"

@@ -383,6 +383,7 @@ def test_job_file_prune_then_search_export_verify(folders, tmp_path, monkeypatch
         "[search]\nevals = 4\npopulation = 2\nchildren = 2\ngenerations = 1\nrungs = 1\n"
         "sensitivity = false\nbayes = false\nbaselines = false\nbaseline_rank = 4\n"
         '[prune]\nratio = 0.3\nimportance = "magnitude"\n'
+        "[merge]\nhessian_rows = 6\n"  # the run's 4 calibration rows + 2 fresh windows
     )
     assert main(["run", str(job), "--json"]) == EXIT_OK
     summary = json.loads(capsys.readouterr().out)
@@ -399,6 +400,9 @@ def test_job_file_prune_then_search_export_verify(folders, tmp_path, monkeypatch
     with safe_open(str(next(package.glob("*.safetensors"))), "pt") as f:
         scales = f.get_slice("model.layers.0.mlp.down_proj.scales").get_shape()
     assert scales[0] == 96 // 32  # groups over the pruned 96 input channels
+    manifest = json.loads((package / "manifest.json").read_text())
+    assert manifest["merge"]["settings"]["hessian_rows"] == 6  # the job's [merge] table
+    assert manifest["merge"]["hessian_rows"][0] == 6
     assert main(["verify", str(package)]) == EXIT_OK
     capsys.readouterr()
     # Resuming the job reuses the pruned folder and the journal: nothing new to evaluate.

@@ -264,7 +264,9 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         from edgeqra.exporters import export_run
 
         with stages(quiet=args.json) as on_stage, contextlib.redirect_stdout(sys.stderr):
-            summary["exports"] = export_run(spec.out, spec.export, on_stage=on_stage)
+            summary["exports"] = export_run(
+                spec.out, spec.export, merge=spec.merge, on_stage=on_stage
+            )
     _print_summary(summary, spec.out, job, out, as_json=args.json)
     if not args.json:
         for fmt, path in summary.get("exports", {}).items():
