@@ -441,6 +441,11 @@ def _set_checkpointing(model: nn.Module, on: bool) -> None:
         model.gradient_checkpointing_disable()
 
 
+def _batch_width(mask: torch.Tensor) -> int:
+    """Columns a right-padded batch needs: its longest row (at least 2, for one target)."""
+    return max(2, int(mask.sum(dim=1).max()))
+
+
 def train(
     model: nn.Module, batches: TrainBatches, settings: TuneSettings, *, progress: bool = False
 ) -> TrainLog:
@@ -489,9 +494,14 @@ def train(
             model.train()
             for step in range(settings.steps):
                 rows = order[step * bs : (step + 1) * bs]  # (bs,)
-                input_ids = batches.input_ids[rows].to(device, non_blocking=True)  # (bs, seq)
-                labels = batches.labels[rows].to(device, non_blocking=True)  # (bs, seq)
-                mask = batches.attention_mask[rows].to(device, non_blocking=True)  # (bs, seq)
+                # Trimmed to the batch's longest row: rows are right-padded and attention is
+                # causal, so the columns cut carry only padding (-100 labels) and change no
+                # real position's logits; on a CPU the step costs what its tokens do.
+                mask = batches.attention_mask[rows]  # (bs, seq)
+                width = _batch_width(mask)
+                input_ids = batches.input_ids[rows, :width].to(device, non_blocking=True)
+                labels = batches.labels[rows, :width].to(device, non_blocking=True)
+                mask = mask[:, :width].to(device, non_blocking=True)  # (bs, width)
                 for group in optimizer.param_groups:
                     group["lr"] = _learning_rate(step, settings)
                 logits = model(input_ids=input_ids, attention_mask=mask, use_cache=False).logits

@@ -163,6 +163,37 @@ def test_fidelity_n_is_a_prefix_of_fidelity_2n():
     assert long[:5] == short
 
 
+def test_padding_columns_are_trimmed_and_change_nothing():
+    """Rows of 10-20 real tokens right-padded to 64: `train` runs each batch at its longest
+    row, and the losses and adapters equal a run on the same rows padded only to 20."""
+
+    def padded(seq: int) -> TrainBatches:
+        generator = torch.Generator().manual_seed(3)
+        lengths = torch.randint(10, 21, (8,), generator=generator).tolist()
+        ids = torch.zeros((8, seq), dtype=torch.long)  # pad id 0
+        labels = torch.full((8, seq), -100)
+        mask = torch.zeros((8, seq), dtype=torch.long)
+        for i, n in enumerate(lengths):
+            row = torch.randint(1, VOCAB, (n,), generator=generator)
+            ids[i, :n], labels[i, 4:n], mask[i, :n] = row, row[4:], 1
+        return TrainBatches(ids, labels, mask)
+
+    settings = TuneSettings(steps=4, lr=1e-2, batch_size=3)
+    runs = []
+    widths: list[int] = []
+    for seq in (64, 20):
+        model = tiny_model()
+        model.get_input_embeddings().register_forward_hook(
+            lambda _m, args, _out: widths.append(args[0].shape[1])
+        )
+        tuned, log = tune(model, find_units(model), _config((4, 8, 0)), padded(seq), settings)
+        runs.append((log.losses, _adapter_state(tuned)))
+    (wide, wide_state), (narrow, narrow_state) = runs
+    assert max(widths) <= 20 and widths[:4] == widths[4:]  # the 64-wide rows ran trimmed
+    assert wide == pytest.approx(narrow, rel=1e-6, abs=1e-6)
+    assert all(torch.allclose(wide_state[k], narrow_state[k], atol=1e-6) for k in wide_state)
+
+
 def _run_steps(steps: int) -> tuple[float, ...]:
     model = tiny_model()
     settings = TuneSettings(steps=steps, lr=1e-2, batch_size=3, warmup_steps=2)
