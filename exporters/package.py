@@ -252,13 +252,10 @@ def _write_archive(out: Path) -> Path:
 
 def _score(prepared: Any, model: nn.Module) -> dict[str, object]:
     """The run's metric on the run's eval split, exactly as the search scored candidates."""
-    from edgeqra.evaluate import _score_value, score_task
+    from edgeqra.evaluate import _score_value
 
     ev = prepared.evaluator
-    extra = {"seq_len": ev.eval_settings.seq_len} if ev.task.kind == "text" else {}
-    scores = score_task(
-        model, ev.loaded.tokenizer, ev.task, batch_size=ev.eval_settings.eval_batch_size, **extra
-    )
+    scores = ev.score(model)  # the search's own scoring call (batch size, text windows)
     return {
         "score": _score_value(scores, ev.metric),
         "metric": ev.metric,
@@ -457,6 +454,9 @@ def _build(
 
     unmerged = model
     if run.adapter is not None:
+        from edgeqra.gptq import import_gptqmodel
+
+        import_gptqmodel()  # PEFT's LoRA imports GPTQModel: quietly, once
         from peft import PeftModel
 
         unmerged = PeftModel.from_pretrained(model, str(run.adapter), is_trainable=False).eval()
