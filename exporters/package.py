@@ -34,6 +34,7 @@ from edgeqra.exporters import FORMATS
 from torch import nn
 
 from edgeqra.errors import ConfigError, EdgeQRAError
+from edgeqra.rundir import SUMMARY, RunDir, read_json, write_json
 from edgeqra.space import FP16_BITS, Config
 
 __all__ = [
@@ -72,69 +73,6 @@ class PackageError(EdgeQRAError):
 
 
 # ----------------------------------------------------------------------------- the run
-
-
-@dataclass(frozen=True)
-class RunDir:
-    """A finished run directory, checked: the job, the chosen config, the adapter, the summary."""
-
-    path: Path
-    job: Any  # edgeqra.pipeline.SearchJob
-    chosen: dict[str, Any]
-    summary: dict[str, Any]
-    config: Config
-    adapter: Path | None  # None when every rank is 0 (the run saved no adapter)
-
-    @classmethod
-    def open(cls, path: Path) -> RunDir:
-        """Read and check a run directory; one error names everything that is missing."""
-        from edgeqra.pipeline import SearchJob
-
-        path = Path(path)
-        if not path.is_dir():
-            raise PackageError(
-                f"run directory `{path}` does not exist; pass the `--out` of a search"
-            )
-        missing = [
-            n for n in ("job.json", "chosen.json", "summary.json") if not (path / n).is_file()
-        ]
-        chosen = _read_json(path / "chosen.json") if (path / "chosen.json").is_file() else None
-        config = Config.parse(chosen["spec"]) if chosen else None
-        needs_adapter = config is None or any(c.rank for c in config)
-        adapter = path / "adapter"
-        if needs_adapter and not (adapter / "adapter_config.json").is_file():
-            missing.append("adapter/adapter_config.json")
-        if needs_adapter and not any(adapter.glob("adapter_model.*")):
-            missing.append("adapter/adapter_model.safetensors")
-        if missing:
-            raise PackageError(
-                f"run directory `{path}` is incomplete: missing {', '.join(missing)}; the search "
-                f"did not finish its final tuning (`edgeqra search --resume {path}` completes it)"
-            )
-        job = SearchJob.from_json(_read_json(path / "job.json"))
-        return cls(
-            path,
-            job,
-            chosen,
-            _read_json(path / "summary.json"),
-            config,  # type: ignore[arg-type]
-            adapter if needs_adapter else None,
-        )
-
-
-def _read_json(path: Path) -> Any:
-    """A JSON file, or a PackageError naming it."""
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise PackageError(f"cannot read `{path}` ({exc}); is the run directory intact?") from None
-
-
-def _write_json(path: Path, data: object) -> None:
-    """Atomic JSON write (temp file in the same folder, then rename)."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 def default_out(run_dir: Path, fmt: str) -> Path:
@@ -413,7 +351,7 @@ def export_package(
         stage("hashing files, writing manifest and model card")
         _write_card(staging, manifest)
         manifest["files"] = file_hashes(staging)
-        _write_json(staging / MANIFEST, manifest)
+        write_json(staging / MANIFEST, manifest)
         _commit(staging, out)
     written = None
     if archive:
@@ -592,7 +530,7 @@ def _reusable_gptq(run: RunDir, merge: Any) -> Path | None:
     root = default_out(run.path, "gptq")
     if not (root / MANIFEST).is_file():
         return None
-    m = _read_json(root / MANIFEST)
+    m = read_json(root / MANIFEST)
     journal = run.path / "journal.jsonl"
     wanted = [merge.to_json()]
     merge_record = m.get("merge") or {}
@@ -620,7 +558,7 @@ def _onnx_from_gptq(
     onnx_options: dict[str, Any],
 ) -> dict[str, Any]:
     """The ONNX package from the run's verified gptq package (its merge, scores and probe)."""
-    m = _read_json(gptq / MANIFEST)
+    m = read_json(gptq / MANIFEST)
     stage(f"reusing the run's gptq package `{gptq}` (same config, journal and merge; verified)")
     onnx = _onnx_module()
     kept = len((m.get("merge") or {}).get("unmerged_modules") or [])
@@ -1078,7 +1016,7 @@ def verify_package(path: Path, *, parity: bool = True) -> VerifyReport:
     root = Path(path)
     if not (root / MANIFEST).is_file():
         raise PackageError(f"`{root}` has no {MANIFEST}; pass a folder `edgeqra export` wrote")
-    manifest = _read_json(root / MANIFEST)
+    manifest = read_json(root / MANIFEST)
     listed = manifest.get("files") or {}
     checks: list[Check] = []
     for rel, want in sorted(listed.items()):
@@ -1143,8 +1081,8 @@ def export_run(
     for fmt in formats:
         result = export_package(run_dir, fmt, force=True, merge=merge, on_stage=on_stage)
         paths[fmt] = result.path.relative_to(run_dir).as_posix()
-    summary_path = run_dir / "summary.json"
-    summary = _read_json(summary_path)
+    summary_path = run_dir / SUMMARY
+    summary = read_json(summary_path)
     summary["exports"] = paths
-    _write_json(summary_path, summary)
+    write_json(summary_path, summary)
     return paths
