@@ -74,9 +74,10 @@ def _measured(model: str, config: Config, profile, group_size: int) -> dict | No
            config.short(), "--profile", str(profile.path or profile.name), "--group-size", str(group_size),
            "--out", "-"]  # fmt: skip
     done = subprocess.run(cmd, capture_output=True, text=True, check=False)  # noqa: S603
-    if done.returncode != 0:
-        return {"error": done.stderr.strip().splitlines()[-1:] or ["no output"]}
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    records = [line for line in done.stdout.splitlines() if line.startswith('{"peak_allocated"')]
+    if done.returncode != 0 or not records:
+        return {"error": (done.stderr.strip().splitlines() or ["no output"])[-1]}
+    return json.loads(records[-1])  # the child's record (libraries may print around it)
 
 
 def _measure_child(model: str, short: str, profile, group_size: int) -> None:
