@@ -74,6 +74,7 @@ __all__ = [
     "prune_stage",
     "resolve_device",
     "run_search_job",
+    "write_json",
 ]
 
 log = logging.getLogger(__name__)
@@ -383,7 +384,7 @@ def _upgrade_job_json(data: dict) -> dict:
     return data
 
 
-def _write_json(path: Path, data: object) -> None:
+def write_json(path: Path, data: object) -> None:
     """Atomic JSON write: a temp file in the same folder, then rename."""
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
@@ -469,7 +470,7 @@ def open_run_dir(
         )  # fmt: skip
         job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, model=str(folder)))
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(job_file, job.to_json())
+    write_json(job_file, job.to_json())
     return job
 
 
@@ -556,7 +557,7 @@ def run_search_job(
             cache_dir=cache_dir() / "sensitivity",
             progress=progress,
         )
-        _write_json(out / "sensitivity.json", sens.to_json())
+        write_json(out / "sensitivity.json", sens.to_json())
         importance = sens.importance()
 
     def fix(config: Config) -> Config:
@@ -642,12 +643,12 @@ def _search_and_tune(
         evaluations, space, initial, fix, budget, importance=importance, anchors=anchors,
         seed=job.eval.tune.seed,
     )  # fmt: skip
-    _write_json(out / "front.json", [r.to_json() for r in outcome.front])
+    write_json(out / "front.json", [r.to_json() for r in outcome.front])
 
     chosen = _chosen(outcome, job.alpha)
     config = Config.parse(chosen.config)
     breakdown = estimate_for_profile(spec, config, profile, group_size=group)
-    _write_json(
+    write_json(
         out / "chosen.json",
         {
             "config": config.to_json(),
@@ -714,5 +715,5 @@ def _search_and_tune(
             "epochs": outcome.tuning_steps * job.eval.tune.batch_size / max(1, n_train),
         },
     }
-    _write_json(out / "summary.json", summary)
+    write_json(out / "summary.json", summary)
     return summary

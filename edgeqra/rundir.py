@@ -10,31 +10,28 @@
     RUN/adapter/          the final tuning's PEFT adapter (absent when every rank is 0)
     RUN/summary.json      everything above in one record (schemas/summary.schema.json)
 
-:mod:`edgeqra.pipeline` writes them (its ``_write_json``: temp file, then rename); this
-module is the reading side, above the pipeline: :class:`RunDir` reads a finished run and
-says in one error what is missing, for the exporters, the CLI and the tests. Updates of a
-finished run (the exports' entry in summary.json) go through :func:`write_json`, atomic too.
+:mod:`edgeqra.pipeline` writes them (:func:`write_json`: temp file, then rename, re-exported
+here for updates of a finished run such as the exports' entry in summary.json); this module
+is the reading side, above the pipeline: :class:`RunDir` reads a finished run and says in
+one error what is missing.
 """
 
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from edgeqra.errors import EdgeQRAError
-from edgeqra.pipeline import SearchJob
+from edgeqra.pipeline import SearchJob, write_json
 from edgeqra.space import Config
 
 __all__ = [
     "ADAPTER",
     "CHOSEN",
-    "FRONT",
     "JOB",
     "JOURNAL",
-    "SENSITIVITY",
     "SUMMARY",
     "RunDir",
     "RunDirError",
@@ -44,8 +41,6 @@ __all__ = [
 
 JOB = "job.json"
 JOURNAL = "journal.jsonl"
-SENSITIVITY = "sensitivity.json"
-FRONT = "front.json"
 CHOSEN = "chosen.json"
 ADAPTER = "adapter"
 SUMMARY = "summary.json"
@@ -61,14 +56,6 @@ def read_json(path: Path) -> Any:
         return json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
         raise RunDirError(f"cannot read `{path}` ({exc}); is the run directory intact?") from None
-
-
-def write_json(path: Path, data: object) -> None:
-    """Atomic JSON write: a temp file in the same folder, then rename."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    os.replace(tmp, path)
 
 
 @dataclass(frozen=True)

@@ -34,7 +34,7 @@ from edgeqra.exporters import FORMATS
 from torch import nn
 
 from edgeqra.errors import ConfigError, EdgeQRAError
-from edgeqra.rundir import SUMMARY, RunDir, read_json, write_json
+from edgeqra.rundir import JOURNAL, SUMMARY, RunDir, read_json, write_json
 from edgeqra.space import FP16_BITS, Config
 
 __all__ = [
@@ -531,7 +531,7 @@ def _reusable_gptq(run: RunDir, merge: Any) -> Path | None:
     if not (root / MANIFEST).is_file():
         return None
     m = read_json(root / MANIFEST)
-    journal = run.path / "journal.jsonl"
+    journal = run.path / JOURNAL
     wanted = [merge.to_json()]
     merge_record = m.get("merge") or {}
     reasons = []
@@ -750,7 +750,7 @@ def _manifest(
     import edgeqra
     from edgeqra.bank import model_digest
 
-    journal = run.path / "journal.jsonl"
+    journal = run.path / JOURNAL
     search = dict(run.summary.get("search", {}))
     front = search.pop("front", [])
     job = run.job

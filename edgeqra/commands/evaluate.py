@@ -40,11 +40,9 @@ def add_parser(sub, common: argparse.ArgumentParser) -> None:
 
 
 def _requested_config(args: argparse.Namespace, n_units: int) -> Config:
-    """The config named by --config / --uniform / --fp16."""
+    """The uniform config named by --uniform / --fp16."""
     from edgeqra.space import FP16_BITS, Config
 
-    if args.config is not None:
-        return Config.parse(args.config)
     if args.fp16:
         return Config.uniform(n_units, FP16_BITS, args.rank)
     return Config.uniform(n_units, args.uniform, args.rank)
@@ -67,11 +65,11 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
     job = schema.build(EvalJob, schema.given(args, schema.settings_of(EvalJob)))  # validated
     if job.profile:
         load_profile(job.profile)  # fail fast on a bad profile name
+    requested = None
     if args.config is not None:  # length and values checked from the header: nothing loads yet
-        space = SearchSpace.from_model(
+        requested = SearchSpace.from_model(
             job.model, job.bits, job.ranks, trust_remote_code=job.trust_remote_code
-        )
-        space.parse(args.config)
+        ).parse(args.config)
     # Check the config against the model's shape before any loading or GPTQ.
     with out.status(f"reading model `{job.model}`…"):
         path = resolve_model(job.model)
@@ -80,8 +78,10 @@ def _cmd_evaluate(args: argparse.Namespace, out: Console) -> int:
                 path, local_files_only=True, trust_remote_code=job.trust_remote_code
             )
         )
-    config = _requested_config(args, shape.n_units)
-    SearchSpace(shape.n_units, job.bits, job.ranks).validate(config)
+    config = requested
+    if config is None:  # --uniform / --fp16: their bits and rank checked against the space
+        config = _requested_config(args, shape.n_units)
+        SearchSpace(shape.n_units, job.bits, job.ranks).validate(config)
     needed = tuple(sorted({c.bits for c in config if c.bits < FP16_BITS}))
     # Third-party banners (GPTQModel prints one on import) go to stderr: stdout stays clean JSON.
     with contextlib.redirect_stdout(sys.stderr):

@@ -95,10 +95,11 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
 
     args = with_defaults(args, _settings())
     profile = load_profile(args.profile, extra_dirs=args.profiles_dir or ())
+    requested = None
     if args.config is not None:  # checked from config.json / the GGUF header: nothing loads yet
         from edgeqra.space import SearchSpace
 
-        SearchSpace.from_model(
+        requested = SearchSpace.from_model(
             args.model, profile.bits, trust_remote_code=args.trust_remote_code
         ).parse(args.config)
     from transformers import AutoConfig
@@ -113,7 +114,7 @@ def _cmd_plan(args: argparse.Namespace, out: Console) -> int:
     profile = _plan_budget(spec, profile, args, out)
     plan = make_plan(spec, profile, rank=args.rank, mode=mode, group_size=args.group_size)
     if args.cap or args.config:
-        return _plan_capped(hf_config, spec, plan, args, out)
+        return _plan_capped(hf_config, plan, requested, args, out)
     unpruned = _unpruned_totals(path, plan, args.group_size)
     if args.json:
         extra: dict[str, object] = {} if unpruned is None else {"unpruned": unpruned}
@@ -195,7 +196,7 @@ def _unpruned_totals(path, plan, group_size: int) -> dict[str, object] | None:
     }
 
 
-def _plan_capped(hf_config, spec, plan, args: argparse.Namespace, out: Console) -> int:
+def _plan_capped(hf_config, plan, requested, args: argparse.Namespace, out: Console) -> int:
     """``plan --measure --cap``: run the planned (or ``--config``) config under the budget."""
     import dataclasses
     import tempfile
@@ -203,17 +204,10 @@ def _plan_capped(hf_config, spec, plan, args: argparse.Namespace, out: Console) 
 
     import torch
 
-    from edgeqra.space import Config
-
     if not args.measure:
         flag = "--cap" if args.cap else "--config"
         raise EdgeQRAError(f"`{flag}` picks what `--measure` runs; add `--measure`")
-    config = plan.planned.config if args.config is None else Config.parse(args.config)
-    if len(config) != spec.n_units:
-        raise EdgeQRAError(
-            f"`--config` has {len(config)} units but `{args.model}` has {spec.n_units} "
-            "decoder layers; give one `bits/rank` per layer"
-        )
+    config = plan.planned.config if requested is None else requested  # checked in _cmd_plan
     if not args.cap:  # --config without --cap: the plain measurement of that config
         plan = dataclasses.replace(plan, best=dataclasses.replace(plan.planned, config=config))
         measured, reason = _plan_measurement(hf_config, plan, args)
