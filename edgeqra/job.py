@@ -1,7 +1,7 @@
 """Job files: one TOML file that fixes a whole compression run, for CI and for the TUI.
 
 ``edgeqra run JOB.toml`` and the TUI's "save job" meet here: both go through
-:class:`JobSpec`, which is a :class:`~edgeqra.pipeline.SearchJob` plus where the run goes
+:class:`JobSpec`, which is a :class:`~edgeqra.jobs.SearchJob` plus where the run goes
 and what to export. The file's keys are the CLI's option names grouped in tables::
 
     profile = "jetson-orin-nano-8gb"   # required: the hard memory budget
@@ -42,7 +42,7 @@ import tomli_w
 from edgeqra import settings as schema
 from edgeqra.errors import ConfigError
 from edgeqra.exporters.merge import MergeSettings
-from edgeqra.pipeline import SearchJob
+from edgeqra.jobs import SearchJob
 from edgeqra.prune import PruneSettings
 from edgeqra.settings import setting
 

@@ -3,63 +3,46 @@
 ``prepare``: model -> data -> calibration -> bank -> Evaluator (``edgeqra evaluate``, the
 benchmarks). A job with a ``[prune]`` table is pruned first (:func:`prune_stage`, called by
 :func:`open_run_dir`): the run directory gets ``pruned/`` and its job names that folder as
-the model, so every later stage (bank, search, export, resume) sees an ordinary model. ``run_search_job``: prepare -> sensitivity (stage 1) -> evolution and Bayesian
-refinement (stages 2-3, :mod:`edgeqra.search`) -> full-length tuning of the chosen config ->
-summary, all inside one run directory whose journal makes the whole job resumable.
+the model, so every later stage (bank, search, export, resume) sees an ordinary model.
+``run_search_job``: prepare -> sensitivity (stage 1) -> evolution and Bayesian refinement
+(stages 2-3, :mod:`edgeqra.search`) -> full-length tuning of the chosen config -> summary,
+all inside one run directory whose journal makes the whole job resumable.
+
+The jobs themselves (:class:`EvalJob`, :class:`SearchJob`) live in :mod:`edgeqra.jobs` and
+the run directory's files in :mod:`edgeqra.rundir`, which this module writes through; both
+are re-exported here, as is :func:`write_json`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import json
 import logging
 import os
 import random
-import shutil
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from edgeqra import settings as schema
 from edgeqra.bank import Bank, BankSpec, bank_key, build_bank
 from edgeqra.data import calibration_batches, load_task
 from edgeqra.device import resolve_device
 from edgeqra.errors import BudgetError, ConfigError
-from edgeqra.evaluate import EvalSettings, Evaluator
+from edgeqra.evaluate import Evaluator
+from edgeqra.jobs import EvalJob, SearchJob
 from edgeqra.memory import ModelSpec, estimate, estimate_for_profile
 from edgeqra.models import LoadedModel, cache_dir, load_model, resolve_model
 from edgeqra.plan import budget_for_bits
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
 from edgeqra.prune import PruneSettings
 from edgeqra.result import Result
-from edgeqra.search.driver import (
-    Evaluations,
-    SearchEvent,
-    SearchOutcome,
-    SearchSettings,
-    run_search,
-)
-from edgeqra.search.executors import (
-    Executor,
-    ExecutorSettings,
-    check_available,
-    make_executor,
-)
+from edgeqra.rundir import ADAPTER, SUMMARY_VERSION, RunFiles, write_json
+from edgeqra.search.driver import Evaluations, SearchEvent, SearchOutcome, run_search
+from edgeqra.search.executors import Executor, check_available, make_executor
 from edgeqra.search.journal import Journal
 from edgeqra.sensitivity import initial_population, measure_sensitivity, seed_config
-from edgeqra.settings import setting
-from edgeqra.space import (
-    DEFAULT_BITS,
-    DEFAULT_RANKS,
-    FP16_BITS,
-    Config,
-    SearchSpace,
-    fill,
-    repair,
-)
-from edgeqra.tune import TuneSettings
+from edgeqra.space import FP16_BITS, Config, SearchSpace, fill, repair
 
 __all__ = [
     "EvalJob",
@@ -78,56 +61,6 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class EvalJob:
-    """Everything that fixes an evaluation: model, data, bank and tuning settings."""
-
-    model: str = setting(
-        "smollm2", help="`smollm2` (embedded), a HF folder or a .gguf file", key="model"
-    )
-    task: str = setting(
-        "arc_easy",
-        help="arc_easy, arc_challenge, boolq, piqa, hellaswag, winogrande, openbookqa, c4, "
-        "wiki, … or a .txt/.jsonl file",
-        key="task",
-    )
-    bits: tuple[int, ...] = setting(  # the search space Q (the bank is built for what is used)
-        DEFAULT_BITS, help="allowed bit-widths Q", key="space.bits"
-    )
-    ranks: tuple[int, ...] = setting(DEFAULT_RANKS, help="allowed ranks R", key="space.ranks")
-    group_size: int = setting(
-        64, help="GPTQ group size (-1: one group per row)", key="data.group_size"
-    )
-    calibration: str = "c4"
-    calib_samples: int = setting(  # GPTQModel wants >= 256 for best quality; 32 keeps CPU short
-        32, help="GPTQ calibration rows of 256 tokens", key="data.calib_samples"
-    )
-    calib_seq_len: int = 256
-    tune: TuneSettings = field(default_factory=TuneSettings)
-    eval: EvalSettings = field(default_factory=EvalSettings)
-    device: str = setting("auto", help="auto, cpu or cuda[:N]", key="device")
-    profile: str | None = setting(
-        None,
-        help="device profile name or .toml path: the hard memory budget (evaluate: checked)",
-        key="profile",
-    )
-    trust_remote_code: bool = setting(
-        False, help="allow the model's custom code", key="trust_remote_code"
-    )
-
-    def __post_init__(self) -> None:
-        SearchSpace(1, self.bits, self.ranks)  # the bit and rank sets, before any model loads
-        gs = self.group_size
-        if isinstance(gs, bool) or not isinstance(gs, int) or not (gs == -1 or gs >= 1):
-            raise ConfigError(
-                f"`group_size` must be a positive integer (or -1 for one group per row), got "
-                f"{gs!r}; GPTQ's usual sizes are 32, 64 and 128"
-            )
-        n = self.calib_samples
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            raise ConfigError(f"`calib_samples` must be an integer >= 1, got {n!r}")
 
 
 @dataclass(frozen=True)
@@ -279,118 +212,6 @@ class EvalWorkerJob:
         return prepared.evaluator.evaluate, device
 
 
-# ----------------------------------------------------------------------------- search job
-
-
-@dataclass(frozen=True)
-class SearchJob:
-    """A whole search: what to evaluate, how to search, where the run directory goes."""
-
-    eval: EvalJob
-    search: SearchSettings = field(default_factory=SearchSettings)
-    budget_gb: float | None = setting(
-        None, help="override the profile's usable budget (GiB)", key="budget_gb"
-    )
-    budget_bits: float | None = setting(
-        None,
-        help="budget = the predicted memory of a rank-8 config averaging B bits (e.g. 3.5)",
-        key="budget_bits",
-        metavar="B",
-    )
-    baseline_rank: int = setting(  # seeded and reported
-        8, help="rank of the uniform baselines", key="search.baseline_rank"
-    )
-    final_steps: int | None = setting(  # None = search.steps
-        None, help="tuning steps of the chosen config (default: --steps)", key="tuning.final_steps"
-    )
-    alpha: float | None = setting(  # α·norm(score) − (1−α)·norm(memory); None = best score
-        None, help="pick the front's trade-off point α·score−(1−α)·memory", key="search.alpha"
-    )
-    baselines: bool = setting(  # at full length
-        True, help="score the uniform baselines that fit, for the summary", key="search.baselines"
-    )
-    executor: ExecutorSettings = field(default_factory=ExecutorSettings)  # where evaluations run
-
-    def __post_init__(self) -> None:
-        if self.eval.profile is None:
-            raise ConfigError("a search needs a device profile; pass `--profile NAME`")
-        if self.alpha is not None and not 0.0 <= self.alpha <= 1.0:
-            raise ConfigError(f"`alpha` must be in [0, 1], got {self.alpha}")
-        if self.budget_gb is not None and self.budget_bits is not None:
-            raise ConfigError(
-                "give the budget once: `budget_gb` or `budget_bits`, not both; drop one of them"
-            )
-        if self.budget_bits is not None:
-            ladder = sorted({*self.eval.bits, FP16_BITS})
-            ok = isinstance(self.budget_bits, int | float) and not isinstance(
-                self.budget_bits, bool
-            )
-            if not ok or not ladder[0] <= self.budget_bits <= FP16_BITS:
-                raise ConfigError(
-                    f"`budget_bits` {self.budget_bits!r} must be a number in [{ladder[0]}, "
-                    f"{FP16_BITS}] (the bit set {list(self.eval.bits)} up to unquantized), e.g. 3.5"
-                )
-        if self.budget_gb is not None and not self.budget_gb > 0:
-            raise ConfigError(f"`budget_gb` must be positive, got {self.budget_gb}")
-        if self.baseline_rank not in self.eval.ranks:
-            raise ConfigError(
-                f"`baseline_rank` {self.baseline_rank} is not in the rank set "
-                f"{list(self.eval.ranks)}; pick one of those"
-            )
-
-        if self.final_steps is not None and (
-            isinstance(self.final_steps, bool) or not isinstance(self.final_steps, int)
-            or self.final_steps < 0
-        ):  # fmt: skip
-            raise ConfigError(f"`final_steps` must be an integer >= 0, got {self.final_steps!r}")
-
-    @classmethod
-    def from_values(cls, values: Mapping[str, object]) -> SearchJob:
-        """Build from setting values by key (a job file's, the CLI's; :mod:`edgeqra.settings`).
-
-        A trade-off point (``search.alpha``) needs the whole front, so it implies
-        ``search.front``.
-        """
-        values = dict(values)
-        if values.get("search.alpha") is not None:
-            values["search.front"] = True
-        return schema.build(cls, values)
-
-    def to_json(self) -> dict[str, object]:
-        """JSON-ready (the run directory's job.json; ``from_json`` reads it back)."""
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_json(cls, data: dict) -> SearchJob:
-        """Rebuild from :meth:`to_json` output, also one written before issue 19 (old names)."""
-        return schema.from_tree(cls, _upgrade_job_json(data))
-
-
-# job.json before issue 19: renamed search settings, and the seed and steps stored more than
-# once (search.seed, search.bayes.seed, eval.tune.steps: now one `seed` and `search.steps`).
-_RENAMED = {"max_evals": "evals", "n_rungs": "rungs", "use_sensitivity": "sensitivity"}
-
-
-def _upgrade_job_json(data: dict) -> dict:
-    """A job.json of any edgeqra version in today's field names (a copy)."""
-    data = json.loads(json.dumps(data))
-    search = data.get("search", {})
-    for old, new in _RENAMED.items():
-        if old in search:
-            search[new] = search.pop(old)
-    search.pop("seed", None)
-    search.get("bayes", {}).pop("seed", None)
-    data.get("eval", {}).get("tune", {}).pop("steps", None)  # set per evaluation
-    return data
-
-
-def write_json(path: Path, data: object) -> None:
-    """Atomic JSON write: a temp file in the same folder, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
-    os.replace(tmp, path)
-
-
 def _chosen(outcome: SearchOutcome, alpha: float | None) -> Result:
     """Best score within the budget, or the front's best α-scalarised trade-off point."""
     if alpha is None:
@@ -450,27 +271,19 @@ def open_run_dir(
     With ``prune`` (the job file's ``[prune]`` table) a new run first prunes ``job``'s model
     into ``out/pruned`` and records that folder as the run's model in ``job.json``.
     """
-    job_file = out / "job.json"
+    files = RunFiles(out)
     if resume:
-        if not job_file.is_file():
-            raise ConfigError(
-                f"`{out}` is not a run directory (no job.json); pass the folder a search wrote"
-            )
-        return SearchJob.from_json(json.loads(job_file.read_text()))
+        return files.read_job()
     if job is None:
         raise ConfigError("internal error: a new run needs a job")
-    if job_file.exists():
-        raise ConfigError(
-            f"`{out}` already holds a run; pass `--resume {out}` to continue it or another `--out`"
-        )
+    files.check_new()
     if prune is not None:  # before anything is written: a bad [prune] leaves no run directory
         folder = prune_stage(
             job.eval.model, prune, out / PRUNED_DIR, device=job.eval.device,
             trust_remote_code=job.eval.trust_remote_code,
         )  # fmt: skip
         job = dataclasses.replace(job, eval=dataclasses.replace(job.eval, model=str(folder)))
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(job_file, job.to_json())
+    RunFiles.create(out, job)
     return job
 
 
@@ -557,7 +370,7 @@ def run_search_job(
             cache_dir=cache_dir() / "sensitivity",
             progress=progress,
         )
-        write_json(out / "sensitivity.json", sens.to_json())
+        RunFiles(out).write_sensitivity(sens.to_json())
         importance = sens.importance()
 
     def fix(config: Config) -> Config:
@@ -588,7 +401,7 @@ def run_search_job(
             f"no config fits {budget / 2**30:.2f} GiB on `{profile.name}`; pick a larger profile"
         )
 
-    journal = Journal(out / "journal.jsonl")
+    journal = Journal(RunFiles(out).journal)
     executor = make_executor(
         job.executor,
         local=prepared.evaluator.evaluate,
@@ -643,13 +456,13 @@ def _search_and_tune(
         evaluations, space, initial, fix, budget, importance=importance, anchors=anchors,
         seed=job.eval.tune.seed,
     )  # fmt: skip
-    write_json(out / "front.json", [r.to_json() for r in outcome.front])
+    files = RunFiles(out)
+    files.write_front(outcome.front)
 
     chosen = _chosen(outcome, job.alpha)
     config = Config.parse(chosen.config)
     breakdown = estimate_for_profile(spec, config, profile, group_size=group)
-    write_json(
-        out / "chosen.json",
+    files.write_chosen(
         {
             "config": config.to_json(),
             "spec": str(config),
@@ -658,19 +471,15 @@ def _search_and_tune(
             "predicted_memory": breakdown.to_json(),
             "budget_bytes": budget,
             "search_score": chosen.score,
-        },
+        }
     )
 
     final_steps = settings.steps if job.final_steps is None else job.final_steps
     if on_event is not None:
         evaluations.emit("final", message=f"{config.short()} for {final_steps} steps")
-    adapter = out / "adapter"
-    staging = out / ".adapter.tmp"
-    shutil.rmtree(staging, ignore_errors=True)
+    staging = files.adapter_staging()
     final = prepared.evaluator.evaluate(config, final_steps, save_adapter=staging)
-    shutil.rmtree(adapter, ignore_errors=True)
-    if staging.exists():
-        os.replace(staging, adapter)
+    adapter = files.install_adapter()
 
     reference: dict[str, dict[str, object]] = {}
     if job.baselines:
@@ -692,7 +501,7 @@ def _search_and_tune(
 
     n_train = len(prepared.evaluator.batches)
     summary = {  # schema: edgeqra/schemas/summary.schema.json (bump the version on changes)
-        "schema_version": 1,
+        "schema_version": SUMMARY_VERSION,
         "profile": profile.name,
         "budget_bytes": budget,
         "budget_gib": budget / 2**30,
@@ -707,7 +516,7 @@ def _search_and_tune(
             "predicted_memory_bytes": breakdown.total,
             "fits": breakdown.total <= budget,
             "final": final.to_json(),
-            "adapter": "adapter" if adapter.exists() else None,
+            "adapter": None if adapter is None else ADAPTER,
         },
         "baselines": reference,
         "search": {
@@ -715,5 +524,5 @@ def _search_and_tune(
             "epochs": outcome.tuning_steps * job.eval.tune.batch_size / max(1, n_train),
         },
     }
-    write_json(out / "summary.json", summary)
+    files.write_summary(summary)
     return summary

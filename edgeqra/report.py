@@ -1,8 +1,7 @@
 """``edgeqra report RUN_DIR``: a picture of a finished run's measured front, as SVG.
 
-It reads what a search left in its run directory (the formats are written by
-:func:`edgeqra.pipeline._search_and_tune` and :class:`edgeqra.search.journal.Journal`, the
-summary follows ``edgeqra/schemas/summary.schema.json``) and draws:
+It reads what a search left in its run directory through :class:`edgeqra.rundir.RunFiles`
+(the summary is checked against ``edgeqra/schemas/summary.schema.json`` there) and draws:
 
 * score against predicted memory for every evaluation in ``journal.jsonl``: full-fidelity
   ones (``fidelity >= job.search.steps``) as solid markers, lower rungs lighter;
@@ -12,10 +11,10 @@ summary follows ``edgeqra/schemas/summary.schema.json``) and draws:
 * the chosen config (its final, full-length score) highlighted and labelled;
 * a per-layer strip of the chosen config's bits and ranks.
 
-Offline and read-only: nothing in the run directory changes (the journal is parsed here
-rather than through ``Journal``, whose constructor repairs a torn last line in place), and
-torch is not imported. Bad input raises :class:`~edgeqra.errors.ConfigError` naming the file
-and the fix before anything is written.
+Offline and read-only: nothing in the run directory changes (the journal is read with
+:meth:`RunFiles.read_journal` rather than through ``Journal``, whose constructor repairs a
+torn last line in place), and torch is not imported. Bad input raises an
+:class:`~edgeqra.errors.EdgeQRAError` naming the file and the fix before anything is written.
 
 Why a hand-written SVG writer: no plotting library is a dependency of edgeqra (matplotlib
 would add tens of MB for one picture; Pillow is only present transitively and cannot draw
@@ -25,7 +24,6 @@ can parse with ``xml.etree`` and that diffs in review. So only SVG is written, n
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from collections.abc import Iterable, Sequence
@@ -34,6 +32,7 @@ from pathlib import Path
 from xml.sax.saxutils import escape, quoteattr
 
 from edgeqra.errors import ConfigError, EdgeQRAError
+from edgeqra.rundir import RunFiles
 from edgeqra.space import Config
 
 __all__ = ["write_report"]
@@ -90,17 +89,6 @@ class _Run:
     average_bits: float
 
 
-def _read_json(path: Path, what: str, fix: str) -> dict:
-    """A JSON object from ``path``, or a ConfigError naming the file and ``fix``."""
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ConfigError(f"`{path}` is not readable {what} ({exc}); {fix}") from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"`{path}` is not {what} (not a JSON object); {fix}")
-    return data
-
-
 def _number(data: dict, key: str, where: str, fix: str, *, kind=float) -> float:
     """``data[key]`` as a finite number of ``kind``, or a ConfigError naming ``where``."""
     value = data.get(key)
@@ -127,78 +115,48 @@ def _mark(label: str, result: object, path: Path, fix: str, memory: object = Non
     )
 
 
-def _read_journal(path: Path) -> tuple[list[_Point], int, int]:
-    """(placed points, failed lines, results without memory) of a journal, read-only."""
-    fix = (
-        "restore the journal from a copy, or rerun the search into a new run directory "
-        "(`edgeqra search --resume` drops only a half-written last line)"
-    )
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(
-            f"`{path}` is missing: every finished search writes it; pass the run directory "
-            "that `edgeqra search` or `edgeqra run` wrote"
-        ) from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"`{path}` is not readable ({exc}); {fix}") from None
-    points, failed, unplaced = [], 0, 0
-    for number, line in enumerate(raw.splitlines(), start=1):
-        if not line.strip():
-            continue
-        try:
-            data = json.loads(line)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"`{path}` line {number} is corrupt ({exc}); {fix}") from None
-        where = f"`{path}` line {number}"
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where} is corrupt (not a JSON object); {fix}")
-        if data.get("status") == "failed":
-            failed += 1
-            continue
-        config = data.get("config")
-        if not isinstance(config, str) or not config:
+def _points(files: RunFiles) -> tuple[list[_Point], int, int]:
+    """(placed points, failed lines, results without memory) of the journal, read-only."""
+    entries, failures = files.read_journal()
+    fix = "restore the journal from a copy, or rerun the search into a new run directory"
+    points, unplaced = [], 0
+    for number, entry in enumerate(entries, start=1):
+        r = entry.result
+        where = f"`{files.journal}` result {number}"
+        if not isinstance(r.config, str) or not r.config:
             raise ConfigError(f"{where} is corrupt (no `config`); {fix}")
-        fidelity = int(_number(data, "fidelity", where, fix, kind=int))
-        score = data.get("score")
-        if not isinstance(score, int | float) or isinstance(score, bool):
-            raise ConfigError(f"{where} is corrupt (`score` is {score!r}); {fix}")
-        memory = data.get("memory_bytes")
-        if memory is None or not math.isfinite(float(score)):
+        fidelity = int(_number(r.__dict__, "fidelity", where, fix, kind=int))
+        if not isinstance(r.score, int | float) or isinstance(r.score, bool):
+            raise ConfigError(f"{where} is corrupt (`score` is {r.score!r}); {fix}")
+        if r.memory_bytes is None or not math.isfinite(float(r.score)):
             unplaced += 1  # no profile (cannot happen in a search) or a NaN score
             continue
-        if not isinstance(memory, int) or isinstance(memory, bool):
-            raise ConfigError(f"{where} is corrupt (`memory_bytes` is {memory!r}); {fix}")
-        points.append(_Point(config, fidelity, float(score), memory, str(data.get("stage", ""))))
-    return points, failed, unplaced
+        if not isinstance(r.memory_bytes, int) or isinstance(r.memory_bytes, bool):
+            raise ConfigError(f"{where} is corrupt (`memory_bytes` is {r.memory_bytes!r}); {fix}")
+        points.append(_Point(r.config, fidelity, float(r.score), r.memory_bytes, entry.stage))
+    return points, len(failures), unplaced
 
 
 def _read_run(run_dir: Path) -> _Run:
-    """Read and check everything the picture needs; ConfigError on anything missing."""
-    if not (run_dir / "job.json").is_file():
+    """Read and check everything the picture needs (through :class:`RunFiles`, which checks
+    the summary against its schema); an EdgeQRAError names anything missing or broken."""
+    files = RunFiles(run_dir)
+    job = files.read_job_json()
+    if not files.finished:
         raise ConfigError(
-            f"`{run_dir}` is not a run directory (no job.json); pass the folder that "
-            "`edgeqra search --out` or `edgeqra run` wrote"
-        )
-    summary_path = run_dir / "summary.json"
-    if not summary_path.is_file():
-        raise ConfigError(
-            f"`{summary_path}` is missing: the run has not finished; finish it with "
+            f"`{files.summary}` is missing: the run has not finished; finish it with "
             f"`edgeqra search --resume {run_dir}`, then run `edgeqra report {run_dir}` again"
         )
     refix = f"rewrite it by finishing the run again with `edgeqra search --resume {run_dir}`"
-    job_path = run_dir / "job.json"
-    job = _read_json(job_path, "a job file", refix)
     search = job.get("search")
     if not isinstance(search, dict):
-        raise ConfigError(f"`{job_path}` has no `search` settings; {refix}")
-    full_steps = int(_number(search, "steps", f"`{job_path}` (`search`)", refix, kind=int))
+        raise ConfigError(f"`{files.job}` has no `search` settings; {refix}")
+    full_steps = int(_number(search, "steps", f"`{files.job}` (`search`)", refix, kind=int))
 
-    summary = _read_json(summary_path, "a run summary", refix)
-    budget = int(_number(summary, "budget_bytes", f"`{summary_path}`", refix, kind=int))
-    chosen = summary.get("chosen")
-    if not isinstance(chosen, dict) or not isinstance(chosen.get("config"), str):
-        raise ConfigError(f"`{summary_path}` has no `chosen` config; {refix}")
+    summary = files.read_summary()
+    summary_path = files.summary
+    budget = int(summary["budget_bytes"])
+    chosen = summary["chosen"]
     try:
         config = Config.parse(chosen["config"])
     except EdgeQRAError as exc:
@@ -209,13 +167,9 @@ def _read_run(run_dir: Path) -> _Run:
     mark = _mark(
         short, chosen.get("final"), summary_path, refix, chosen.get("predicted_memory_bytes")
     )
-    baselines = summary.get("baselines") or {}
-    if not isinstance(baselines, dict):
-        raise ConfigError(f"`{summary_path}`: `baselines` is not an object; {refix}")
-    front = (summary.get("search") or {}).get("front") or []
-    if not isinstance(front, list):
-        raise ConfigError(f"`{summary_path}`: `search.front` is not a list; {refix}")
-    points, failed, unplaced = _read_journal(run_dir / "journal.jsonl")
+    baselines = summary["baselines"]
+    front = summary["search"]["front"]
+    points, failed, unplaced = _points(files)
     return _Run(
         path=run_dir,
         task=str(summary.get("task", "?")),

@@ -1,7 +1,7 @@
 """One declarative schema for every user setting (issue 19).
 
 A setting is a field of a frozen settings dataclass (:class:`~edgeqra.tune.TuneSettings`,
-:class:`~edgeqra.search.driver.SearchSettings`, :class:`~edgeqra.pipeline.SearchJob`, …)
+:class:`~edgeqra.search.driver.SearchSettings`, :class:`~edgeqra.jobs.SearchJob`, …)
 declared with :func:`setting`, whose ``metadata`` holds its help text, its job-file key
 (``table.key``, or a bare key at the top of the file) and its CLI flag. Nested settings
 dataclasses are found through the fields' type annotations, so the dataclass tree is the

@@ -12,7 +12,7 @@ import pytest
 from edgeqra.tui.app import EdgeQRAApp
 from test_cli_search import budget_gb, tiny_folder  # noqa: F401 - fixtures
 
-import edgeqra.pipeline
+import edgeqra.jobs
 from edgeqra import settings as schema
 from edgeqra.cli import EXIT_INPUT, EXIT_OK, _parser, main
 from edgeqra.errors import ConfigError
@@ -35,7 +35,7 @@ class DummySearchSettings(SearchSettings):
 def dummy(monkeypatch):
     """The schema finds nested settings through the fields' annotations: point SearchJob's
     `search` annotation at the subclass (undone after the test)."""
-    monkeypatch.setattr(edgeqra.pipeline, "SearchSettings", DummySearchSettings)
+    monkeypatch.setattr(edgeqra.jobs, "SearchSettings", DummySearchSettings)
 
 
 def test_a_new_setting_reaches_cli_job_file_job_json_and_tui(dummy, capsys, tmp_path):
