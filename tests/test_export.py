@@ -1,9 +1,9 @@
 """`edgeqra export` / `verify` on a tiny random Llama run: each format reloads and matches.
 
-The run directory is built from the pipeline's own pieces (prepare → evaluate with
-``save_adapter`` → chosen.json / summary.json / journal), as a finished search leaves it,
-without the search loop (tests/test_cli_search.py covers that). Its config mixes a 4-bit,
-a 3-bit and a 16-bit unit and two LoRA ranks.
+The run directory is a real tiny search's (``tiny_search_run`` in conftest.py, shared with
+tests/test_rundir.py): every file in it is the pipeline's. Its chosen config mixes a 4-bit,
+a 3-bit and a 16-bit unit and two LoRA ranks; its budget is that config's predicted memory
+plus one byte.
 
 Tolerances, stated once:
 * adapter form vs the in-memory model the search scored (bank W_hat + adapter): both are
@@ -24,7 +24,7 @@ import tarfile
 import edgeqra.exporters.gptq
 import pytest
 import torch
-from conftest import tiny_model
+from conftest import MIXED, MIXED_STEPS
 from edgeqra.exporters import package
 from edgeqra.exporters.gptq import (
     WEIGHTS,
@@ -36,83 +36,36 @@ from edgeqra.exporters.gptq import (
 from edgeqra.exporters.merge import MergeSettings
 
 from edgeqra.cli import EXIT_INPUT, EXIT_INTERNAL, EXIT_OK, main
-from edgeqra.evaluate import EvalSettings
-from edgeqra.pipeline import EvalJob, SearchJob, open_run_dir, prepare
-from edgeqra.search.driver import SearchSettings
-from edgeqra.space import Config
-from edgeqra.tune import TuneSettings
+from edgeqra.pipeline import prepare
+from edgeqra.result import Result
+from edgeqra.rundir import RunDir, summary_schema
 
-CONFIG = "4/8,3/4,16/8"
-STEPS = 4
+CONFIG = MIXED
+STEPS = MIXED_STEPS
 ADAPTER_ATOL = 1e-4
 MERGED_BOUND = 2.0
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    """One bank cache for the module (the run and every export share it)."""
+def env(tiny_search_run):
+    """The run's bank cache for the module (every export rebuilds the run's bank from it)."""
     mp = pytest.MonkeyPatch()
-    mp.setenv("EDGEQRA_CACHE", str(tmp_path_factory.mktemp("cache")))
+    mp.setenv("EDGEQRA_CACHE", str(tiny_search_run.cache))
     mp.setenv("GPTQMODEL_CPU_WORKERS", "2")
     yield
     mp.undo()
 
 
 @pytest.fixture(scope="module")
-def run(env, tmp_path_factory, tokenizer):
-    """A finished run directory of CONFIG, plus the prepared pipeline it came from."""
-    root = tmp_path_factory.mktemp("export")
-    folder = root / "model"
-    tiny_model("llama", vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    job = SearchJob(
-        eval=EvalJob(
-            model=str(folder),
-            task="arc_easy",
-            bits=(3, 4),
-            ranks=(0, 4, 8),
-            group_size=32,
-            calib_samples=8,
-            calib_seq_len=64,
-            tune=TuneSettings(steps=STEPS, lr=5e-3),
-            eval=EvalSettings(n_train=16, n_eval=8, seq_len=96),
-            device="cpu",
-            profile="t4-16gb",
-        ),
-        search=SearchSettings(steps=STEPS, evals=1),
-    )
-    out = root / "run"
-    open_run_dir(out, job, resume=False)
-    prepared = prepare(job.eval, needed_bits=(3, 4), progress=False)
-    config = Config.parse(CONFIG)
-    final = prepared.evaluator.evaluate(config, STEPS, save_adapter=out / "adapter")
-    (out / "journal.jsonl").write_text(json.dumps(final.to_json()) + "\n")
-    (out / "chosen.json").write_text(
-        json.dumps({"config": config.to_json(), "spec": str(config), "short": config.short(),
-                    "average_bits": config.average_bits(prepared.spec.unit_params),
-                    "predicted_memory": {"total": 1000, "components": {}}, "budget_bytes": 2000,
-                    "search_score": final.score})
-    )  # fmt: skip
-    search = {"best": final.to_json(), "front": [final.to_json()], "evaluations": 1,
-              "fresh_evaluations": 1, "tuning_steps": STEPS, "seconds": 1.0,
-              "stopped": "test", "epochs": 1.0}  # fmt: skip
-    summary = {
-        "schema_version": 1,
-        "profile": "t4-16gb",
-        "budget_bytes": 2000,
-        "budget_gib": 2000 / 2**30,
-        "model": str(folder),
-        "task": "arc_easy",
-        "metric": final.metric,
-        "device": "cpu",
-        "chosen": {"config": str(config), "short": config.short(), "average_bits": 7.0,
-                   "predicted_memory_bytes": 1000, "fits": True, "final": final.to_json(),
-                   "adapter": "adapter"},
-        "baselines": {},
-        "search": search,
-    }  # fmt: skip
-    (out / "summary.json").write_text(json.dumps(summary))
-    return out, prepared, config, final
+def run(env, tiny_search_run):
+    """The finished tiny search's run directory (chosen: CONFIG), the prepared pipeline it
+    came from (model, data and bank: the bank is a cache hit) and its final result."""
+    out = tiny_search_run.out
+    opened = RunDir.open(out)
+    assert str(opened.config) == CONFIG and opened.job.search.steps == STEPS
+    prepared = prepare(opened.job.eval, needed_bits=(3, 4), progress=False)
+    final = Result(**opened.summary["chosen"]["final"])
+    return out, prepared, opened.config, final
 
 
 def _in_memory(prepared, config, adapter, ids, *, merged: bool = False) -> torch.Tensor:
@@ -171,12 +124,7 @@ def test_adapter_export_is_the_exact_search_model(run, capsys):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["exports"] == {"adapter": "export-adapter"}
     jsonschema = pytest.importorskip("jsonschema")
-    schema = json.loads(
-        (
-            package.Path(package.__file__).parents[1] / "edgeqra/schemas/summary.schema.json"
-        ).read_text()
-    )
-    jsonschema.validate(summary, schema)
+    jsonschema.validate(summary, summary_schema())
 
     manifest = json.loads((pkg / "manifest.json").read_text())
     # Per-module bits in the written quantize config are the run's config (16 = left dense).
@@ -435,7 +383,8 @@ def test_unmerged_layers_load_as_base_plus_adapter(run, capsys):
 def test_upbits_merges_at_the_next_width_when_the_budget_allows(run, tmp_path):
     out, prepared, config, _ = run
     settings = MergeSettings(threshold=0.0, over_threshold="upbits")
-    # The run's budget (2000 bytes) fits nothing bigger: refused, merged at its own width.
+    # The run's budget (CONFIG's memory + 1 byte) fits nothing bigger: refused, merged at its
+    # own width.
     refused = package.export_package(out, "gptq", tmp_path / "refused", merge=settings).manifest
     assert [la["bits_written"] for la in refused["merge"]["layers"]] == [4, 3, 16]
     assert refused["merge"]["flagged"] == ["model.layers.0", "model.layers.1"]
