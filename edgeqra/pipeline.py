@@ -401,7 +401,7 @@ def run_search_job(
             f"no config fits {budget / 2**30:.2f} GiB on `{profile.name}`; pick a larger profile"
         )
 
-    journal = Journal(RunFiles(out).journal)
+    journal = RunFiles(out).open_journal()
     executor = make_executor(
         job.executor,
         local=prepared.evaluator.evaluate,

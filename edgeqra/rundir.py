@@ -36,7 +36,7 @@ from typing import TYPE_CHECKING, Any
 from edgeqra.errors import EdgeQRAError
 from edgeqra.json_schema import problems
 from edgeqra.result import Result
-from edgeqra.search.journal import Entry, Failure
+from edgeqra.search.journal import Entry, Failure, Journal
 from edgeqra.space import Config
 
 if TYPE_CHECKING:
@@ -203,6 +203,10 @@ class RunFiles:
         return SearchJob.from_json(self.read_job_json())
 
     # ------------------------------------------------------------------ journal.jsonl
+    def open_journal(self) -> Journal:
+        """The search's journal, for appending (opening it drops a torn last line)."""
+        return Journal(self.journal)
+
     def read_journal(self) -> tuple[list[Entry], list[Failure]]:
         """The journal's results and failures, read-only (the search's own
         :class:`~edgeqra.search.journal.Journal` repairs a torn last line in place; a reader
