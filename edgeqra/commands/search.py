@@ -228,6 +228,7 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
     from edgeqra.job import load_job, with_out
     from edgeqra.pipeline import PRUNED_DIR, SearchJob
     from edgeqra.profiles import load_profile
+    from edgeqra.rundir import RunFiles
 
     spec = load_job(args.job)
     if args.out:
@@ -271,5 +272,6 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
     if not args.json:
         for fmt, path in summary.get("exports", {}).items():
             out.print(f"{fmt} package: {spec.out / path}", highlight=False, soft_wrap=True)
-        out.print(f"summary: {spec.out / 'summary.json'}", highlight=False, soft_wrap=True)
+        summary_path = RunFiles(spec.out).summary
+        out.print(f"summary: {summary_path}", highlight=False, soft_wrap=True)
     return EXIT_OK
