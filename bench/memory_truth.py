@@ -371,9 +371,9 @@ def measure(args: argparse.Namespace) -> dict:
 
     from transformers import AutoConfig
 
+    from edgeqra.gptq import write_random_checkpoint
     from edgeqra.memory import ModelSpec
     from edgeqra.profiles import load_profile
-    from edgeqra.qmodel import write_random_checkpoint
     from edgeqra.space import FP16_BITS
 
     start = time.perf_counter()

@@ -13,7 +13,7 @@ Issue 15: the quantized configs fine-tune through edgeqra's recompute backward
 model on GPTQModel's own autograd path (every dense weight saved), for the comparison; each
 fine-tuning row also reports its peak allocated memory over the timed steps.
 
-Random weights of the architecture's shapes (``edgeqra.qmodel.write_random_checkpoint``):
+Random weights of the architecture's shapes (``edgeqra.gptq.write_random_checkpoint``):
 speed does not depend on the values. GPU:
 
     python bench/throughput.py --arch llama-3.2-1b --out $OUT/throughput.json

@@ -13,8 +13,8 @@ Two builds (``BankSpec.hessian``), same files:
 
 * ``"shared"`` (default): one forward pass of the unquantized model collects each linear's
   Hessian once, and GPTQModel's GPTQ core quantizes every width from it
-  (``edgeqra.gptq_shared``). Every layer is quantized on unquantized inputs, which is also
-  exactly what a mixed config cannot promise anyway (see below). About the cost of one
+  (``edgeqra.gptq.shared_hessian``). Every layer is quantized on unquantized inputs, which is
+  also exactly what a mixed config cannot promise anyway (see below). About the cost of one
   GPTQModel run for all widths (``bench/bank_speed.py``).
 * ``"sequential"``: one GPTQModel run per width (its default loop: each layer sees the
   outputs of the layers already quantized at that width).
@@ -340,12 +340,12 @@ def _build_shared(
     device: str,
     on_bits_done: Callable[[int, float], None] | None,
 ) -> None:
-    """Every width in ``todo`` from one Hessian per linear (``edgeqra.gptq_shared``)."""
+    """Every width in ``todo`` from one Hessian per linear (``edgeqra.gptq.shared_hessian``)."""
     import_gptqmodel()
     from gptqmodel import QuantizeConfig
 
     from edgeqra.gptq import dequantize_packed
-    from edgeqra.gptq_shared import quantize_shared_hessian, saved_quantize_config
+    from edgeqra.gptq.shared_hessian import quantize_shared_hessian, saved_quantize_config
 
     spec = bank.spec
     start = time.perf_counter()

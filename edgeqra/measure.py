@@ -1,7 +1,7 @@
 """Measured peak memory of a config on a CUDA GPU, next to the memory model's prediction.
 
 Issue 4: a device profile is a hard budget, so the memory model's error is a measured figure.
-A config is built with random weights of the right shapes (``qmodel.write_random_checkpoint``
+A config is built with random weights of the right shapes (``edgeqra.gptq.write_random_checkpoint``
 loaded through ``GPTQModel.load``, or a dense random model for all-16-bit configs): memory does
 not depend on weight values. Then, on the profile's workloads:
 
@@ -207,7 +207,7 @@ def build_model(
     backward (``edgeqra.qlinear``) unless ``quantized_backward`` is ``saved`` (GPTQModel's own
     path, for comparison). Inference adapters are cast to ``dtype``.
     """
-    from edgeqra.qmodel import kernels_by_bits, load_gptq, meta_model, write_random_checkpoint
+    from edgeqra.gptq import kernels_by_bits, load_gptq, meta_model, write_random_checkpoint
     from edgeqra.tune import TuneSettings, attach_lora
 
     if all(c.bits >= FP16_BITS for c in config):
@@ -523,11 +523,11 @@ def dry_run(
 ) -> dict[str, int]:
     """CPU check of the weight term: predicted bytes vs the checkpoint's and the built model's.
 
-    Always: the tensors a GPTQ checkpoint of ``config`` holds (``qmodel.checkpoint_plan``,
+    Always: the tensors a GPTQ checkpoint of ``config`` holds (``gptq.checkpoint_plan``,
     no data). With ``work_dir``: the checkpoint is written and loaded through GPTQModel
-    (torch kernel, bf16) and the loaded modules' bytes are counted (``qmodel.module_bytes``).
+    (torch kernel, bf16) and the loaded modules' bytes are counted (``gptq.module_bytes``).
     """
-    from edgeqra.qmodel import checkpoint_plan, load_gptq, module_bytes, write_random_checkpoint
+    from edgeqra.gptq import checkpoint_plan, load_gptq, module_bytes, write_random_checkpoint
 
     spec = ModelSpec.from_config(hf_config)
     work = InferenceWorkload(batch=1, context=1)

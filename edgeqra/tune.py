@@ -583,7 +583,7 @@ def _check_checkpoint_bits(checkpoint: Path, units: Sequence[Unit], config: Conf
     import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
 
-    from edgeqra.gptq import _quantize_config
+    from edgeqra.gptq import quantize_config as _quantize_config
 
     qcfg = _quantize_config(checkpoint)
     wrong = []
@@ -641,7 +641,7 @@ def quantized_lora(
     from transformers import AutoConfig
 
     from edgeqra.gptq import quantize_to_checkpoint
-    from edgeqra.qmodel import config_bits, kernels_by_bits, load_gptq, meta_model
+    from edgeqra.gptq import config_bits, kernels_by_bits, load_gptq, meta_model
 
     model_dir = Path(model_dir)
     units = find_units(meta_model(AutoConfig.from_pretrained(model_dir, local_files_only=True)))

@@ -24,7 +24,6 @@ import json
 import logging
 import shutil
 import tempfile
-from collections import Counter
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -37,6 +36,8 @@ from torch import nn
 from edgeqra.bank import Bank
 from edgeqra.errors import ConfigError, ModelError
 from edgeqra.gptq import (
+    config_bits,
+    default_bits,
     dynamic_overrides,
     import_gptqmodel,
     load_quantized,
@@ -47,12 +48,11 @@ from edgeqra.models import Unit
 from edgeqra.space import FP16_BITS, Config
 
 __all__ = [
+    "eager_torch_kernel",
     "load_adapter_form",
     "load_checkpoint",
     "merge_adapter",
-    "eager_torch_kernel",
     "module_bits",
-    "unit_bits",
     "write_base_checkpoint",
     "write_grid_checkpoint",
     "write_merged_checkpoint",
@@ -77,15 +77,6 @@ TOKENIZER_FILES = (
 _RUN_LOCAL_META = ("offload_to_disk_path",)  # temp folders of the export machine
 
 
-def unit_bits(units: Sequence[Unit], config: Config) -> dict[str, int]:
-    """Unit name -> GPTQ bits as :func:`edgeqra.gptq.dynamic_overrides` takes it (0: dense)."""
-    if len(config) != len(units):
-        raise ConfigError(f"config has {len(config)} units but the model has {len(units)}")
-    return {
-        u.name: 0 if c.bits >= FP16_BITS else c.bits for u, c in zip(units, config, strict=True)
-    }
-
-
 def module_bits(quantization_config: dict[str, Any], modules: Sequence[str]) -> dict[str, int]:
     """Each module's bits as GPTQModel resolves ``dynamic`` (16 where a ``-:`` rule skips it)."""
     import_gptqmodel()
@@ -99,18 +90,6 @@ def module_bits(quantization_config: dict[str, Any], modules: Sequence[str]) -> 
         else:
             out[name] = int(dynamic_get(dynamic, name, "bits", quantization_config["bits"]))
     return out
-
-
-def _default_bits(bits: dict[str, int]) -> int:
-    """The most common quantized width (what GPTQModel's top-level ``bits`` says)."""
-    widths = [b for b in bits.values() if b]
-    if not widths:
-        raise ConfigError(
-            "the chosen config keeps every unit at 16 bits: there is nothing to quantize; "
-            "use the run's adapter with the original model instead"
-        )
-    counts = Counter(widths)
-    return max(counts, key=lambda b: (counts[b], b))
 
 
 def _dense_tensors(model_dir: Path) -> dict[str, torch.Tensor]:
@@ -213,7 +192,7 @@ def write_grid_checkpoint(
         tokenizer: saved into ``dest`` (default: the tokenizer files of ``model_dir``).
     """
     bits = {u.name: packed[u.index][0] if u.index in packed else 0 for u in units}
-    default = _default_bits(bits)
+    default = default_bits(bits)
     settings = {b: bank.quantize_config(b) for b in set(bits.values()) if b}
     shared = ("group_size", "sym", "desc_act", "checkpoint_format", "pack_dtype")
     for key in shared:  # one checkpoint has one value of these; the bank spec guarantees it
@@ -312,8 +291,8 @@ def write_merged_checkpoint(
         device: where GPTQModel runs.
         tokenizer: saved into ``dest`` (default: the tokenizer files of ``model_dir``).
     """
-    bits = unit_bits(units, config)
-    _default_bits(bits)  # a clear error when nothing is quantized
+    bits = config_bits(units, config)
+    default_bits(bits)  # a clear error when nothing is quantized, before the save
     dest = Path(dest)
     with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".{dest.name}.merge-") as tmp:
         dense = Path(tmp) / "dense"

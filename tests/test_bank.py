@@ -1,7 +1,7 @@
 """The GPTQ bank on a tiny random Llama: cache hit/miss, resume, assemble, vs GPTQModel.
 
 Both builds: ``sequential`` (one GPTQModel run per width, checkpoints kept) and ``shared``
-(one Hessian per linear for every width, ``edgeqra.gptq_shared``), checked against it.
+(one Hessian per linear for every width, ``edgeqra.gptq.shared_hessian``), checked against it.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import torch
 from conftest import tiny_model
 
 import edgeqra.gptq
-import edgeqra.gptq_shared
+import edgeqra.gptq.shared_hessian
 from edgeqra.bank import Bank, BankSpec, HessianSource, bank_key, build_bank
 from edgeqra.errors import ConfigError
 from edgeqra.models import find_units
@@ -195,13 +195,13 @@ def shared(built):
 
 def _count_shared_passes(monkeypatch):
     calls = []
-    real = edgeqra.gptq_shared.quantize_shared_hessian
+    real = edgeqra.gptq.shared_hessian.quantize_shared_hessian
 
     def counting(*args, **kwargs):
         calls.append(list(kwargs["bits"]))
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(edgeqra.gptq_shared, "quantize_shared_hessian", counting)
+    monkeypatch.setattr(edgeqra.gptq.shared_hessian, "quantize_shared_hessian", counting)
     return calls
 
 
@@ -300,7 +300,7 @@ def test_shared_hessian_chunks_give_the_same_tensors(built, shared):
     bank, _ = shared
     layers = [(u.name, [lin.name for lin in u.linears]) for u in units]
     small = dict(
-        edgeqra.gptq_shared.quantize_shared_hessian(
+        edgeqra.gptq.shared_hessian.quantize_shared_hessian(
             root / "model", _calibration(), layers, bits=(4,), group_size=32, hessian_bytes=1
         )
     )

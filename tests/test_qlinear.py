@@ -15,6 +15,7 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
+from edgeqra.gptq import load_gptq, meta_model, write_random_checkpoint
 from edgeqra.models import find_units
 from edgeqra.qlinear import (
     disable_recompute_backward,
@@ -22,7 +23,6 @@ from edgeqra.qlinear import (
     is_recompute_backward,
     quant_linears,
 )
-from edgeqra.qmodel import load_gptq, meta_model, write_random_checkpoint
 from edgeqra.space import Config
 from edgeqra.tune import TuneSettings, attach_lora
 

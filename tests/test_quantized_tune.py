@@ -14,17 +14,18 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
 from edgeqra.errors import ConfigError
-from edgeqra.gptq import _safetensors_headers, quantize_to_checkpoint
-from edgeqra.memory import ModelSpec, estimate
-from edgeqra.profiles import BudgetMode, InferenceWorkload
-from edgeqra.qmodel import (
+from edgeqra.gptq import (
     allowed_kernels,
     checkpoint_plan,
     kernels_by_bits,
     load_gptq,
     module_bytes,
+    quantize_to_checkpoint,
+    safetensors_headers,
     write_random_checkpoint,
 )
+from edgeqra.memory import ModelSpec, estimate
+from edgeqra.profiles import BudgetMode, InferenceWorkload
 from edgeqra.space import Config
 from edgeqra.tune import TrainBatches, TuneSettings, adapter_ranks, quantized_lora, train
 
@@ -167,7 +168,7 @@ def test_checkpoint_of_another_config_is_rejected(dense, checkpoint):
 def test_random_checkpoint_matches_gptqmodel_layout(checkpoint, tmp_path):
     """Same tensor names, shapes and packed dtypes as a real GPTQModel checkpoint."""
     random_dir = write_random_checkpoint(_hf_config(), CONFIG, tmp_path / "r", group_size=GROUP)
-    real, mine = _safetensors_headers(checkpoint), _safetensors_headers(random_dir)
+    real, mine = safetensors_headers(checkpoint), safetensors_headers(random_dir)
     assert set(real) == set(mine)
     for key, entry in real.items():
         assert mine[key]["shape"] == entry["shape"], key
@@ -205,7 +206,7 @@ def test_built_model_bytes_equal_the_memory_model(tmp_path):
     assert got["other"] <= predicted["kernel_caches"]
     plan = checkpoint_plan(hf, config, group_size=GROUP)
     on_disk = sum(
-        e["data_offsets"][1] - e["data_offsets"][0] for e in _safetensors_headers(path).values()
+        e["data_offsets"][1] - e["data_offsets"][0] for e in safetensors_headers(path).values()
     )
     assert sum(t.nbytes for t in plan.values()) == on_disk
     # The random values run: finite logits of a sane size.
@@ -235,16 +236,16 @@ def test_allowed_kernels_restricts_auto_and_restores(checkpoint):
     from gptqmodel.quantization import FORMAT, METHOD
     from gptqmodel.utils.importer import AUTO_BACKEND_KERNEL_MAPPING
 
-    from edgeqra.gptq import _quiet, _staged
+    from edgeqra.gptq import quiet_gptqmodel, staged
 
     table = AUTO_BACKEND_KERNEL_MAPPING[METHOD.GPTQ][FORMAT.GPTQ]
     order = list(table)
 
     def kernels(names):
-        with allowed_kernels(names), _quiet():
+        with allowed_kernels(names), quiet_gptqmodel():
             stage = checkpoint.parent / f"stage-{len(names or ())}"
             stage.mkdir()
-            source = _staged(checkpoint, stage)
+            source = staged(checkpoint, stage)
             model = GPTQModel.load(
                 str(source), device="cpu", dtype=torch.bfloat16, backend=BACKEND.AUTO
             ).model

@@ -1,7 +1,7 @@
 """GPTQ at several bit-widths from one Hessian per linear: the bank's fast build.
 
-GPTQModel's own loop (``quantize_to_checkpoint``) quantizes a model at one width per run and
-feeds each layer the outputs of the layers it already quantized, so every width needs its own
+GPTQModel's own loop (:func:`~edgeqra.gptq.quantize.quantize_to_checkpoint`) quantizes a
+model at one width per run and feeds each layer the outputs of the layers it already quantized, so every width needs its own
 forward passes and Hessians. With inputs taken from the unquantized model instead, a linear's
 Hessian H = 2/n sum x x^T is the same for every width: collect it once, then quantize each
 width from a copy. Everything numerical is GPTQModel's: ``GPTQ.add_batch -> quantize -> free``,
@@ -28,13 +28,8 @@ import torch
 from torch import nn
 
 from edgeqra.errors import ConfigError, DataError
-from edgeqra.gptq import (
-    _PACKED_SUFFIXES,
-    _SUPPORTED_BITS,
-    _check_3bit_shapes,
-    _quiet,
-    import_gptqmodel,
-)
+from edgeqra.gptq.format import PACKED_SUFFIXES, SUPPORTED_BITS, check_3bit_shapes
+from edgeqra.gptq.runtime import import_gptqmodel, quiet_gptqmodel
 
 __all__ = ["quantize_shared_hessian", "saved_quantize_config"]
 
@@ -225,7 +220,7 @@ def _pack(name: str, linear: nn.Linear, q_weight, scale, zero, g_idx, qcfg) -> d
     )
     return {
         f"{name}.{suffix}": getattr(packed, suffix).detach().clone()
-        for suffix in _PACKED_SUFFIXES
+        for suffix in PACKED_SUFFIXES
         if getattr(packed, suffix, None) is not None
     }
 
@@ -311,14 +306,14 @@ def quantize_shared_hessian(
     from gptqmodel import QuantizeConfig
     from transformers import AutoModelForCausalLM
 
-    bad = [b for b in bits if b not in _SUPPORTED_BITS]
+    bad = [b for b in bits if b not in SUPPORTED_BITS]
     if bad or not bits:
-        raise ConfigError(f"`bits`={list(bits)} must be a non-empty subset of {_SUPPORTED_BITS}")
+        raise ConfigError(f"`bits`={list(bits)} must be a non-empty subset of {SUPPORTED_BITS}")
     rows = calibration
     if not isinstance(rows, torch.Tensor) or rows.ndim != 2:
         raise DataError("`calibration` must be a (n, seq) LongTensor for the shared-Hessian build")
     for b in bits:
-        _check_3bit_shapes(Path(model_dir), b, b)
+        check_3bit_shapes(Path(model_dir), b, b)
     # GPTQModel's default offload dir is a /tmp folder it leaves behind; nothing is offloaded
     # here, but give it one of ours.
     offload = tempfile.mkdtemp(prefix="edgeqra-gptq-offload-")
@@ -333,7 +328,7 @@ def quantize_shared_hessian(
         for b in bits
     }
     torch.manual_seed(seed)
-    with _quiet():
+    with quiet_gptqmodel():
         model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=torch.float32)
     model.to(device).eval()
     layer_names = [layer for layer, _ in units]
@@ -355,7 +350,7 @@ def quantize_shared_hessian(
             # thousands of ops too small to gain from a second thread, and on a busy 2-core
             # machine two threads wait on each other: 0.65 s vs 3.5-15 s for one 1536x576
             # linear at load 5 (bench/bank_speed.py; the forward keeps every thread).
-            with _quiet(), _threads(1):
+            with quiet_gptqmodel(), _threads(1):
                 out = _quantize_layer(model, linears[index], collector, base, tokens)
             yield index, out
     del model
