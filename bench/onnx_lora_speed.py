@@ -124,10 +124,10 @@ def branch_table(
 
 def _decode(dest: Path, prompt: list[int], new: int) -> tuple[float, list[float], list[int]]:
     """(prefill s, per-step decode s, tokens) of one greedy run through the exported cache."""
-    from edgeqra.exporters.onnx import _empty_cache, _session, run_step
+    from edgeqra.exporters.onnx import empty_cache, ort_session, run_step
 
-    sess = _session(dest)
-    keys = values = _empty_cache(sess, 1)
+    sess = ort_session(dest)
+    keys = values = empty_cache(sess, 1)
     ids = np.array([prompt], dtype=np.int64)
     started = time.perf_counter()
     logits, keys, values = run_step(sess, ids, np.ones(ids.shape, np.int64), keys, values)

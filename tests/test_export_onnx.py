@@ -228,15 +228,15 @@ def test_kv_cache_steps_match_full_recompute(exported, dense_dequantized):
     A random tiny model's greedy output repeats one token, so this is the test with teeth for
     the cache: every step's logits, not only its argmax.
     """
-    from edgeqra.exporters.onnx import _empty_cache, _session, run_step
+    from edgeqra.exporters.onnx import empty_cache, ort_session, run_step
 
     dest, _ = exported
     g = torch.Generator().manual_seed(4)
     ids = torch.randint(0, 512, (2, 14), generator=g)  # 6 prompt tokens + 8 forced steps
     with torch.no_grad():
         expected = dense_dequantized(ids).logits.numpy()  # (2, 14, 512)
-    sess = _session(dest)
-    keys = values = _empty_cache(sess, 2)
+    sess = ort_session(dest)
+    keys = values = empty_cache(sess, 2)
     got, start = [], 0
     for end in (6, *range(7, 15)):  # prefill 6 tokens, then one token per step
         mask = np.ones((2, end), dtype=np.int64)
