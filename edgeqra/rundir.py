@@ -300,6 +300,13 @@ class RunFiles:
             raise ValueError(f"internal error: the summary breaks its schema: {'; '.join(found)}")
         write_json(self.summary, dict(summary))
 
+    def record_exports(self, exports: Mapping[str, str]) -> dict[str, Any]:
+        """Record the packages a job's ``export = [...]`` wrote (format -> folder relative to
+        the run directory) under ``exports`` in summary.json; returns the new summary."""
+        summary = {**self.read_summary(), "exports": dict(exports)}
+        self.write_summary(summary)
+        return summary
+
     def read_summary(self) -> dict[str, Any]:
         """The finished run's record, checked against its schema (RunDirError naming the
         first field that breaks it)."""

@@ -91,6 +91,10 @@ def test_every_entry_round_trips(tiny_search_run, tmp_path):
     )  # no temp file or staging folder left
     with pytest.raises(RunDirError, match="already holds a run"):
         RunFiles.create(dst.path, job)
+    recorded = dst.record_exports({"gptq": "export-gptq"})
+    assert dst.read_summary() == recorded and recorded["exports"] == {"gptq": "export-gptq"}
+    with pytest.raises(ValueError, match="exports"):
+        dst.record_exports({"safetensors": "export-x"})  # not a format the schema knows
 
 
 def test_an_incomplete_run_dir_is_one_error_naming_what_is_missing(tiny_search_run, tmp_path):
