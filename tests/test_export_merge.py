@@ -1,4 +1,4 @@
-"""The on-grid merge core (exporters/merge.py, issue 21) on seeded tensors: no model, no run.
+"""The on-grid merge core (exporters/merge/, issue 21) on seeded tensors: no model, no run.
 
 Claims, with their tolerances:
 * GPTQ on a fixed grid returns integer codes in [0, maxq]; given W* already on the grid it
