@@ -104,7 +104,7 @@ def _spearman(a: list[float], b: list[float]) -> float:
     return float(spearmanr(a, b).statistic)
 
 
-def _fidelity_check(prepared, args, budget: int, memory, importance) -> list[dict]:
+def _fidelity_check(prepared, args, task: str, budget: int, memory, importance) -> list[dict]:
     """Rank correlation of each rung's signals with the full-length score over N configs."""
     import random
 
@@ -122,9 +122,27 @@ def _fidelity_check(prepared, args, budget: int, memory, importance) -> list[dic
         if c not in configs:
             configs.append(c)
     rungs = sorted({max(1, args.steps // args.eta**k) for k in range(1, args.rungs)})
-    results = {
-        f: [prepared.evaluator.evaluate(c, f) for c in configs] for f in [*rungs, args.steps]
-    }
+    # Each evaluation is appended to a cache as it finishes, so a call cut by the device's time
+    # limit resumes where it stopped (bench/gpu/run_issue20.sh fidelity, called again).
+    cache_file = args.out / f"fidelity-evals-{task}.jsonl"
+    cache = {}
+    if cache_file.is_file():
+        for line in cache_file.read_text().splitlines():
+            if line.strip():
+                item = json.loads(line)
+                cache[item["key"]] = SimpleNamespace(**item["result"])
+    fields = ("score", "accuracy", "accuracy_norm", "loss", "train_loss")
+
+    def evaluate(config: Config, f: int):
+        key = f"{config.short()}|steps {f}|n_eval {args.n_eval}"
+        if key not in cache:
+            r = prepared.evaluator.evaluate(config, f)
+            cache[key] = SimpleNamespace(**{k: getattr(r, k) for k in fields})
+            with cache_file.open("a") as out:
+                out.write(json.dumps({"key": key, "result": vars(cache[key])}) + "\n")
+        return cache[key]
+
+    results = {f: [evaluate(c, f) for c in configs] for f in [args.steps, *rungs]}
     full = [r.score for r in results[args.steps]]
     rows = []
     for f in rungs:
@@ -167,7 +185,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
 
     if args.fidelity_check:
         budget = budget_for_bits(spec, profile, 3.5, space.bits, group_size=args.group_size)
-        table = _fidelity_check(prepared, args, budget, memory, importance)
+        table = _fidelity_check(prepared, args, task, budget, memory, importance)
         (args.out / f"fidelity-{task}.json").write_text(json.dumps(table, indent=2))
         print(f"\nfidelity check, {task}: Spearman vs the {args.steps}-step score")
         print("| steps | " + " | ".join(k for k in table[0] if k != "steps") + " |")
