@@ -30,7 +30,6 @@ from edgeqra.commands._common import (
     EXIT_OK,
     EXIT_OVER_CAP,
 )
-from edgeqra.commands.search import _executor_settings  # noqa: F401 - tests drive it
 from edgeqra.errors import BudgetError, EdgeQRAError
 
 __all__ = [

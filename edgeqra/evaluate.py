@@ -53,6 +53,7 @@ __all__ = [
     "mc_logliks",
     "mc_scores",
     "score_task",
+    "score_value",
     "text_scores",
 ]
 
@@ -497,7 +498,7 @@ class EvalSettings:
         return _AUTO_METRIC.get(task.name, "acc") if self.metric == "auto" else self.metric
 
 
-def _score_value(scores: Scores, metric: str) -> float:
+def score_value(scores: Scores, metric: str) -> float:
     """Higher-is-better score of a metric."""
     if metric == "loss":
         return -scores.loss
@@ -625,7 +626,7 @@ class Evaluator:
         return Result(
             config=str(config),
             fidelity=fidelity,
-            score=_score_value(scores, self.metric),
+            score=score_value(scores, self.metric),
             metric=self.metric,
             loss=scores.loss,
             perplexity=scores.perplexity,

@@ -31,7 +31,7 @@ Two details of Torch-Pruning 1.6.1 that this module works around (so it pins tha
 
 The settings and the widths they resolve to live in :mod:`edgeqra.prune_settings`
 (re-exported here), the DepGraph side (tracing, coupling checks, pruning by index) in
-:mod:`edgeqra._depgraph`; this module holds the importance ranking, the pruning and the folder
+:mod:`edgeqra.depgraph`; this module holds the importance ranking, the pruning and the folder
 I/O.
 
 ``layout = layerwise`` (LLM-Pruner's block-wise rule: first and last layers whole, the middle
@@ -169,11 +169,11 @@ def prune_model(
     Raises:
         PruneError: the model cannot be traced or divided as asked.
     """
-    from edgeqra import _depgraph
+    from edgeqra import depgraph
 
     start = time.perf_counter()
     target = PruneTarget.from_config(model.config, settings)
-    layers = _depgraph.find_layers(model)
+    layers = depgraph.find_layers(model)
     before = _count_params(model)
     if settings.importance is Importance.TAYLOR and calibration is None:
         raise PruneError("`importance` 'taylor' needs calibration rows; pass `calibration`")
@@ -184,7 +184,7 @@ def prune_model(
     if not target.changes:
         return PruneOutcome(target, kept_heads, kept_channels, before, before, 0.0)
 
-    dg = _depgraph.dependency_graph(model, layers)
+    dg = depgraph.dependency_graph(model, layers)
     names = {id(m): n for n, m in model.named_modules()}
     limit = 64 * len(layers) + 256  # a layer's real groups hold tens of operations
     importance = _importance(settings)
@@ -193,10 +193,10 @@ def prune_model(
 
     plans = []  # (layer, mlp items, channels kept, attention items, heads kept)
     for layer in layers:
-        mlp_items, attn_items, groups = _depgraph.couple(dg, layer, target, limit, names)
-        mlp_imp = importance(_depgraph.subgroup(dg, mlp_items))  # (inter,)
+        mlp_items, attn_items, groups = depgraph.couple(dg, layer, target, limit, names)
+        mlp_imp = importance(depgraph.subgroup(dg, mlp_items))  # (inter,)
         keep_ch = _top(mlp_imp, target.intermediate_size)
-        head_imp = importance(_depgraph.subgroup(dg, attn_items)).view(heads, d).mean(1)
+        head_imp = importance(depgraph.subgroup(dg, attn_items)).view(heads, d).mean(1)
         if kv == heads:  # whole q/k/v/o heads
             keep_h = _top(head_imp, target.num_attention_heads)
         else:  # the same number of query heads leaves each key-value group
@@ -211,11 +211,11 @@ def prune_model(
     for layer, mlp_items, keep_ch, attn_items, keep_h in plans:
         drop_ch = sorted(set(range(inter)) - set(keep_ch))
         if drop_ch:
-            _depgraph.prune_items(dg, mlp_items, drop_ch)
+            depgraph.prune_items(dg, mlp_items, drop_ch)
         drop_h = sorted(set(range(heads)) - set(keep_h))
         if drop_h:
             channels = [h * d + c for h in drop_h for c in range(d)]
-            _depgraph.prune_items(dg, attn_items, channels)
+            depgraph.prune_items(dg, attn_items, channels)
         groups_per_kv = target.num_attention_heads // target.num_key_value_heads
         layer.attention.num_key_value_groups = groups_per_kv
         if hasattr(layer.attention, "num_heads"):
@@ -224,7 +224,7 @@ def prune_model(
             layer.mlp.intermediate_size = target.intermediate_size
         kept_heads[layer.name] = tuple(keep_h)
         kept_channels[layer.name] = tuple(keep_ch)
-        _depgraph.check_layer(layer, target)
+        depgraph.check_layer(layer, target)
     apply_widths(text_config(model.config), target)
     if model.config is not text_config(model.config):
         apply_widths(model.config, target)  # pragma: no cover - multimodal wrappers

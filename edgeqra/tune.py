@@ -583,9 +583,9 @@ def _check_checkpoint_bits(checkpoint: Path, units: Sequence[Unit], config: Conf
     import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
 
-    from edgeqra.gptq import quantize_config as _quantize_config
+    from edgeqra.gptq import quantize_config
 
-    qcfg = _quantize_config(checkpoint)
+    qcfg = quantize_config(checkpoint)
     wrong = []
     for unit, choice in zip(units, config, strict=True):
         for lin in unit.linears:
@@ -640,8 +640,13 @@ def quantized_lora(
     """
     from transformers import AutoConfig
 
-    from edgeqra.gptq import quantize_to_checkpoint
-    from edgeqra.gptq import config_bits, kernels_by_bits, load_gptq, meta_model
+    from edgeqra.gptq import (
+        config_bits,
+        kernels_by_bits,
+        load_gptq,
+        meta_model,
+        quantize_to_checkpoint,
+    )
 
     model_dir = Path(model_dir)
     units = find_units(meta_model(AutoConfig.from_pretrained(model_dir, local_files_only=True)))

@@ -105,12 +105,12 @@ def _check_target(out: Path, archive: bool, force: bool) -> None:
 
 def _score(prepared: Any, model: nn.Module) -> dict[str, object]:
     """The run's metric on the run's eval split, exactly as the search scored candidates."""
-    from edgeqra.evaluate import _score_value
+    from edgeqra.evaluate import score_value
 
     ev = prepared.evaluator
     scores = ev.score(model)  # the search's own scoring call (batch size, text windows)
     return {
-        "score": _score_value(scores, ev.metric),
+        "score": score_value(scores, ev.metric),
         "metric": ev.metric,
         "loss": scores.loss,
         "accuracy": scores.accuracy,

@@ -476,11 +476,12 @@ def test_job_file_executor_keys_round_trip(tmp_path):
 
 
 def test_resume_flags_override_only_what_is_given():
-    from edgeqra.cli import _executor_settings, _parser
+    from edgeqra.cli import _parser
+    from edgeqra.commands.search import executor_settings
 
     args = _parser().parse_args(["search", "--resume", "runs/x", "--workers", "4"])
-    assert _executor_settings(args, ExecutorSettings("ray", 2, "auto", 5)) == ExecutorSettings(
+    assert executor_settings(args, ExecutorSettings("ray", 2, "auto", 5)) == ExecutorSettings(
         "ray", 4, "auto", 5
     )
     args = _parser().parse_args(["search", "--profile", "t4-16gb", "--ray-address", "auto"])
-    assert _executor_settings(args).kind is ExecutorKind.RAY  # an address implies Ray
+    assert executor_settings(args).kind is ExecutorKind.RAY  # an address implies Ray

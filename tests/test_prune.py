@@ -222,10 +222,10 @@ def test_taylor_importance_is_deterministic_and_uses_the_data():
 def test_a_trace_that_does_not_close_is_an_error(monkeypatch):
     import contextlib
 
-    from edgeqra import _depgraph
+    from edgeqra import depgraph
 
     # Without the RoPE workaround, Torch-Pruning 1.6.1's DepGraph loops (its issue #527).
-    monkeypatch.setattr(_depgraph, "traceable", lambda *a, **k: contextlib.nullcontext())
+    monkeypatch.setattr(depgraph, "traceable", lambda *a, **k: contextlib.nullcontext())
     with pytest.raises(PruneError, match=r"cannot trace `model.layers.0.self_attn`.*#527"):
         prune_model(_model("llama"), PruneSettings(ratio=RATIO, importance="magnitude"))
 

@@ -94,13 +94,13 @@ def _cmd_search(args: argparse.Namespace, out: Console) -> int:
             flat = {s.key: schema.value_of(job, s) for s in _schema()}
             _refuse_changes(job, SearchJob.from_values({**flat, **asked}), str(run_dir))
         if _executor_given(args):  # resume elsewhere (e.g. on the cluster): same answers
-            job = dataclasses.replace(job, executor=_executor_settings(args, job.executor))
+            job = dataclasses.replace(job, executor=executor_settings(args, job.executor))
         check_available(job.executor)
     else:
         if "profile" not in given:
             raise EdgeQRAError("`search` needs `--profile NAME` (or `--resume RUN_DIR`)")
         load_profile(given["profile"])  # fail fast on a bad profile name
-        executor = _executor_settings(args)
+        executor = executor_settings(args)
         check_available(executor)  # e.g. Ray missing: say so before any work
         rest = {k: v for k, v in given.items() if k not in _EXECUTOR_KEYS}
         job = dataclasses.replace(SearchJob.from_values(rest), executor=executor)
@@ -117,7 +117,7 @@ def _executor_given(args: argparse.Namespace) -> bool:
     return any(k in vars(args) for k in _EXECUTOR_KEYS)
 
 
-def _executor_settings(args: argparse.Namespace, base=None):
+def executor_settings(args: argparse.Namespace, base=None):
     """ExecutorSettings from --executor/--workers/--ray-address/--attempts over ``base``;
     an address alone implies Ray."""
     from edgeqra.search.executors import ExecutorSettings
@@ -238,7 +238,7 @@ def _cmd_run(args: argparse.Namespace, out: Console) -> int:
         flat = {s.key: schema.value_of(spec.search, s) for s in _schema()}
         spec = dataclasses.replace(spec, search=SearchJob.from_values({**flat, **given}))
     if _executor_given(args):
-        executor = _executor_settings(args, spec.search.executor)
+        executor = executor_settings(args, spec.search.executor)
         spec = dataclasses.replace(spec, search=dataclasses.replace(spec.search, executor=executor))
     if args.resume:
         job = pipeline.open_run_dir(spec.out, None, resume=True)

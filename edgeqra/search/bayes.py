@@ -343,14 +343,14 @@ def refine_lengler(
     """
     import nevergrad as ng
 
-    from edgeqra.search.evolution import _parametrization, _value
+    from edgeqra.search.evolution import config_value, parametrization_for
 
     scored = _scored(history)
     if not scored:
         return []
     best, _ = max(scored, key=lambda item: item[1])
-    param = _parametrization(space, seed)
-    param.value = _value(best)
+    param = parametrization_for(space, seed)
+    param.value = config_value(best)
     optimizer = ng.optimizers.registry["DiscreteLenglerOnePlusOne"](
         parametrization=param, budget=None
     )
@@ -374,6 +374,6 @@ def refine_lengler(
                 on_result(config, score)
         score = known[config]
         # Tell the repaired point (nevergrad learns from what was measured, not the raw ask).
-        child = optimizer.parametrization.spawn_child(new_value=_value(config))
+        child = optimizer.parametrization.spawn_child(new_value=config_value(config))
         optimizer.tell(child, -score if math.isfinite(score) else math.inf)
     return new

@@ -35,7 +35,7 @@ from edgeqra.search.surrogate import Surrogate
 from edgeqra.settings import setting
 from edgeqra.space import Config, SearchSpace
 
-__all__ = ["EvolutionSettings", "evolve", "run_rungs"]
+__all__ = ["EvolutionSettings", "config_value", "evolve", "parametrization_for", "run_rungs"]
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class EvolutionSettings:
             )
 
 
-def _parametrization(space: SearchSpace, seed: int) -> ng.p.Tuple:
+def parametrization_for(space: SearchSpace, seed: int) -> ng.p.Tuple:
     """One (bits, rank) gene per unit; ordered choices so a mutation step is ±1 position."""
     param = ng.p.Tuple(
         *[
@@ -90,7 +90,7 @@ def _parametrization(space: SearchSpace, seed: int) -> ng.p.Tuple:
     return param
 
 
-def _value(config: Config) -> tuple[tuple[int, int], ...]:
+def config_value(config: Config) -> tuple[tuple[int, int], ...]:
     return tuple((c.bits, c.rank) for c in config)
 
 
@@ -191,7 +191,7 @@ def evolve(
     """
     rng = random.Random(seed)
     optimizer = ng.optimizers.registry[settings.optimizer](
-        parametrization=_parametrization(space, seed), num_workers=1
+        parametrization=parametrization_for(space, seed), num_workers=1
     )
     pop = _Population(budget, settings.front)
     surrogate = Surrogate(space)
@@ -200,7 +200,7 @@ def evolve(
         fresh = [c for c in dict.fromkeys(configs) if c not in pop.seen]
         for config, result in run_rungs(fresh, evaluate, schedule, stage).items():
             pop.seen[config] = result
-            child = optimizer.parametrization.spawn_child(new_value=_value(config))
+            child = optimizer.parametrization.spawn_child(new_value=config_value(config))
             with warnings.catch_warnings():
                 # nevergrad scalarises multi-objective losses by hypervolume and gives a
                 # dominated point an infinite loss, warning each time: expected here.

@@ -1,5 +1,5 @@
 """Torch-Pruning's DepGraph as :mod:`edgeqra.prune` uses it: trace once, read each layer's
-coupled channels, prune them by index (private; the module docstring of edgeqra.prune says why
+coupled channels, prune them by index (used by edgeqra.prune only; its module docstring of edgeqra.prune says why
 the trace runs with RoPE as the identity and eager attention).
 
 An *item* is ``(dep, idxs, root_idxs)``: one coupled nn.Linear side of a group, with its own
