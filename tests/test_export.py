@@ -443,7 +443,7 @@ def test_incomplete_run_dir_names_what_is_missing(run, tmp_path, capsys):
 
 @pytest.mark.skipif(
     importlib.util.find_spec("edgeqra.exporters.onnx") is None,
-    reason="the ONNX writer (exporters/onnx.py) is not in this tree",
+    reason="the ONNX writer (exporters/onnx/) is not in this tree",
 )
 def test_onnx_export_reuses_the_gptq_package_and_matches_it(run, monkeypatch):
     from edgeqra.exporters.onnx import onnx_logits
