@@ -109,20 +109,33 @@ def _row_model(row: dict, base: str, out: Path) -> str:
     return str(out / f"pruned-{row['ratio']:g}") if pruned else base
 
 
-def _remeasure(journal: Path, base: str, profile, group_size: int) -> None:
-    """Measure every row of OUT/rows.jsonl again in fresh processes (atomic rewrite)."""
+def _remeasure(journal: Path, base: str, profile, group_size: int, jobs: int = 1) -> None:
+    """Measure every row of OUT/rows.jsonl again in fresh processes (atomic rewrite).
+
+    ``jobs`` child processes run at once: each reads its own allocator and its own NVML
+    process entry, so concurrent children on one GPU do not see each other's memory.
+    """
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
     rows = [json.loads(line) for line in journal.read_text().splitlines()]
-    for row in rows:
-        if row.get("config", "—") == "—" or (row.get("measured") or {}).get("fresh_process"):
-            continue
+    lock = threading.Lock()
+
+    def one(row: dict) -> None:
         model = _row_model(row, base, journal.parent)
-        row["model"] = model
-        row["measured"] = _measured(model, Config.parse(row["config"]), profile, group_size)
-        print(json.dumps({k: row[k] for k in ("task", "ratio", "method")}
-                         | {"peak": (row["measured"] or {}).get("peak_allocated")}), flush=True)  # fmt: skip
-        tmp = journal.with_suffix(".jsonl.tmp")
-        tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
-        tmp.replace(journal)  # every finished row survives a cut-off call
+        measured = _measured(model, Config.parse(row["config"]), profile, group_size)
+        with lock:
+            row["model"], row["measured"] = model, measured
+            print(json.dumps({k: row[k] for k in ("task", "ratio", "method")}
+                             | {"peak": (measured or {}).get("peak_allocated")}), flush=True)  # fmt: skip
+            tmp = journal.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(json.dumps(r, default=str) + "\n" for r in rows))
+            tmp.replace(journal)  # every finished row survives a cut-off call
+
+    todo = [row for row in rows if row.get("config", "—") != "—"
+            and not (row.get("measured") or {}).get("fresh_process")]  # fmt: skip
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        list(pool.map(one, todo))
 
 
 def _row(
@@ -155,6 +168,7 @@ def main() -> None:
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--remeasure", action="store_true",
                    help="only measure OUT/rows.jsonl's rows again, each in a fresh process")  # fmt: skip
+    p.add_argument("--jobs", type=int, default=1, help="--remeasure: child processes at once")
     p.add_argument("--measure-child", nargs=2, metavar=("MODEL", "CONFIG"), help=argparse.SUPPRESS)
     args = p.parse_args()
     profile = load_profile(args.profile)
@@ -176,7 +190,7 @@ def main() -> None:
                 prune_folder(args.model, folder, settings, device=args.device)
         pruned[ratio] = folder
     if args.remeasure:  # after pruning: a carried-back rows.jsonl names folders made here
-        _remeasure(args.out / "rows.jsonl", args.model, profile, args.group_size)
+        _remeasure(args.out / "rows.jsonl", args.model, profile, args.group_size, args.jobs)
         return
 
     def job(model: str, task: str) -> EvalJob:

@@ -31,7 +31,8 @@ __all__ = [
 DEFAULT_BITS: tuple[int, ...] = (2, 3, 4, 8)
 DEFAULT_RANKS: tuple[int, ...] = (0, 4, 8, 16, 32)
 FP16_BITS = 16
-_SPEC_ITEM = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*$")
+# One unit `BITS/RANK`, or a run of N equal units `BITS/RANKxN` (the form `Config.short` writes).
+_SPEC_ITEM = re.compile(r"^\s*(\d+)\s*/\s*(\d+)\s*(?:[xX]\s*(\d+)\s*)?$")
 _GIB = 1 << 30
 
 
@@ -100,7 +101,8 @@ class Config:
 
     @classmethod
     def parse(cls, spec: str) -> Config:
-        """Parse ``"4/8,4/8,8/16"``, a JSON list of ``[bits, rank]``, or a path to such a file."""
+        """Parse ``"4/8,4/8,8/16"`` (runs as ``"4/8x2,8/16"``, :meth:`short`'s form), a JSON
+        list of ``[bits, rank]``, or a path to such a file."""
         text = spec.strip()
         path = Path(text)
         if text.endswith(".json") or (len(text) < 4096 and path.is_file()):
@@ -117,10 +119,17 @@ class Config:
             match = _SPEC_ITEM.match(item)
             if match is None:
                 raise ConfigError(
-                    f"config spec item {position} `{item.strip()}` is not `BITS/RANK`; "
-                    "write one `bits/rank` per unit separated by commas, e.g. `4/8,4/8,8/16`"
+                    f"config spec item {position} `{item.strip()}` is not `BITS/RANK` or "
+                    "`BITS/RANKxN`; write one `bits/rank` per unit separated by commas, e.g. "
+                    "`4/8,4/8,8/16`, or a run of N equal units as `4/8x2,8/16`"
                 )
-            choices.append(Choice(int(match.group(1)), int(match.group(2))))
+            repeat = int(match.group(3)) if match.group(3) else 1
+            if repeat < 1:
+                raise ConfigError(
+                    f"config spec item {position} `{item.strip()}` repeats a unit {repeat} times; "
+                    "a run needs N >= 1"
+                )
+            choices.extend([Choice(int(match.group(1)), int(match.group(2)))] * repeat)
         return cls(tuple(choices))
 
     @classmethod

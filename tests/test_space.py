@@ -39,6 +39,27 @@ def _is_one_step(space: SearchSpace, old: Choice, new: Choice) -> bool:
     return False
 
 
+# --- parsing ---------------------------------------------------------------------------------
+
+
+def test_parse_reads_back_the_run_length_form_short_writes():
+    rng = random.Random(3)
+    space = SearchSpace(30, bits=(2, 3, 4, 8, FP16_BITS), ranks=(0, 4, 8, 16))
+    for _ in range(50):  # random configs, and ones with long runs, as bench rows store them
+        config = space.sample(rng)
+        runs = Config.from_pairs([(4, 8)] * 12 + [(c.bits, c.rank) for c in config][:18])
+        for each in (config, runs):
+            assert Config.parse(each.short()) == each
+    assert Config.parse("16/8x30") == Config.uniform(30, FP16_BITS, 8)
+    assert Config.parse(" 4/8 x 2 ,8/16") == Config.from_pairs([(4, 8), (4, 8), (8, 16)])
+
+
+@pytest.mark.parametrize("spec", ["4/8x0", "4/8x", "4/8x-1", "x3"])
+def test_parse_rejects_a_bad_run_naming_the_item(spec):
+    with pytest.raises(ConfigError, match=re.escape(spec.split(",")[0].strip())):
+        Config.parse(spec)
+
+
 # --- neighbours ------------------------------------------------------------------------------
 
 
