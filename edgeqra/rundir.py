@@ -6,7 +6,7 @@
     RUN/journal.jsonl     one Result per evaluation (resume replays it)
     RUN/sensitivity.json  the stage-1 profile (when run)
     RUN/front.json        the measured Pareto front
-    RUN/chosen.json       the chosen config and its predicted memory
+    RUN/chosen.json       the chosen config and its predicted memory (schemas/chosen.schema.json)
     RUN/adapter/          the final tuning's PEFT adapter (absent when every rank is 0)
     RUN/summary.json      everything above in one record (schemas/summary.schema.json)
 
@@ -15,7 +15,7 @@ directory finished or not (a search in progress, a killed one): each entry's pat
 writer (temp file, then rename: a killed run never leaves half a file) and a reader;
 :mod:`edgeqra.pipeline` writes through it. :class:`RunDir` is the checked reading of a
 finished run (the exporters'), whose one error names everything that is missing. summary.json
-is checked against its JSON Schema both when written and when read.
+and chosen.json are checked against their JSON Schemas both when written and when read.
 
 The job types are imported only where a job is built (:meth:`RunFiles.read_job`,
 :meth:`RunDir.open`): they pull in torch through their tuning settings, and the report and the
@@ -54,6 +54,7 @@ __all__ = [
     "RunDir",
     "RunDirError",
     "RunFiles",
+    "chosen_schema",
     "read_json",
     "summary_schema",
     "write_json",
@@ -94,6 +95,12 @@ def read_json(path: Path) -> Any:
 def summary_schema() -> dict[str, Any]:
     """``edgeqra/schemas/summary.schema.json`` (shipped as package data)."""
     return json.loads((Path(__file__).parent / "schemas" / "summary.schema.json").read_text())
+
+
+@cache
+def chosen_schema() -> dict[str, Any]:
+    """``edgeqra/schemas/chosen.schema.json`` (shipped as package data)."""
+    return json.loads((Path(__file__).parent / "schemas" / "chosen.schema.json").read_text())
 
 
 def _summary_problems(summary: object) -> list[str]:
@@ -264,14 +271,25 @@ class RunFiles:
         return [_result(r, f"`{self.front}` item {i}") for i, r in enumerate(data)]
 
     def write_chosen(self, chosen: Mapping[str, Any]) -> None:
-        """The chosen config: ``config``, ``spec``, ``short``, ``average_bits``,
-        ``predicted_memory``, ``budget_bytes``, ``search_score``."""
+        """The chosen config (``config``, ``spec``, ``short``, ``average_bits``,
+        ``predicted_memory``, ``budget_bytes``, ``search_score``); one breaking its schema is a
+        bug here, not the user's."""
+        found = problems(dict(chosen), chosen_schema())
+        if found:
+            raise ValueError(f"internal error: chosen.json breaks its schema: {'; '.join(found)}")
         write_json(self.chosen, dict(chosen))
 
     def read_chosen(self) -> dict[str, Any]:
+        """The chosen config, checked against its schema (RunDirError naming the first field
+        that breaks it)."""
         data = read_json(self.chosen)
-        if not isinstance(data, dict) or not isinstance(data.get("spec"), str):
-            raise RunDirError(f"`{self.chosen}` names no config (`spec`); is the run intact?")
+        found = problems(data, chosen_schema())
+        if found:
+            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+            raise RunDirError(
+                f"`{self.chosen}`: {found[0]}{more}; rewrite it by finishing the run again with "
+                f"`edgeqra search --resume {self.path}`"
+            )
         return data
 
     # ------------------------------------------------------------------ adapter/

@@ -57,7 +57,7 @@ from edgeqra.exporters.verify import Check, VerifyReport, verify_package
 from torch import nn
 
 from edgeqra.errors import ConfigError
-from edgeqra.rundir import SUMMARY, RunDir, read_json, write_json
+from edgeqra.rundir import RunDir, RunFiles, write_json
 from edgeqra.space import FP16_BITS, Config
 
 __all__ = [
@@ -533,8 +533,5 @@ def export_run(
     for fmt in formats:
         result = export_package(run_dir, fmt, force=True, merge=merge, on_stage=on_stage)
         paths[fmt] = result.path.relative_to(run_dir).as_posix()
-    summary_path = run_dir / SUMMARY
-    summary = read_json(summary_path)
-    summary["exports"] = paths
-    write_json(summary_path, summary)
+    RunFiles(run_dir).record_exports(paths)  # checked against summary.json's schema
     return paths
