@@ -459,7 +459,7 @@ def initial_population(
     importance: Sequence[float] | None = None,
     extra: Sequence[Config] = (),
 ) -> list[Config]:
-    """The first generation: the repaired seed, the feasible ``extra`` configs, then mutants.
+    """The first generation: the repaired seed, the repaired ``extra`` configs, then mutants.
 
     Mutants are proximity mutations of the repaired seed (importance-guided when given),
     each repaired to the budget. When ``size`` consecutive tries bring nothing new, later
@@ -474,7 +474,11 @@ def initial_population(
         size: number of configs wanted.
         repair: maps any config to a feasible one (identity on feasible configs).
         importance: per-unit weights for importance-guided mutation.
-        extra: baselines (e.g. uniform 4-bit rank 8), kept only if ``repair(c) == c``.
+        extra: baselines (e.g. the uniform configs that fit), each kept as ``repair(c)``.
+            The pipeline's repair also fills to the budget, so a uniform config below it
+            enters raised to it; keeping only baselines that ``repair`` left unchanged dropped
+            them all (issue 20, H200 2026-12-03: at 3.5 bits uniform 3-bit was filtered out and
+            every config of the first generation held 16-20 collapsing 2-bit layers).
     """
     if isinstance(size, bool) or not isinstance(size, int) or size < 1:
         raise ConfigError(f"population `size` must be a positive integer, got {size!r}")
@@ -484,9 +488,10 @@ def initial_population(
     for config in extra:
         if len(population) >= size:
             break
-        if config not in seen and repair(config) == config:
-            population.append(config)
-            seen.add(config)
+        fitted = repair(space.validate(config))
+        if fitted not in seen:
+            population.append(fitted)
+            seen.add(fitted)
     rate = max(_MUTATION_RATE, 1.0 / space.n_units)  # on average ≥ 1 unit moves per mutant
     misses = 0
     for _ in range(50 * size + 100):

@@ -22,7 +22,7 @@ from edgeqra.sensitivity import (
     measure_sensitivity,
     seed_config,
 )
-from edgeqra.space import Config, SearchSpace, repair
+from edgeqra.space import Config, SearchSpace, fill, repair
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +219,7 @@ def test_initial_population_seed_first_extras_distinct_feasible_deterministic():
     )
     assert len(population) == 12 == len(set(population))
     assert population[0] == fix(seed)
-    assert population[1] == fits and too_big not in population
+    assert population[1] == fits and population[2] == fix(too_big) != too_big
     assert all(fix(c) == c for c in population)
     again = initial_population(
         seed,
@@ -233,6 +233,27 @@ def test_initial_population_seed_first_extras_distinct_feasible_deterministic():
     assert again == population
     other = initial_population(seed, space, random.Random(8), 12, repair=fix, extra=[fits])
     assert other != population
+
+
+def test_initial_population_keeps_a_baseline_below_the_budget_filled_to_it():
+    """The pipeline's repair fills: a uniform baseline under the budget must enter raised to
+    it, not be dropped because repair changed it (issue 20's first generation on the H200)."""
+    space = SearchSpace(6, bits=(2, 3, 4, 8), ranks=(0, 8))
+    memory = lambda c: sum(c.bits) + sum(c.ranks) // 8  # noqa: E731
+    importance = [0.9, 0.1, 0.1, 0.1, 0.1, 0.9]  # the seed spends on the ends, 2 bits between
+
+    def fix(config):
+        return fill(repair(config, space, memory, 27), space, memory, 27, importance)
+
+    uniform3 = Config.uniform(6, 3, 8)  # 18 + 6 = 24 bytes, 3 under the budget
+    seed = seed_config(importance, space)
+    population = initial_population(
+        seed, space, random.Random(0), 6, repair=fix, importance=importance, extra=[uniform3]
+    )
+    filled = fix(uniform3)
+    assert filled != uniform3 and memory(filled) <= 27 and min(filled.bits) == 3
+    assert population[1] == filled and uniform3 not in population
+    assert 2 in population[0].bits  # what the sensitivity seed alone would have offered
 
 
 def test_initial_population_of_a_tiny_space_stops():
