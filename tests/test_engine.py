@@ -16,8 +16,8 @@ from conftest import tiny_model
 from edgeqra.data import MCItem
 from edgeqra.engine import EngineSettings, GraphLoRA, peft_lora_init
 from edgeqra.errors import ConfigError
-from edgeqra.evaluate import _mc_requests, _pad_id, mc_logliks, mc_scores
 from edgeqra.models import find_units
+from edgeqra.scoring import _mc_requests, _pad_id, mc_logliks, mc_scores
 from edgeqra.space import Config
 from edgeqra.tune import TARGETS, TrainBatches, TuneSettings, attach_lora, detach_lora, tune
 

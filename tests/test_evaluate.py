@@ -9,10 +9,10 @@ import torch
 from conftest import tiny_model
 from torch import nn
 
-from edgeqra import evaluate
+from edgeqra import scoring
 from edgeqra.data import MCItem, TaskData, encode_pair, load_task
 from edgeqra.errors import DataError
-from edgeqra.evaluate import Scores, mc_logliks, mc_scores, score_task, text_scores
+from edgeqra.scoring import Scores, mc_logliks, mc_scores, score_task, text_scores
 
 ATOL = 1e-4  # batched/padded vs one-sequence reference, float32 log-likelihoods in nats
 
@@ -114,8 +114,8 @@ def test_model_without_logits_to_keep_gives_same_logliks(tokenizer) -> None:
 
     model = _model(tokenizer)
     wrapped = Plain(model)
-    assert evaluate._accepts_logits_to_keep(model)
-    assert not evaluate._accepts_logits_to_keep(wrapped)
+    assert scoring._accepts_logits_to_keep(model)
+    assert not scoring._accepts_logits_to_keep(wrapped)
     a = mc_logliks(model, tokenizer, ITEMS, batch_size=4)
     b = mc_logliks(wrapped, tokenizer, ITEMS, batch_size=4)
     for x, y in zip(a, b, strict=True):
@@ -235,10 +235,10 @@ def test_text_windows_match_unbatched_reference(tokenizer) -> None:
 
 def test_document_windows_tile_the_targets() -> None:
     ids = list(range(20))
-    windows = evaluate._document_windows(ids, 6)
+    windows = scoring._document_windows(ids, 6)
     assert [w[1:] for w in windows] == [ids[1:7], ids[7:13], ids[13:19], ids[19:20]]
     assert all(len(w) <= 7 for w in windows)
-    assert evaluate._document_windows([5], 6) == []
+    assert scoring._document_windows([5], 6) == []
 
 
 # ---------------------------------------------------------------- determinism and state

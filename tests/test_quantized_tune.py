@@ -26,8 +26,9 @@ from edgeqra.gptq import (
 )
 from edgeqra.memory import ModelSpec, estimate
 from edgeqra.profiles import BudgetMode, InferenceWorkload
+from edgeqra.quantized_tune import quantized_lora
 from edgeqra.space import Config
-from edgeqra.tune import TrainBatches, TuneSettings, adapter_ranks, quantized_lora, train
+from edgeqra.tune import TrainBatches, TuneSettings, adapter_ranks, train
 
 VOCAB = 512
 GROUP = 64

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 import shutil
 
 import pytest
@@ -25,6 +26,7 @@ from edgeqra.rundir import (
     RunDir,
     RunDirError,
     RunFiles,
+    chosen_schema,
     summary_schema,
 )
 
@@ -47,8 +49,10 @@ def test_a_real_run_holds_every_entry_and_opens(tiny_search_run):
     assert run.summary["chosen"]["config"] == MIXED and run.summary["chosen"]["fits"]
     assert run.summary["chosen"]["adapter"] == ADAPTER
     assert problems(run.summary, summary_schema()) == []
+    assert problems(run.chosen, chosen_schema()) == []
     jsonschema = pytest.importorskip("jsonschema")
     jsonschema.validate(run.summary, summary_schema())
+    jsonschema.validate(run.chosen, chosen_schema())
     entries, failures = files.read_journal()
     assert entries and not failures
     assert {r.config for r in files.read_front()} <= {e.result.config for e in entries}
@@ -153,6 +157,33 @@ def test_a_broken_summary_is_a_rundir_error_naming_the_field(
         jsonschema.validate(broken, summary_schema())
 
 
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (lambda c: c.update(spec="5/8,4/8"), "`spec` does not match"),
+        (lambda c: c.pop("budget_bytes"), "`budget_bytes` is missing"),
+        (lambda c: c["predicted_memory"].update(total="1 GiB"), "`predicted_memory.total`"),
+        (lambda c: c.update(config=[]), "`config`"),
+        (lambda c: c.update(extra=1), "extra"),
+    ],
+)
+def test_a_broken_chosen_json_is_a_rundir_error_naming_the_field(
+    tiny_search_run, tmp_path, change, named
+):
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_search_run.out, copy, ignore=shutil.ignore_patterns("export*", "*pkg*"))
+    chosen = json.loads((copy / CHOSEN).read_text())
+    change(chosen)
+    (copy / CHOSEN).write_text(json.dumps(chosen))
+    with pytest.raises(RunDirError, match=re.escape(named)):
+        RunDir.open(copy)
+    with pytest.raises(ValueError, match="chosen.json breaks its schema"):
+        RunFiles(copy).write_chosen(chosen)  # the pipeline never writes one
+    jsonschema = pytest.importorskip("jsonschema")  # the checker agrees with the real thing
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.validate(chosen, chosen_schema())
+
+
 def test_a_summary_from_before_the_schema_still_reads(tiny_search_run, tmp_path):
     files = _copy_with_summary(tiny_search_run, tmp_path, lambda s: s.pop("schema_version"))
     assert files.read_summary()["schema_version"] == 1
@@ -170,6 +201,8 @@ def test_the_schema_describes_the_types_the_pipeline_writes(tiny_search_run):
     chosen = schema["properties"]["chosen"]
     assert set(summary["chosen"]) == set(chosen["properties"]) == set(chosen["required"])
     assert set(schema["required"]) <= set(summary) <= set(schema["properties"])
+    chosen = RunFiles(tiny_search_run.out).read_chosen()
+    assert set(chosen) == set(chosen_schema()["properties"]) == set(chosen_schema()["required"])
 
 
 def test_resuming_under_changed_settings_is_refused_naming_the_setting(

@@ -208,17 +208,7 @@ def quantize_config(checkpoint_dir: Path) -> dict:
 
 def dequantized_weights(checkpoint_dir: Path) -> dict[str, torch.Tensor]:
     """Dense float32 W_hat (d_out, d_in) per quantized linear, as GPTQModel's torch kernel sees it."""
-    from safetensors import safe_open
-
-    checkpoint_dir = Path(checkpoint_dir)
-    qcfg = quantize_config(checkpoint_dir)
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(checkpoint_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as reader:
-            for key in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
-                    tensors[key] = reader.get_tensor(key)
-    return dequantize_packed(tensors, qcfg)
+    return dequantize_packed(packed_tensors(checkpoint_dir), quantize_config(checkpoint_dir))
 
 
 def dequantize_packed(

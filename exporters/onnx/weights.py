@@ -42,21 +42,15 @@ def gptq_modules(
     gptq_dir: Path, eight_bit: EightBit = EightBit.SPLIT, two_bit_storage: int = LOW_BIT_STORAGE
 ) -> Iterator[LinearPlan]:
     """Each quantized linear of the checkpoint, unpacked and planned for the ONNX graph."""
-    from edgeqra.gptq import import_gptqmodel
+    from edgeqra.gptq import import_gptqmodel, packed_tensors
 
     import_gptqmodel()
     from gptqmodel.quantization.config import dynamic_get
     from gptqmodel.utils.model_dequant import unpack_cols, unpack_rows
-    from safetensors import safe_open
 
     qcfg = _quantize_config(gptq_dir)
     v1 = str(qcfg.get("checkpoint_format") or qcfg.get("format") or "gptq").lower() == "gptq"
-    tensors: dict[str, torch.Tensor] = {}
-    for path in sorted(gptq_dir.glob("*.safetensors")):
-        with safe_open(str(path), framework="pt") as reader:
-            for key in reader.keys():  # noqa: SIM118 - safe_open has no __iter__
-                if key.rsplit(".", 1)[-1] in ("qweight", "qzeros", "scales", "g_idx"):
-                    tensors[key] = reader.get_tensor(key)
+    tensors = packed_tensors(gptq_dir)
     prefixes = sorted(k[: -len(".qweight")] for k in tensors if k.endswith(".qweight"))
     if not prefixes:
         raise ModelError(f"{gptq_dir} holds no `qweight` tensors; is it a GPTQ checkpoint?")
