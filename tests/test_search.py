@@ -7,6 +7,7 @@ budget; the model-backed end-to-end run lives in tests/test_cli_search.py.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -14,6 +15,7 @@ import zlib
 
 import pytest
 
+from edgeqra.errors import ConfigError
 from edgeqra.evaluate import Result
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import Evaluations, SearchSettings, pareto_front, run_search
@@ -239,6 +241,27 @@ def test_search_respects_budget_and_evaluation_count(tmp_path):
     # Every stage ran: initial population, evolution and the Bayesian refinement.
     stages = {e.stage for e in evaluations.journal.entries}
     assert {"initial population", "evolution", "bayes"} <= stages, stages
+
+
+def test_the_evolution_leaves_stage_3_its_share_of_the_evaluations(tmp_path):
+    space = SearchSpace(8, ranks=(0, 4, 8, 16))
+    budget = 8 * (400 + 80)
+    settings = dataclasses.replace(  # an evolution that would spend every evaluation
+        SETTINGS,
+        evals=40,
+        bayes_share=0.25,
+        evolution=EvolutionSettings(population=6, children=6, generations=50, patience=50),
+    )
+    _, evaluations = _search(tmp_path, settings, Synthetic(space), budget)
+    stages = [e.stage for e in evaluations.journal.entries]
+    assert stages.count("initial population") + stages.count("evolution") <= 30
+    assert stages.count("bayes") >= 1 and evaluations.count <= 40
+    without = dataclasses.replace(settings, bayes_share=0.0)
+    (tmp_path / "no-share").mkdir()
+    _, evaluations = _search(tmp_path / "no-share", without, Synthetic(space), budget)
+    assert "bayes" not in {e.stage for e in evaluations.journal.entries}  # no evaluation left
+    with pytest.raises(ConfigError, match="bayes_share"):
+        dataclasses.replace(settings, bayes_share=1.0)
 
 
 class Deceptive(Synthetic):

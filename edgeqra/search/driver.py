@@ -65,6 +65,11 @@ class SearchSettings:
     use_bayes: bool = setting(
         True, help="run stage 3, the refinement (turn off for ablations)", key="search.bayes"
     )
+    bayes_share: float = setting(  # the evolution stops at evals * (1 - share) when stage 3 runs
+        0.25,
+        help="share of the evaluations kept for stage 3 (the evolution stops before them)",
+        key="search.bayes_share",
+    )
     seed_baselines: bool = True  # put the uniform baselines that fit into the initial population
     fill: bool = setting(  # space.fill
         True,
@@ -79,6 +84,9 @@ class SearchSettings:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < low:
                 raise ConfigError(f"`{name}` must be an integer >= {low}, got {value!r}")
+        share = self.bayes_share
+        if isinstance(share, bool) or not isinstance(share, int | float) or not 0 <= share < 1:
+            raise ConfigError(f"`bayes_share` must be a number in [0, 1), got {share!r}")
         if self.time_limit is not None and self.time_limit <= 0:
             raise ConfigError(f"`time_limit` must be positive seconds, got {self.time_limit}")
 
@@ -135,6 +143,7 @@ class Evaluations:
         self.feasible = feasible
         self.settings = settings
         self.on_event = on_event
+        self.limit = settings.evals  # the evaluations the current stage may reach (run_search)
         self.count = 0  # evaluations this search asked for (hits and failures included)
         self.fresh = 0  # of which really run now
         self.failed = 0  # of which failed on every attempt
@@ -173,7 +182,7 @@ class Evaluations:
                 self.count += 1
                 self.emit(stage, message=f"failed before: {failure.error}", failed=True)
                 continue
-            if self.count + len(tasks) >= self.settings.evals:
+            if self.count + len(tasks) >= self.limit:
                 stop = "evaluations"
                 break
             tasks.append(Task(index, config, fidelity))
@@ -353,7 +362,10 @@ def run_search(
     first, whatever the low rungs say: at a few tuning steps the screening score is mostly
     noise (in the CPU quick-start, 1-step scores ranked uniform 3-bit above 4-bit), and a
     search must never return a config that loses to the baseline it was meant to beat.
-    ``seed`` (the job's one seed) seeds the evolution and the refinement.
+    ``seed`` (the job's one seed) seeds the evolution and the refinement. When stage 3 runs,
+    the evolution stops at ``evals * (1 - bayes_share)`` evaluations so that the refinement
+    gets the rest (issue 20, H200: with 32 evaluations the evolution spent them all and
+    stage 3 never ran, so two stage-3 methods could not be compared).
     The initial population then goes through successive halving (so even with stage 2 off
     there are full-fidelity results); the evolution and the refinement run until their own
     stopping rule or until ``evaluations`` says the budget is spent.
@@ -366,20 +378,29 @@ def run_search(
         evaluations.many([(a, schedule.rungs[-1]) for a in anchors], "initial population")
         if settings.use_evolution:
             evaluations.emit("evolution", message=f"rungs {list(schedule.rungs)}")
-            stopped = evolve(
-                initial,
-                evaluations,
-                space,
-                repair,
-                budget,
-                schedule,
-                settings.evolution,
-                importance=importance,
-                seed=seed,
-                on_generation=lambda g, hv: evaluations.emit(
-                    "evolution", message=f"generation {g}: hypervolume {hv:.4f}"
-                ),
-            )
+            reserve = round(settings.evals * settings.bayes_share) if settings.use_bayes else 0
+            evaluations.limit = settings.evals - reserve
+            try:
+                stopped = evolve(
+                    initial,
+                    evaluations,
+                    space,
+                    repair,
+                    budget,
+                    schedule,
+                    settings.evolution,
+                    importance=importance,
+                    seed=seed,
+                    on_generation=lambda g, hv: evaluations.emit(
+                        "evolution", message=f"generation {g}: hypervolume {hv:.4f}"
+                    ),
+                )
+            except Exhausted as why:
+                if not reserve or str(why) != "evaluations":
+                    raise  # the whole budget (or the time limit) is spent
+                stopped = f"evolution stopped at {evaluations.limit} evaluations"
+            finally:
+                evaluations.limit = settings.evals
         else:
             run_rungs(initial, evaluations, schedule, "initial population")
         if settings.use_bayes and evaluations.full:
