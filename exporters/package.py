@@ -4,7 +4,7 @@
 the run's model, data and bank through :func:`edgeqra.pipeline.prepare` (the bank is a cache
 hit on the machine that searched), writes the format's files into a staging folder next to
 the target, reloads them with the format's own loader, scores them on the run's eval split
-(the run's scoring: :func:`edgeqra.evaluate.score_task`), and only then renames the folder
+(the run's scoring: :func:`edgeqra.scoring.score_task`), and only then renames the folder
 into place (``os.replace``): an interrupted export leaves no partial output.
 
 Every package holds ``manifest.json`` (what it is, where it came from, the scores before and
