@@ -60,11 +60,15 @@ case "$STEP" in
     timeout "$LIMIT" $BENCH --tasks arc_easy --fidelity-check 24 2>&1 | tee "$OUT/fidelity.log" ;;
   bench)
     # The done-when of issue 20: both tasks at 3.5 and 4.0 bits, 3 seeds, every method.
-    if timeout "$LIMIT" $BENCH --tasks arc_easy piqa --budget-bits 3.5 4.0 --seeds 0 1 2 \
-      2>&1 | tee "$OUT/bench.log"; then
+    timeout "$LIMIT" $BENCH --tasks arc_easy piqa --budget-bits 3.5 4.0 --seeds 0 1 2 \
+      2>&1 | tee "$OUT/bench.log"
+    rc=${PIPESTATUS[0]}
+    if [ "$rc" -eq 0 ]; then
       echo "all done"
-    else
+    elif [ "$rc" -eq 124 ]; then
       echo "cut at ${LIMIT} s: call this step again (it resumes from the journals)"
+    else
+      echo "the benchmark failed (exit $rc): see \$OUT/bench.log" >&2; exit "$rc"
     fi ;;
   *)
     echo "unknown step $STEP" >&2; exit 2 ;;
