@@ -103,9 +103,22 @@ def chosen_schema() -> dict[str, Any]:
     return json.loads((Path(__file__).parent / "schemas" / "chosen.schema.json").read_text())
 
 
-def _summary_problems(summary: object) -> list[str]:
-    """How a summary breaks its schema (empty: it follows it)."""
-    return problems(summary, summary_schema())
+def _write_checked(path: Path, data: Mapping[str, Any], schema: dict[str, Any], what: str) -> None:
+    """Atomic write of a record the pipeline built; one breaking its schema is a bug here,
+    not the user's."""
+    found = problems(dict(data), schema)
+    if found:
+        raise ValueError(f"internal error: {what} breaks its schema: {'; '.join(found)}")
+    write_json(path, dict(data))
+
+
+def _schema_error(path: Path, found: list[str], run: Path) -> RunDirError:
+    """A file of a run that breaks its schema: the first problem, how many more, the fix."""
+    more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
+    return RunDirError(
+        f"`{path}`: {found[0]}{more}; rewrite it by finishing the run again with "
+        f"`edgeqra search --resume {run}`"
+    )
 
 
 def _upgrade_summary(summary: object) -> object:
@@ -272,12 +285,8 @@ class RunFiles:
 
     def write_chosen(self, chosen: Mapping[str, Any]) -> None:
         """The chosen config (``config``, ``spec``, ``short``, ``average_bits``,
-        ``predicted_memory``, ``budget_bytes``, ``search_score``); one breaking its schema is a
-        bug here, not the user's."""
-        found = problems(dict(chosen), chosen_schema())
-        if found:
-            raise ValueError(f"internal error: chosen.json breaks its schema: {'; '.join(found)}")
-        write_json(self.chosen, dict(chosen))
+        ``predicted_memory``, ``budget_bytes``, ``search_score``), checked against its schema."""
+        _write_checked(self.chosen, chosen, chosen_schema(), "chosen.json")
 
     def read_chosen(self) -> dict[str, Any]:
         """The chosen config, checked against its schema (RunDirError naming the first field
@@ -285,11 +294,7 @@ class RunFiles:
         data = read_json(self.chosen)
         found = problems(data, chosen_schema())
         if found:
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise RunDirError(
-                f"`{self.chosen}`: {found[0]}{more}; rewrite it by finishing the run again with "
-                f"`edgeqra search --resume {self.path}`"
-            )
+            raise _schema_error(self.chosen, found, self.path)
         return data
 
     # ------------------------------------------------------------------ adapter/
@@ -312,11 +317,8 @@ class RunFiles:
 
     # ------------------------------------------------------------------ summary.json
     def write_summary(self, summary: Mapping[str, Any]) -> None:
-        """The run's record; one breaking its schema is a bug here, not the user's."""
-        found = _summary_problems(dict(summary))
-        if found:
-            raise ValueError(f"internal error: the summary breaks its schema: {'; '.join(found)}")
-        write_json(self.summary, dict(summary))
+        """The run's record, checked against its schema."""
+        _write_checked(self.summary, summary, summary_schema(), "the summary")
 
     def record_exports(self, exports: Mapping[str, str]) -> dict[str, Any]:
         """Record the packages a job's ``export = [...]`` wrote (format -> folder relative to
@@ -339,10 +341,9 @@ class RunFiles:
         except (OSError, UnicodeDecodeError, ValueError) as exc:
             raise RunDirError(f"`{self.summary}` is not readable ({exc}); {fix}") from None
         summary = _upgrade_summary(summary)
-        found = _summary_problems(summary)
+        found = problems(summary, summary_schema())
         if found:
-            more = f" (and {len(found) - 1} more)" if len(found) > 1 else ""
-            raise RunDirError(f"`{self.summary}`: {found[0]}{more}; {fix}")
+            raise _schema_error(self.summary, found, self.path)
         return summary  # type: ignore[return-value]
 
 

@@ -123,13 +123,13 @@ def test_an_incomplete_run_dir_is_one_error_naming_what_is_missing(tiny_search_r
         RunFiles(tmp_path).read_job()
 
 
-def _copy_with_summary(tiny_search_run, tmp_path, change) -> RunFiles:
-    """A copy of the run whose summary.json ``change`` edited in place."""
+def _copy_with(tiny_search_run, tmp_path, change, name: str = SUMMARY) -> RunFiles:
+    """A copy of the run whose ``name`` (summary.json by default) ``change`` edited in place."""
     copy = tmp_path / "run"
     shutil.copytree(tiny_search_run.out, copy, ignore=shutil.ignore_patterns("export*", "*pkg*"))
-    summary = json.loads((copy / SUMMARY).read_text())
-    change(summary)
-    (copy / SUMMARY).write_text(json.dumps(summary))
+    data = json.loads((copy / name).read_text())
+    change(data)
+    (copy / name).write_text(json.dumps(data))
     return RunFiles(copy)
 
 
@@ -146,7 +146,7 @@ def _copy_with_summary(tiny_search_run, tmp_path, change) -> RunFiles:
 def test_a_broken_summary_is_a_rundir_error_naming_the_field(
     tiny_search_run, tmp_path, change, named
 ):
-    files = _copy_with_summary(tiny_search_run, tmp_path, change)
+    files = _copy_with(tiny_search_run, tmp_path, change)
     broken = json.loads(files.summary.read_text())
     with pytest.raises(RunDirError, match=named.replace("[", r"\[").replace("]", r"\]")):
         RunDir.open(files.path)
@@ -170,22 +170,19 @@ def test_a_broken_summary_is_a_rundir_error_naming_the_field(
 def test_a_broken_chosen_json_is_a_rundir_error_naming_the_field(
     tiny_search_run, tmp_path, change, named
 ):
-    copy = tmp_path / "run"
-    shutil.copytree(tiny_search_run.out, copy, ignore=shutil.ignore_patterns("export*", "*pkg*"))
-    chosen = json.loads((copy / CHOSEN).read_text())
-    change(chosen)
-    (copy / CHOSEN).write_text(json.dumps(chosen))
+    files = _copy_with(tiny_search_run, tmp_path, change, CHOSEN)
+    chosen = json.loads(files.chosen.read_text())
     with pytest.raises(RunDirError, match=re.escape(named)):
-        RunDir.open(copy)
+        RunDir.open(files.path)
     with pytest.raises(ValueError, match="chosen.json breaks its schema"):
-        RunFiles(copy).write_chosen(chosen)  # the pipeline never writes one
+        files.write_chosen(chosen)  # the pipeline never writes one
     jsonschema = pytest.importorskip("jsonschema")  # the checker agrees with the real thing
     with pytest.raises(jsonschema.ValidationError):
         jsonschema.validate(chosen, chosen_schema())
 
 
 def test_a_summary_from_before_the_schema_still_reads(tiny_search_run, tmp_path):
-    files = _copy_with_summary(tiny_search_run, tmp_path, lambda s: s.pop("schema_version"))
+    files = _copy_with(tiny_search_run, tmp_path, lambda s: s.pop("schema_version"))
     assert files.read_summary()["schema_version"] == 1
     assert RunDir.open(files.path).summary["chosen"]["config"] == MIXED
 
