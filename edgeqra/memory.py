@@ -28,15 +28,17 @@ Components (METHOD.md), each one term with its reason:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from edgeqra.models import LinearInfo, Unit, find_units
+from edgeqra.models import Unit, find_units
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, InferenceWorkload
 from edgeqra.space import FP16_BITS, Config
 
@@ -138,6 +140,11 @@ class ModelSpec:
         """Number of units (decoder layers)."""
         return len(self.units)
 
+    @functools.cached_property
+    def unit_shapes(self) -> tuple[tuple[tuple[int, int, bool], ...], ...]:
+        """Per unit, its linears' (d_in, d_out, bias): the key of :func:`_unit_terms`."""
+        return tuple(tuple((x.d_in, x.d_out, x.bias) for x in u.linears) for u in self.units)
+
     @property
     def unit_params(self) -> tuple[int, ...]:
         """Linear weight parameters per unit (for parameter-weighted average bits)."""
@@ -171,27 +178,70 @@ class Breakdown:
         }
 
 
-def _weight_bytes(spec: ModelSpec, config: Config, group_size: int, dtype_bytes: int) -> list[int]:
-    """Stored bytes of each unit's linears at its bit-width."""
-    out = []
-    for unit, choice in zip(spec.units, config, strict=True):
-        total = 0
-        for lin in unit.linears:
-            if choice.bits >= FP16_BITS:
-                total += (lin.d_in * lin.d_out + (lin.d_out if lin.bias else 0)) * dtype_bytes
-            else:
-                total += gptq_linear_bytes(
-                    lin.d_in, lin.d_out, choice.bits, group_size, bias=lin.bias
-                )
-        out.append(total)
-    return out
+class _UnitTerms(NamedTuple):
+    """What one unit at one (bits, rank) contributes, independent of the workload."""
+
+    weights: int  # stored bytes of its linears
+    lora: int  # adapter parameters
+    packed_rounding: int  # allocator rounding of the packed tensors (0 unquantized)
+    kernel_caches: int  # GPTQModel's per-module caches (0 unquantized)
+    dense_sum: int  # bytes of its linears' dense weights if quantized, else 0
+    dense_max: int  # the largest of them, else 0
+    adapter_saved: int  # bytes per token its adapters save for backward (fp32 input + hidden)
 
 
-def _lora_params_per_unit(spec: ModelSpec, config: Config) -> list[int]:
-    """Adapter parameters of each unit at its rank."""
+# A search asks the memory model for tens of thousands of configs (repair and fill measure
+# every one-step move, stage 3 repairs hundreds of walks per proposal): on the H200 host the
+# GP's first proposal took 120 s, nearly all in these per-linear sums. A unit's terms depend
+# only on its shapes and choice, so they are memoised per (shapes, bits, rank) — a pure
+# function, identical across the layers of a model.
+@functools.lru_cache(maxsize=4096)
+def _unit_terms(
+    shapes: tuple[tuple[int, int, bool], ...],
+    bits: int,
+    rank: int,
+    group_size: int,
+    dtype_bytes: int,
+) -> _UnitTerms:
+    weights = packed = caches = dense_sum = dense_max = 0
+    for d_in, d_out, bias in shapes:
+        if bits >= FP16_BITS:
+            weights += (d_in * d_out + (d_out if bias else 0)) * dtype_bytes
+            continue
+        weights += gptq_linear_bytes(d_in, d_out, bits, group_size, bias=bias)
+        groups = 1 if group_size <= 0 else math.ceil(d_in / group_size)
+        sizes = [
+            math.ceil(d_in * bits / 32) * d_out * 4,
+            groups * math.ceil(d_out * bits / 32) * 4,
+            groups * d_out * 2,
+            d_in * 4,
+        ] + ([d_out * 2] if bias else [])
+        packed += sum(_round_up(n) - n for n in sizes)
+        caches += groups * d_out * (2 if bits == 8 else 1) + 8 * d_in + 2 * ALLOC_ROUND
+        dense_sum += d_in * d_out * dtype_bytes
+        dense_max = max(dense_max, d_in * d_out * dtype_bytes)
+    lora = sum(lora_params(d_in, d_out, rank) for d_in, d_out, _ in shapes)
+    saved = 0 if rank == 0 else sum(4 * (d_in + rank) for d_in, _, _ in shapes)
+    return _UnitTerms(weights, lora, packed, caches, dense_sum, dense_max, saved)
+
+
+@functools.lru_cache(maxsize=1024)
+def _lora_rounding(shapes: tuple[tuple[int, int, bool], ...], rank: int, elem_bytes: int) -> int:
+    """Allocator rounding of one copy of a unit's adapter matrices (A and B)."""
+    if not rank or not elem_bytes:
+        return 0
+    return sum(
+        _round_up(n * elem_bytes) - n * elem_bytes
+        for d_in, d_out, _ in shapes
+        for n in (rank * d_in, rank * d_out)
+    )
+
+
+def _terms(spec: ModelSpec, config: Config, group_size: int, dtype_bytes: int) -> list[_UnitTerms]:
+    """Each unit's :class:`_UnitTerms` at its choice."""
     return [
-        sum(lora_params(lin.d_in, lin.d_out, choice.rank) for lin in unit.linears)
-        for unit, choice in zip(spec.units, config, strict=True)
+        _unit_terms(shapes, c.bits, c.rank, group_size, dtype_bytes)
+        for shapes, c in zip(spec.unit_shapes, config, strict=True)
     ]
 
 
@@ -203,23 +253,13 @@ def _kv_cache_bytes(spec: ModelSpec, work: InferenceWorkload, dtype_bytes: int) 
     )
 
 
-def _quantized_linears(spec: ModelSpec, config: Config) -> list[tuple[LinearInfo, int]]:
-    """(linear, bits) of every quantized linear of the config."""
-    return [
-        (lin, choice.bits)
-        for unit, choice in zip(spec.units, config, strict=True)
-        if choice.bits < FP16_BITS
-        for lin in unit.linears
-    ]
-
-
 def _round_up(n: int, to: int = ALLOC_ROUND) -> int:
     """``n`` rounded up to the allocator's block granularity."""
     return -(-n // to) * to
 
 
 def _inference_activation_bytes(
-    spec: ModelSpec, config: Config, work: InferenceWorkload, dtype_bytes: int
+    spec: ModelSpec, terms: Sequence[_UnitTerms], work: InferenceWorkload, dtype_bytes: int
 ) -> int:
     """Peak transient tensors of generate: the largest of three moments.
 
@@ -234,9 +274,8 @@ def _inference_activation_bytes(
     kv = spec.num_kv_heads * spec.head_dim
     tokens = work.batch * work.context
     layer = tokens * (4 * h + 2 * kv + 4 * i) * dtype_bytes
-    quantized = _quantized_linears(spec, config)
-    dense_w = max((lin.d_in * lin.d_out for lin, _ in quantized), default=0) * dtype_bytes
-    dequant = tokens * (i + 2 * h) * dtype_bytes + dense_w if quantized else 0
+    dense_w = max((t.dense_max for t in terms), default=0)
+    dequant = tokens * (i + 2 * h) * dtype_bytes + dense_w if dense_w else 0
     decode = 2 * kv * work.batch * work.context * dtype_bytes
     return max(layer, dequant, decode)
 
@@ -250,13 +289,18 @@ def _finetune_layer_bytes(spec: ModelSpec, unit: Unit, rank: int, dtype_bytes: i
     fp32 logsumexp per head; the MLP saves gate, act(gate) and up (3i); every adapter saves
     its fp32 copy of the input (4·d_in) and its rank-sized hidden (4r).
     """
+    adapters = 0 if rank == 0 else sum(4 * (lin.d_in + rank) for lin in unit.linears)
+    return _base_layer_bytes(spec, dtype_bytes) + adapters
+
+
+def _base_layer_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
+    """:func:`_finetune_layer_bytes` without the adapters: norms, attention and MLP."""
     h, i = spec.hidden_size, spec.intermediate_size
     kv = spec.num_kv_heads * spec.head_dim
     norms = 2 * (4 * h + 4)
     attention = (2 * h + 2 * kv) * dtype_bytes + 4 * spec.num_attention_heads
     mlp = 3 * i * dtype_bytes
-    adapters = 0 if rank == 0 else sum(4 * (lin.d_in + rank) for lin in unit.linears)
-    return norms + attention + mlp + adapters
+    return norms + attention + mlp
 
 
 def _loss_peak_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
@@ -269,6 +313,7 @@ def _loss_peak_bytes(spec: ModelSpec, dtype_bytes: int) -> int:
 def _finetune_peak_bytes(
     spec: ModelSpec,
     config: Config,
+    terms: Sequence[_UnitTerms],
     work: FinetuneWorkload,
     backward: QuantizedBackward,
     dtype_bytes: int,
@@ -290,18 +335,10 @@ def _finetune_peak_bytes(
     tokens = work.micro_batch * work.seq_len
     h = spec.hidden_size
     first = _first_trained_unit(config)
-    units = list(zip(spec.units, config, strict=True))
-    per_layer = [
-        _finetune_layer_bytes(spec, u, c.rank, dtype_bytes) if k >= first else 0
-        for k, (u, c) in enumerate(units)
-    ]
-    dense = [
-        [lin.d_in * lin.d_out * dtype_bytes for lin in u.linears]
-        if c.bits < FP16_BITS and k >= first
-        else []
-        for k, (u, c) in enumerate(units)
-    ]
-    largest_w = max((w for unit in dense for w in unit), default=0)
+    base = _base_layer_bytes(spec, dtype_bytes)  # + each unit's adapters: _finetune_layer_bytes
+    per_layer = [base + t.adapter_saved if k >= first else 0 for k, t in enumerate(terms)]
+    trained = terms[first:]  # units before the first adapter keep no dense weight either
+    largest_w = max((t.dense_max for t in trained), default=0)
     final_norm = 4 * h + 4
     loss = tokens * _loss_peak_bytes(spec, dtype_bytes)
     layer = tokens * (spec.vocab_size * dtype_bytes + max(per_layer))  # logits + grads
@@ -312,12 +349,12 @@ def _finetune_peak_bytes(
         in_layer = (
             largest_w
             if backward is QuantizedBackward.RECOMPUTE
-            else max((sum(u) for u in dense), default=0)
+            else max((t.dense_sum for t in trained), default=0)
         )
     else:
         kept = tokens * (sum(per_layer) + final_norm)
         saved = backward is QuantizedBackward.SAVED
-        always = sum(sum(u) for u in dense) if saved else 0
+        always = sum(t.dense_sum for t in trained) if saved else 0
         in_layer = 0 if saved else largest_w
     activations = kept + max(loss, layer)
     peak = kept + always + max(loss, layer + in_layer)
@@ -329,7 +366,7 @@ def _first_trained_unit(config: Config) -> int:
     return next((k for k, c in enumerate(config) if c.rank > 0), len(config))
 
 
-def _kernel_cache_bytes(spec: ModelSpec, config: Config, group_size: int) -> int:
+def _kernel_cache_bytes(terms: Sequence[_UnitTerms]) -> int:
     """What GPTQModel's trainable kernels hold beyond the packed tensors, per QuantLinear.
 
     Its torch dequant path caches the decoded zero points (groups × d_out, int8; int16 at 8
@@ -338,37 +375,27 @@ def _kernel_cache_bytes(spec: ModelSpec, config: Config, group_size: int) -> int
     build on an H200 (issue 15): up to 113 MiB beyond the cuBLAS workspaces (Llama-3.1-8B,
     3 bits), which is this count.
     """
-    total = 0
-    for lin, bits in _quantized_linears(spec, config):
-        groups = 1 if group_size <= 0 else math.ceil(lin.d_in / group_size)
-        total += groups * lin.d_out * (2 if bits == 8 else 1) + 8 * lin.d_in + 2 * ALLOC_ROUND
-    return total
+    return sum(t.kernel_caches for t in terms)  # counted per linear in _unit_terms
 
 
 def _rounding_bytes(
-    spec: ModelSpec, config: Config, group_size: int, lora_copies: int, lora_bytes: int
+    spec: ModelSpec,
+    config: Config,
+    terms: Sequence[_UnitTerms],
+    lora_copies: int,
+    lora_bytes: int,
 ) -> int:
     """Allocator rounding of the persistent tensors: every block is a multiple of 512 B.
 
     Packed tensors of each quantized linear, and each adapter matrix (A and B) times the
     copies alive (weights; + grads + two AdamW moments when training).
     """
-    total = 0
-    for unit, choice in zip(spec.units, config, strict=True):
-        for lin in unit.linears:
-            if choice.bits < FP16_BITS:
-                groups = 1 if group_size <= 0 else math.ceil(lin.d_in / group_size)
-                sizes = [
-                    math.ceil(lin.d_in * choice.bits / 32) * lin.d_out * 4,
-                    groups * math.ceil(lin.d_out * choice.bits / 32) * 4,
-                    groups * lin.d_out * 2,
-                    lin.d_in * 4,
-                ] + ([lin.d_out * 2] if lin.bias else [])
-                total += sum(_round_up(n) - n for n in sizes)
-            if choice.rank and lora_bytes:
-                for n in (choice.rank * lin.d_in, choice.rank * lin.d_out):
-                    total += lora_copies * (_round_up(n * lora_bytes) - n * lora_bytes)
-    return total
+    packed = sum(t.packed_rounding for t in terms)
+    adapters = sum(
+        _lora_rounding(shapes, c.rank, lora_bytes)
+        for shapes, c in zip(spec.unit_shapes, config, strict=True)
+    )
+    return packed + lora_copies * adapters
 
 
 def cublas_workspace_bytes(compute_capability: tuple[int, int] | None) -> int:
@@ -429,8 +456,9 @@ def estimate(
 
         raise ConfigError(f"config has {len(config)} units but the model has {spec.n_units}")
     backward = QuantizedBackward(quantized_backward)
-    weights = _weight_bytes(spec, config, group_size, dtype_bytes)
-    lora = _lora_params_per_unit(spec, config)
+    terms = _terms(spec, config, group_size, dtype_bytes)
+    weights = [t.weights for t in terms]
+    lora = [t.lora for t in terms]
     components: dict[str, int] = {
         "quantized_weights": sum(
             w for w, c in zip(weights, config, strict=True) if c.bits < FP16_BITS
@@ -446,14 +474,12 @@ def estimate(
         components["lora_grads"] = 0
         components["optimizer_states"] = 0
         components["kv_cache"] = _kv_cache_bytes(spec, inference, dtype_bytes)
-        components["activations"] = _inference_activation_bytes(
-            spec, config, inference, dtype_bytes
-        )
+        components["activations"] = _inference_activation_bytes(spec, terms, inference, dtype_bytes)
         # Prefill logits: the last position's logits, generate's fp32 copy, processed scores.
         components["logits"] = inference.batch * spec.vocab_size * (dtype_bytes + 8)
         components["dequant_buffers"] = 0  # the dequantizing kernel's W is in `activations`
         handles = 1 if cublas_handles is None else cublas_handles
-        rounding = _rounding_bytes(spec, config, group_size, 1, lora_bytes_per_param)
+        rounding = _rounding_bytes(spec, config, terms, 1, lora_bytes_per_param)
         per_unit = tuple(w + p * lora_bytes_per_param for w, p in zip(weights, lora, strict=True))
     elif mode is BudgetMode.FINETUNE:
         if finetune is None:
@@ -464,15 +490,15 @@ def estimate(
         components["optimizer_states"] = sum(lora) * 8
         components["kv_cache"] = 0
         components["activations"], components["dequant_buffers"] = _finetune_peak_bytes(
-            spec, config, finetune, backward, dtype_bytes
+            spec, config, terms, finetune, backward, dtype_bytes
         )
         components["logits"] = 0  # the loss's buffers are one moment of `activations`
         handles = 2 if cublas_handles is None else cublas_handles
-        rounding = _rounding_bytes(spec, config, group_size, 4, 4)
+        rounding = _rounding_bytes(spec, config, terms, 4, 4)
         per_unit = tuple(w + p * 16 for w, p in zip(weights, lora, strict=True))
     else:
         raise ValueError(f"estimate() takes INFERENCE or FINETUNE, not {mode}")
-    components["kernel_caches"] = _kernel_cache_bytes(spec, config, group_size)
+    components["kernel_caches"] = _kernel_cache_bytes(terms)
     components["cublas_workspace"] = handles * cublas_workspace_bytes(compute_capability)
     components["allocator_rounding"] = rounding
     components["reserve"] = reserve_bytes
