@@ -19,7 +19,7 @@ import dataclasses
 import logging
 import os
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -381,7 +381,8 @@ def run_search_job(
     baselines = baseline_configs(space.n_units, space.bits, job.baseline_rank)
     fitting_all = [c for c in baselines.values() if memory(c) <= budget]
     fitting = [c for c in fitting_all if c.bits[0] in space.bits]  # seeds must lie in the space
-    seeds = fitting if settings.seed_baselines else []
+    seeds = _ceiling_seeds(baselines, space, memory, budget, importance, settings.fill)
+    seeds = [*seeds, *sorted(fitting, key=lambda c: -c.bits[0])] if settings.seed_baselines else []
     size = settings.evolution.population
     if importance is not None:
         seed = fix(seed_config(importance, space))
@@ -418,6 +419,35 @@ def run_search_job(
             job, out, prepared, executor, journal, memory, fix, initial, importance, on_event
         )
     return summary
+
+
+def _ceiling_seeds(
+    baselines: dict[str, Config],
+    space: SearchSpace,
+    memory: Callable[[Config], int],
+    budget: int,
+    importance: Sequence[float] | None,
+    fill_up: bool,
+) -> list[Config]:
+    """Each uniform baseline over the budget, brought into it by dropping adapters only.
+
+    Keeps every unit's bits and lowers the ranks of the least important units until the
+    config fits (then fills what is left): the joint space's own trade, bits bought with
+    adapters. On SmolLM2 at the Orin Nano's workload an adapter costs more memory (its fp32
+    input copy saved for backward) than a layer's step from 4 to 8 bits, so at a 3.5-bit
+    budget 8-bit everywhere with a few adapter-free layers fits; the plain repair, which may
+    also lower bits, reaches 2-bit layers first (issue 20). Most bits first; a baseline
+    that does not fit even without any adapter is left out.
+    """
+    out = []
+    over = [c for c in baselines.values() if c.bits[0] in space.bits and memory(c) > budget]
+    for config in sorted(over, key=lambda c: -c.bits[0]):
+        try:
+            fitted = repair(config, space, memory, budget, importance, fields=("rank",))
+        except BudgetError:
+            continue
+        out.append(fill(fitted, space, memory, budget, importance) if fill_up else fitted)
+    return out
 
 
 def _search_and_tune(

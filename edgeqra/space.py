@@ -391,6 +391,8 @@ def repair(
     memory: Callable[[Config], int],
     budget: int,
     importance: Sequence[float] | None = None,
+    *,
+    fields: tuple[str, ...] = ("bits", "rank"),
 ) -> Config:
     """Lower the cheapest steps until ``memory(config) <= budget`` (METHOD.md feasibility repair).
 
@@ -402,6 +404,8 @@ def repair(
             bit-width or rank is lowered (true of :mod:`edgeqra.memory`).
         budget: the hard limit in bytes.
         importance: per-unit sensitivity (non-negative); ``None`` = all ones.
+        fields: which steps may be lowered (``("rank",)``: keep every unit's bits and drop
+            adapters from the least important units, the QLoRA config at the budget).
 
     Greedy: each round takes the single down step (one unit's bits or rank one step lower)
     with the least importance lost per byte saved, where the loss is ``importance[l]`` times
@@ -414,7 +418,15 @@ def repair(
     current_bytes = memory(config)
     if current_bytes <= budget:
         return config
-    floor = Config.uniform(space.n_units, space.bits[0], space.ranks[0])
+    floor = Config(
+        tuple(
+            Choice(
+                space.bits[0] if "bits" in fields else c.bits,
+                space.ranks[0] if "rank" in fields else c.rank,
+            )
+            for c in config
+        )
+    )
     floor_bytes = memory(floor)
     if floor_bytes > budget:
         # With memory monotone in bits and ranks the floor is the smallest reachable config;
@@ -424,7 +436,8 @@ def repair(
     while current_bytes > budget:
         best: tuple[tuple[int, float, int, int], Config, int] | None = None
         for index, choice in enumerate(current):
-            for order, (name, delta) in enumerate(m for m in space._moves(choice) if m[1] < 0):
+            down = (m for m in space._moves(choice) if m[1] < 0 and m[0] in fields)
+            for order, (name, delta) in enumerate(down):
                 new = space._step(choice, name, delta)
                 old_v, new_v = (
                     (choice.bits, new.bits) if name == "bits" else (choice.rank, new.rank)

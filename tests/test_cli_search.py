@@ -203,3 +203,34 @@ def test_budget_bits_bad_values_exit_2(capsys, tiny_folder, tmp_path):
         == EXIT_INPUT
     )
     assert "budget_bits" in capsys.readouterr().err
+
+
+def test_ceiling_seeds_buy_a_uniform_configs_bits_with_adapters_only(tiny_folder):
+    """Over the budget, uniform 4-bit enters the search with its bits kept and the least
+    important adapters lowered; uniform 8-bit, which no adapter saving brings in, does not."""
+    from transformers import AutoConfig
+
+    from edgeqra.pipeline import _ceiling_seeds, baseline_configs
+    from edgeqra.space import SearchSpace
+
+    spec = ModelSpec.from_config(AutoConfig.from_pretrained(tiny_folder))
+    profile = load_profile(PROFILE)
+
+    def memory(config: Config) -> int:
+        return estimate_for_profile(spec, config, profile, group_size=GROUP).total
+
+    space = SearchSpace(spec.n_units)
+    n = spec.n_units
+    budget = memory(Config.uniform(n, 8, 0)) - 1  # 8 bits do not fit even without adapters
+    four = Config.uniform(n, 4, 8)
+    assert memory(four) > budget
+    importance = [1.0] * (n - 1) + [0.0]
+    baselines = baseline_configs(n, space.bits, 8)
+    seeds = _ceiling_seeds(baselines, space, memory, budget, importance, False)
+    # Every uniform below 8 bits is over this budget at rank 8 (the tiny model's memory is
+    # mostly adapters); each enters with its own bits, most bits first.
+    assert [c.bits for c in seeds] == [Config.uniform(n, b, 0).bits for b in (4, 3, 2)]
+    assert all(memory(c) <= budget for c in seeds)
+    assert seeds[0].ranks[-1] < 8  # the unimportant unit's adapter went first
+    filled = _ceiling_seeds(baselines, space, memory, budget, importance, True)[0]
+    assert memory(filled) <= budget and filled.bits >= seeds[0].bits

@@ -367,6 +367,23 @@ def _no_up_step_fits(config: Config, space: SearchSpace, memory, budget: int, fi
     return True
 
 
+def test_rank_only_repair_keeps_every_units_bits_and_drops_the_unimportant_adapter(real_memory):
+    spec, memory = real_memory
+    space = SearchSpace(spec.n_units)
+    start = Config.uniform(spec.n_units, 8, 8)
+    dropped = Config((*start.choices[:-1], Choice(8, 0)))
+    budget = memory(dropped)  # room for 8 bits everywhere only with one adapter fewer
+    importance = [1.0] * (spec.n_units - 1) + [0.01]
+    result = repair(start, space, memory, budget, importance, fields=("rank",))
+    assert result.bits == start.bits
+    assert memory(result) <= budget
+    assert result.ranks[-1] < 8 and result.ranks[:-1] == start.ranks[:-1]
+    # The plain repair may lower bits instead; the rank-only one cannot go below ranks 0.
+    floor = Config.uniform(spec.n_units, 8, 0)
+    with pytest.raises(BudgetError):
+        repair(start, space, memory, memory(floor) - 1, importance, fields=("rank",))
+
+
 def test_fill_raises_the_important_unit_first():
     # 2 x (2, 4) = 2 * 240 = 480 B; budget 700 B. Gains per byte, by hand:
     #   unit 0 bits 2->3: 1.0 * 1/3 / 100     unit 0 rank 4->8: 1.0 * 0.5 / 40
