@@ -70,7 +70,7 @@ def _search_jobs(base: SearchJob, bits: float) -> dict[str, SearchJob]:
 
     floor_bits = max(b for b in base.eval.bits if b <= bits)
     return {
-        "joint": job(),
+        "joint": job(bayes=dataclasses.replace(s.bayes, method="gp")),  # whatever the default
         "joint, Lengler stage 3": job(bayes=dataclasses.replace(s.bayes, method="lengler")),
         "bits-only": job(dataclasses.replace(base.eval, ranks=(8,))),
         "rank-only": job(dataclasses.replace(base.eval, bits=(floor_bits,))),

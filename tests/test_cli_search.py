@@ -119,6 +119,10 @@ def test_search_end_to_end_respects_budget_and_resumes(
     again = json.loads(capsys.readouterr().out)
     assert again["search"]["fresh_evaluations"] == 0
     assert again["chosen"]["config"] == chosen["config"]
+    # Its cost is still the whole search's (the journal's steps), not the resumed process's 0.
+    steps = sum(x["fidelity"] for x in lines if x["stage"] != "baseline")
+    assert steps > 0 and again["search"]["tuning_steps"] == 0
+    assert again["search"]["epochs"] == summary["search"]["epochs"] > 0
     assert len((out / "journal.jsonl").read_text().splitlines()) == len(lines)
 
 
