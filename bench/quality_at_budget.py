@@ -99,6 +99,17 @@ def _run(item: tuple[str, dict, str]) -> tuple[str, dict, float]:
     return key, summary, time.perf_counter() - start
 
 
+def _journal_steps(run_dir: Path) -> int:
+    """Tuning steps of every search evaluation in a run's journal: its whole cost, also for a
+    search resumed across device calls (summaries before 578dd02 counted the last call only)."""
+    steps = 0
+    for line in (run_dir / "journal.jsonl").read_text().splitlines():
+        entry = json.loads(line) if line.strip() else {}
+        if "score" in entry and entry.get("stage") != "baseline":
+            steps += int(entry["fidelity"])
+    return steps
+
+
 def _spearman(a: list[float], b: list[float]) -> float:
     from scipy.stats import spearmanr
 
@@ -302,15 +313,16 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
                     work.append(((method, bits, seed), job.to_json(), str(folder)))
     spawn = multiprocessing.get_context("spawn")  # the parent held a CUDA context
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
+        folders = {json.dumps(k): o for k, _, o in work}
         futures = [pool.submit(_run, (json.dumps(k), j, o)) for k, j, o in work]
         for future in as_completed(futures):
             key, summary, seconds = future.result()
             method, bits, seed = json.loads(key)
             chosen = summary["chosen"]
+            epochs = _journal_steps(Path(folders[key])) * args.batch_size / n_train
             row(
                 method, bits, seed, Config.parse(chosen["config"]), chosen["final"]["score"],
-                summary["search"]["evaluations"], seconds, summary["search"]["epochs"],
-                summary["budget_bytes"],
+                summary["search"]["evaluations"], seconds, epochs, summary["budget_bytes"],
             )  # fmt: skip
     (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
 
