@@ -5,6 +5,9 @@
     # GPU (issue 15: which bytes the memory model misses; a quantized config needs GPTQModel):
     python bench/peak_census.py --arch examples/architectures/smollm2-135m --device cuda \\
         --config 16/8x30 --out $OUT/census.json
+    # the prefill + decode of generate (Qwen2.5-1.5B's 8-bit row is 14.6 MiB under there):
+    python bench/peak_census.py --arch examples/architectures/qwen2.5-1.5b --device cuda \\
+        --phase inference --config 8/8x28 --out $OUT/census_qwen_u8.json
 
 Issue 15 left SmolLM2's fine-tuning without checkpointing under-predicted on the H200 by
 17-25 MiB of ~3.5 GiB (uniform configs, 2 × 1024 tokens). ``memory_truth.py`` reads only the
@@ -23,6 +26,7 @@ from __future__ import annotations
 import argparse
 import collections
 import gc
+import hashlib
 import json
 import sys
 import time
@@ -34,7 +38,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from edgeqra.memory import ModelSpec, estimate
-from edgeqra.profiles import BudgetMode, FinetuneWorkload
+from edgeqra.profiles import BudgetMode, FinetuneWorkload, InferenceWorkload
 from edgeqra.space import Config
 
 MiB = 2**20
@@ -105,7 +109,7 @@ def _groups(items: list[tuple[int, str, tuple[int, ...], str]], top: int) -> lis
     ]
 
 
-def _model(args: argparse.Namespace, config: Config):
+def _model(args: argparse.Namespace, config: Config, trainable: bool):
     from transformers import AutoConfig
 
     hf_config = AutoConfig.from_pretrained(args.arch)
@@ -124,13 +128,72 @@ def _model(args: argparse.Namespace, config: Config):
             base = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
         base.eval()
         model = attach_lora(base, find_units(base), config, TuneSettings(steps=0, seed=0))
+        if not trainable:  # inference holds adapters in the compute dtype, as measure does
+            for name, param in model.named_parameters():
+                if ".lora_" in name:
+                    param.data = param.data.to(torch.bfloat16)
     else:
         from edgeqra.measure import build_model
 
+        kernels = tuple(k for k in args.kernels.split(",") if k) or None
         model, _ = build_model(
-            hf_config, config, trainable=True, work_dir=Path(args.work), device=args.device
-        )
+            hf_config, config, trainable=trainable,
+            work_dir=Path(args.work) / hashlib.sha256(str(config).encode()).hexdigest()[:12],
+            device=args.device, kernels=kernels,
+        )  # fmt: skip
     return hf_config, model
+
+
+def _finetune(args, model, hf_config, spec, config):
+    """One warm-up step, then ``--steps`` in one ``train`` call (``measure_finetune``)."""
+    from edgeqra.tune import TrainBatches, TuneSettings, train
+
+    g = torch.Generator().manual_seed(0)
+    rows = args.micro_batch * (args.steps + 1)
+    ids = torch.randint(0, hf_config.vocab_size, (rows, args.seq_len), generator=g)
+    batches = TrainBatches(ids, ids.clone(), torch.ones_like(ids))
+
+    def settings(steps: int) -> TuneSettings:
+        return TuneSettings(
+            steps=steps, batch_size=args.micro_batch,
+            gradient_checkpointing=args.checkpointing, seed=0,
+        )  # fmt: skip
+
+    work = FinetuneWorkload(args.micro_batch, args.seq_len, args.checkpointing)
+    predicted = estimate(spec, config, mode=BudgetMode.FINETUNE, finetune=work).components
+    terms = ("activations", "dequant_buffers", "lora_grads", "optimizer_states")
+    return (
+        lambda: train(model, batches, settings(1)),
+        lambda: train(model, batches, settings(args.steps)),
+        [args.micro_batch, args.seq_len, args.checkpointing],
+        predicted,
+        terms,
+    )
+
+
+def _inference(args, model, hf_config, spec, config):
+    """``generate`` of a (context − decode) prompt and ``--decode-tokens`` greedy tokens."""
+    g = torch.Generator().manual_seed(0)
+    prompt = max(args.context - args.decode_tokens, 1)
+    ids = torch.randint(0, hf_config.vocab_size, (args.batch, prompt), generator=g)
+    ids = ids.to(args.device)
+    kwargs = dict(
+        do_sample=False, pad_token_id=0, eos_token_id=None, attention_mask=torch.ones_like(ids)
+    )
+
+    def generate(tokens: int) -> None:
+        with torch.no_grad():
+            model.generate(input_ids=ids, max_new_tokens=tokens, min_new_tokens=tokens, **kwargs)
+
+    work = InferenceWorkload(args.batch, args.context)
+    predicted = estimate(spec, config, mode=BudgetMode.INFERENCE, inference=work).components
+    return (
+        lambda: generate(2),
+        lambda: generate(args.decode_tokens),
+        [args.batch, args.context],
+        predicted,
+        ("activations", "kv_cache", "logits"),
+    )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -138,6 +201,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--arch", default="examples/architectures/smollm2-135m", help="HF config folder")
     p.add_argument("--config", default=None, help="bits/rank per layer (default 16/8 everywhere)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--phase", choices=("finetune", "inference"), default="finetune")
+    p.add_argument("--kernels", default="triton,torch", help="GPTQModel kernels (quantized)")
+    p.add_argument("--batch", type=int, default=1, help="inference batch")
+    p.add_argument("--context", type=int, default=4096, help="inference prompt + decoded tokens")
+    p.add_argument("--decode-tokens", type=int, default=4)
     p.add_argument("--micro-batch", type=int, default=2)
     p.add_argument("--seq-len", type=int, default=1024)
     p.add_argument("--steps", type=int, default=2, help="measured steps after one warm-up")
@@ -154,22 +222,13 @@ def main(argv: list[str] | None = None) -> None:
 
     n_layers = args.layers or AutoConfig.from_pretrained(args.arch).num_hidden_layers
     config = Config.parse(args.config) if args.config else Config.uniform(n_layers, 16, 8)
-    hf_config, model = _model(args, config)
+    hf_config, model = _model(args, config, trainable=args.phase == "finetune")
     spec = ModelSpec.from_config(hf_config)
-
-    from edgeqra.tune import TrainBatches, TuneSettings, train
-
-    g = torch.Generator().manual_seed(0)
-    ids = torch.randint(
-        0, hf_config.vocab_size, (args.micro_batch * (args.steps + 1), args.seq_len), generator=g
-    )
-    batches = TrainBatches(ids, ids.clone(), torch.ones_like(ids))
-    settings = TuneSettings(
-        steps=1, batch_size=args.micro_batch, gradient_checkpointing=args.checkpointing, seed=0
-    )
-    train(model, batches, settings)  # warm-up: kernels, cuBLAS handles
-    gc.collect()
     cuda = args.device.startswith("cuda")
+    run = _finetune if args.phase == "finetune" else _inference
+    warm_up, measured, workload, predicted, step_terms = run(args, model, hf_config, spec, config)
+    warm_up()
+    gc.collect()
     if cuda:
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
@@ -178,19 +237,12 @@ def main(argv: list[str] | None = None) -> None:
     mode = LiveTensors(args.device, ignore)
     start = time.perf_counter()
     with mode:
-        train(model, batches, TuneSettings(
-            steps=args.steps, batch_size=args.micro_batch,
-            gradient_checkpointing=args.checkpointing, seed=0,
-        ))  # fmt: skip
+        measured()
     seconds = time.perf_counter() - start
 
-    work = FinetuneWorkload(args.micro_batch, args.seq_len, args.checkpointing)
-    predicted = estimate(spec, config, mode=BudgetMode.FINETUNE, finetune=work).components
-    step_terms = ("activations", "dequant_buffers", "lora_grads", "optimizer_states")
     report = {
         "arch": args.arch, "config": config.short(), "device": args.device,
-        "workload": [args.micro_batch, args.seq_len, args.checkpointing],
-        "seconds": seconds, "ops": mode.ops,
+        "phase": args.phase, "workload": workload, "seconds": seconds, "ops": mode.ops,
         "predicted_mib": {k: predicted[k] / MiB for k in (*step_terms, "cublas_workspace")},
         "predicted_step_mib": sum(predicted[k] for k in step_terms) / MiB,
         "census_peak_mib": mode.peak / MiB, "census_peak_op": mode.peak_at,
@@ -198,17 +250,16 @@ def main(argv: list[str] | None = None) -> None:
     }  # fmt: skip
     if cuda:
         peak = mode.allocator_peak or {}
+        high = torch.cuda.max_memory_allocated()
         report["allocated_before_mib"] = before / MiB
         report["allocator_peak"] = {
             "op": peak.get("op"),
-            "max_allocated_mib": torch.cuda.max_memory_allocated() / MiB,
-            "above_before_mib": (torch.cuda.max_memory_allocated() - before) / MiB,
+            "max_allocated_mib": high / MiB,
+            "above_before_mib": (high - before) / MiB,
             "live_tensors_mib": peak.get("live_tensors", 0) / MiB,
-            "held_by_no_tensor_mib": (
-                torch.cuda.max_memory_allocated() - before - peak.get("live_tensors", 0)
-            ) / MiB,
+            "held_by_no_tensor_mib": (high - before - peak.get("live_tensors", 0)) / MiB,
             "live_set": _groups(peak.get("live_set", []), args.top),
-        }  # fmt: skip
+        }
     text = json.dumps(report, indent=2)
     if args.out:
         args.out.write_text(text)

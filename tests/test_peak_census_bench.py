@@ -31,3 +31,15 @@ def test_quantized_config_on_cpu_is_refused_with_one_line(capsys):
     with pytest.raises(SystemExit) as why:
         peak_census.main(["--arch", str(ARCH), "--layers", "2", "--config", "4/8x2"])
     assert "--device cuda" in str(why.value)
+
+
+def test_inference_census_peak_is_the_mlp_moment_within_the_model(tmp_path):
+    out = tmp_path / "census.json"
+    argv = ["--arch", str(ARCH), "--layers", "2", "--phase", "inference", "--context", "128"]
+    peak_census.main([*argv, "--out", str(out)])
+    report = json.loads(out.read_text())
+    # The prefill layer's MLP: gate, up, act(gate) and their product alive together.
+    mlp = {g["op"] for g in report["census_peak_set"] if g["shape"][-1] == 1536}
+    assert {"silu", "mul"} <= mlp
+    predicted, census = report["predicted_step_mib"], report["census_peak_mib"]
+    assert 0.7 * predicted <= census <= predicted
