@@ -39,7 +39,7 @@ def test_inference_census_peak_is_the_mlp_moment_within_the_model(tmp_path):
     peak_census.main([*argv, "--out", str(out)])
     report = json.loads(out.read_text())
     # The prefill layer's MLP: gate, up, act(gate) and their product alive together.
-    mlp = {g["op"] for g in report["census_peak_set"] if g["shape"][-1] == 1536}
+    mlp = {g["op"] for g in report["census_peak_set"] if g["shape"][-1:] == [1536]}
     assert {"silu", "mul"} <= mlp
     predicted, census = report["predicted_step_mib"], report["census_peak_mib"]
     assert 0.7 * predicted <= census <= predicted
