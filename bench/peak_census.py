@@ -110,37 +110,22 @@ def _groups(items: list[tuple[int, str, tuple[int, ...], str]], top: int) -> lis
 
 
 def _model(args: argparse.Namespace, config: Config, trainable: bool):
+    """``edgeqra.measure.build_model``: the model ``memory_truth.py`` measures, on any device."""
     from transformers import AutoConfig
 
+    from edgeqra.measure import build_model
+
+    if args.device == "cpu" and any(c.bits < 16 for c in config):
+        sys.exit("peak_census: quantized configs need --device cuda (GPTQModel's kernels)")
     hf_config = AutoConfig.from_pretrained(args.arch)
     if args.layers:
         hf_config.num_hidden_layers = args.layers
-    if all(c.bits >= 16 for c in config) or args.device == "cpu":
-        from transformers import AutoModelForCausalLM
-
-        from edgeqra.models import find_units
-        from edgeqra.tune import TuneSettings, attach_lora
-
-        if any(c.bits < 16 for c in config):
-            sys.exit("peak_census: quantized configs need --device cuda (GPTQModel's kernels)")
-        torch.manual_seed(0)
-        with torch.device(args.device):
-            base = AutoModelForCausalLM.from_config(hf_config, dtype=torch.bfloat16)
-        base.eval()
-        model = attach_lora(base, find_units(base), config, TuneSettings(steps=0, seed=0))
-        if not trainable:  # inference holds adapters in the compute dtype, as measure does
-            for name, param in model.named_parameters():
-                if ".lora_" in name:
-                    param.data = param.data.to(torch.bfloat16)
-    else:
-        from edgeqra.measure import build_model
-
-        kernels = tuple(k for k in args.kernels.split(",") if k) or None
-        model, _ = build_model(
-            hf_config, config, trainable=trainable,
-            work_dir=Path(args.work) / hashlib.sha256(str(config).encode()).hexdigest()[:12],
-            device=args.device, kernels=kernels,
-        )  # fmt: skip
+    kernels = tuple(k for k in args.kernels.split(",") if k) or None
+    model, _ = build_model(
+        hf_config, config, trainable=trainable,
+        work_dir=Path(args.work) / hashlib.sha256(str(config).encode()).hexdigest()[:12],
+        device=args.device, kernels=kernels,
+    )  # fmt: skip
     return hf_config, model
 
 

@@ -51,6 +51,7 @@ from edgeqra.profiles import load_profile
 from edgeqra.search.bayes import BayesSettings
 from edgeqra.search.driver import SearchSettings
 from edgeqra.search.evolution import EvolutionSettings
+from edgeqra.search.journal import Journal
 from edgeqra.sensitivity import measure_sensitivity
 from edgeqra.space import FP16_BITS, Config, fill
 
@@ -97,17 +98,6 @@ def _run(item: tuple[str, dict, str]) -> tuple[str, dict, float]:
         open_run_dir(run_dir, job, resume=(run_dir / "job.json").exists())
         summary = run_search_job(job, run_dir, progress=False)
     return key, summary, time.perf_counter() - start
-
-
-def _journal_steps(run_dir: Path) -> int:
-    """Tuning steps of every search evaluation in a run's journal: its whole cost, also for a
-    search resumed across device calls (summaries before 578dd02 counted the last call only)."""
-    steps = 0
-    for line in (run_dir / "journal.jsonl").read_text().splitlines():
-        entry = json.loads(line) if line.strip() else {}
-        if "score" in entry and entry.get("stage") != "baseline":
-            steps += int(entry["fidelity"])
-    return steps
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -319,7 +309,9 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
             key, summary, seconds = future.result()
             method, bits, seed = json.loads(key)
             chosen = summary["chosen"]
-            epochs = _journal_steps(Path(folders[key])) * args.batch_size / n_train
+            # From the journal: summaries before 578dd02 counted only a resumed search's last call.
+            steps = Journal(Path(folders[key]) / "journal.jsonl").search_steps()
+            epochs = steps * args.batch_size / n_train
             row(
                 method, bits, seed, Config.parse(chosen["config"]), chosen["final"]["score"],
                 summary["search"]["evaluations"], seconds, epochs, summary["budget_bytes"],

@@ -289,7 +289,8 @@ def _finetune_layer_bytes(spec: ModelSpec, unit: Unit, rank: int, dtype_bytes: i
     fp32 logsumexp per head; the MLP saves gate, act(gate) and up (3i); every adapter saves
     its fp32 copy of the input (4·d_in) and its rank-sized hidden (4r).
     """
-    adapters = 0 if rank == 0 else sum(4 * (lin.d_in + rank) for lin in unit.linears)
+    shapes = tuple((x.d_in, x.d_out, x.bias) for x in unit.linears)
+    adapters = _unit_terms(shapes, FP16_BITS, rank, 0, dtype_bytes).adapter_saved
     return _base_layer_bytes(spec, dtype_bytes) + adapters
 
 

@@ -421,11 +421,6 @@ def run_search_job(
     return summary
 
 
-def _search_steps(journal: Journal) -> int:
-    """Tuning steps of every search evaluation in the journal (the reference baselines aside)."""
-    return sum(e.result.fidelity for e in journal.entries if e.stage != "baseline")
-
-
 def _ceiling_seeds(
     baselines: dict[str, Config],
     space: SearchSpace,
@@ -559,7 +554,7 @@ def _search_and_tune(
             # The whole search's cost: a resumed run's journal holds the steps run before the
             # interruption too (counting only this process's steps undercounted issue 20's
             # resumed searches, 0.03 epochs for a 0.44-epoch search).
-            "epochs": _search_steps(journal) * job.eval.tune.batch_size / max(1, n_train),
+            "epochs": journal.search_steps() * job.eval.tune.batch_size / max(1, n_train),
         },
     }
     files.write_summary(summary)

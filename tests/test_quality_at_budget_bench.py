@@ -1,21 +1,14 @@
-"""bench/quality_at_budget.py's cost column: a search cut by a device call's time limit and
-resumed in the next call must report the steps of both calls. Its summary counted only the
-last process's steps (issue 20, H200 2026-12-03: 0.03 epochs for a 0.44-epoch search), so
-the benchmark reads the cost from the journal, and so does the summary since."""
+"""A search's cost (bench/quality_at_budget.py's epochs column, summary.json's `epochs`): a
+search cut by a device call's time limit and resumed in the next call must report the steps
+of both calls. Its summary counted only the last process's steps (issue 20, H200 2026-12-03:
+0.03 epochs for a 0.44-epoch search), so both read `Journal.search_steps`."""
 
 from __future__ import annotations
 
 import json
-import sys
-from pathlib import Path
-
-import pytest
 
 from edgeqra.result import Result
 from edgeqra.search.journal import Journal
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
-quality_at_budget = pytest.importorskip("quality_at_budget")
 
 
 def _result(config: str, fidelity: int, score: float) -> Result:
@@ -36,4 +29,4 @@ def test_journal_steps_count_both_calls_and_skip_failures_and_baselines(tmp_path
     again.append(_result("4/8,4/8", 64, 0.55), stage="baseline")  # a reference, not the search
     lines = (tmp_path / "journal.jsonl").read_text().splitlines()
     assert len(lines) == 5 and "error" in json.loads(lines[3])
-    assert quality_at_budget._journal_steps(tmp_path) == 4 + 16 + 16
+    assert Journal(tmp_path / "journal.jsonl").search_steps() == 4 + 16 + 16

@@ -138,6 +138,11 @@ class Journal:
         """Number of results (failures not counted)."""
         return len(self.entries)
 
+    def search_steps(self) -> int:
+        """Tuning steps of every search evaluation recorded (the reference baselines aside):
+        a search's whole cost, also when it was resumed across processes."""
+        return sum(e.result.fidelity for e in self.entries if e.stage != "baseline")
+
     def get(self, config: str, fidelity: int) -> Result | None:
         """The recorded result of ``config`` (its string form) at ``fidelity``, if any."""
         entry = self._index.get((str(config), int(fidelity)))
