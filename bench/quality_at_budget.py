@@ -43,7 +43,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from edgeqra.evaluate import EvalSettings
-from edgeqra.memory import estimate_for_profile
+from edgeqra.memory import config_bytes
 from edgeqra.models import cache_dir
 from edgeqra.pipeline import EvalJob, SearchJob, open_run_dir, prepare, run_search_job
 from edgeqra.plan import budget_for_bits
@@ -85,10 +85,21 @@ def _search_jobs(base: SearchJob, bits: float) -> dict[str, SearchJob]:
     }
 
 
-def _run(item: tuple[str, dict, str]) -> tuple[str, dict, float]:
-    """One search (in a worker process: the bank and sensitivity come from the disk cache)."""
-    key, job_json, out = item
+def _run(item: tuple[str, dict, str, float]) -> tuple[str, dict, float]:
+    """One search (in a worker process: the bank and sensitivity come from the disk cache).
+
+    ``share`` is this worker's fraction of the GPU's memory: QAB_JOBS searches share one GPU,
+    and a worker whose allocator kept what its largest scoring batch needed starved the others
+    (PIQA on the H200, 2026-12-03: two workers held 44 GiB each, a third ran out). At the cap
+    PyTorch frees its cached blocks and retries before it fails.
+    """
+    key, job_json, out, share = item
     job = SearchJob.from_json(job_json)
+    if share < 1.0 and job.eval.device != "cpu":
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.set_per_process_memory_fraction(share)
     run_dir = Path(out)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():  # finished in an earlier call
@@ -98,6 +109,30 @@ def _run(item: tuple[str, dict, str]) -> tuple[str, dict, float]:
         open_run_dir(run_dir, job, resume=(run_dir / "job.json").exists())
         summary = run_search_job(job, run_dir, progress=False)
     return key, summary, time.perf_counter() - start
+
+
+def _prebuild_banks(ev: EvalJob, seeds: set[int]) -> None:
+    """Each search seed's GPTQ bank and sensitivity, built here once before the workers start.
+
+    The bank and the calibration rows follow the tuning seed, and a worker builds what the
+    disk cache lacks: on a fresh machine the eight workers of a call built the same three banks
+    side by side and the GPU sat mostly idle for minutes (PIQA on the H200, 2026-12-03: a
+    search's first evaluation came 4-6 minutes into a call). The bank cache has no lock, so
+    building once, sequentially, is also the safe way.
+    """
+    for seed in sorted(seeds):
+        start = time.perf_counter()
+        job = dataclasses.replace(ev, tune=dataclasses.replace(ev.tune, seed=seed))
+        with contextlib.redirect_stdout(sys.stderr):
+            prepared = prepare(job)
+            measure_sensitivity(
+                prepared.loaded, prepared.bank, prepared.calibration,
+                cache_dir=cache_dir() / "sensitivity",
+            )  # fmt: skip
+        prepared.evaluator.close()
+        del prepared
+        took = time.perf_counter() - start
+        print(f"{time.strftime('%H:%M:%S')} seed {seed}: bank and sensitivity ready ({took:.0f} s)")
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -159,8 +194,12 @@ def _fidelity_check(prepared, args, task: str, budget: int, memory, importance) 
     return rows
 
 
-def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]) -> None:
-    """Every method for one task: references and greedy in this process, searches in workers."""
+def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]) -> list:
+    """Every method for one task: references and greedy in this process, searches in workers.
+
+    Returns the (method, bits, seed) keys of the searches that failed (their journals keep
+    what they measured: the next call resumes them).
+    """
     ev = EvalJob(
         model=args.model,
         task=task,
@@ -182,8 +221,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
     spec, space, n = prepared.spec, prepared.space, prepared.space.n_units
     n_train = len(prepared.evaluator.batches)
 
-    def memory(config: Config) -> int:
-        return estimate_for_profile(spec, config, profile, group_size=args.group_size).total
+    memory = config_bytes(spec, profile, group_size=args.group_size)
 
     if args.fidelity_check:
         budget = budget_for_bits(spec, profile, 3.5, space.bits, group_size=args.group_size)
@@ -276,6 +314,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
                     )
     prepared.evaluator.close()
     del prepared
+    print(f"{time.strftime('%H:%M:%S')} {task}: references and greedy done", flush=True)
 
     work = []
     for bits in args.budget_bits:
@@ -301,12 +340,20 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
                         / f"s{seed}"
                     )
                     work.append(((method, bits, seed), job.to_json(), str(folder)))
+    _prebuild_banks(ev, {k[2] for k, _, o in work if not (Path(o) / "summary.json").is_file()})
     spawn = multiprocessing.get_context("spawn")  # the parent held a CUDA context
+    share = 1.0 if args.jobs == 1 else 0.95 / args.jobs
+    failed = []
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
         folders = {json.dumps(k): o for k, _, o in work}
-        futures = [pool.submit(_run, (json.dumps(k), j, o)) for k, j, o in work]
+        futures = {pool.submit(_run, (json.dumps(k), j, o, share)): k for k, j, o in work}
         for future in as_completed(futures):
-            key, summary, seconds = future.result()
+            try:
+                key, summary, seconds = future.result()
+            except Exception as err:  # noqa: BLE001 (one search failing must not stop the rest)
+                failed.append(futures[future])
+                print(f"search {futures[future]} failed: {type(err).__name__}: {err}", flush=True)
+                continue
             method, bits, seed = json.loads(key)
             chosen = summary["chosen"]
             # From the journal: summaries before 578dd02 counted only a resumed search's last call.
@@ -317,6 +364,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
                 summary["search"]["evaluations"], seconds, epochs, summary["budget_bytes"],
             )  # fmt: skip
     (args.out / "rows.json").write_text(json.dumps(rows, indent=2))
+    return failed
 
 
 def main() -> None:
@@ -364,10 +412,13 @@ def main() -> None:
     args.out.mkdir(parents=True, exist_ok=True)
     rows: list[dict[str, object]] = []
     start = time.perf_counter()
+    failed = []
     for task in args.tasks:
-        _one_task(task, args, rows)
+        failed += [(task, *key) for key in _one_task(task, args, rows) or ()]
     if args.fidelity_check:
         return
+    if failed:
+        raise SystemExit(f"{len(failed)} searches failed: {failed}; run again to resume them")
     _print_table(rows)
     print(f"\ntotal {time.perf_counter() - start:.0f} s")
 

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from typing import NamedTuple
@@ -188,6 +188,8 @@ class _UnitTerms(NamedTuple):
     dense_sum: int  # bytes of its linears' dense weights if quantized, else 0
     dense_max: int  # the largest of them, else 0
     adapter_saved: int  # bytes per token its adapters save for backward (fp32 input + hidden)
+    lora_rounding: int  # allocator rounding of one copy of its adapters at the compute dtype
+    lora_rounding_fp32: int  # ... of one fp32 copy (PEFT's trainable adapters)
 
 
 # A search asks the memory model for tens of thousands of configs (repair and fill measure
@@ -222,7 +224,8 @@ def _unit_terms(
         dense_max = max(dense_max, d_in * d_out * dtype_bytes)
     lora = sum(lora_params(d_in, d_out, rank) for d_in, d_out, _ in shapes)
     saved = 0 if rank == 0 else sum(4 * (d_in + rank) for d_in, _, _ in shapes)
-    return _UnitTerms(weights, lora, packed, caches, dense_sum, dense_max, saved)
+    rounding = _lora_rounding(shapes, rank, dtype_bytes), _lora_rounding(shapes, rank, 4)
+    return _UnitTerms(weights, lora, packed, caches, dense_sum, dense_max, saved, *rounding)
 
 
 @functools.lru_cache(maxsize=1024)
@@ -379,23 +382,18 @@ def _kernel_cache_bytes(terms: Sequence[_UnitTerms]) -> int:
     return sum(t.kernel_caches for t in terms)  # counted per linear in _unit_terms
 
 
-def _rounding_bytes(
-    spec: ModelSpec,
-    config: Config,
-    terms: Sequence[_UnitTerms],
-    lora_copies: int,
-    lora_bytes: int,
-) -> int:
+def _rounding_bytes(terms: Sequence[_UnitTerms], lora_copies: int, lora_fp32: bool) -> int:
     """Allocator rounding of the persistent tensors: every block is a multiple of 512 B.
 
     Packed tensors of each quantized linear, and each adapter matrix (A and B) times the
-    copies alive (weights; + grads + two AdamW moments when training).
+    copies alive (weights at the compute dtype; in training fp32 weights + grads + two AdamW
+    moments).
     """
     packed = sum(t.packed_rounding for t in terms)
-    adapters = sum(
-        _lora_rounding(shapes, c.rank, lora_bytes)
-        for shapes, c in zip(spec.unit_shapes, config, strict=True)
-    )
+    if lora_fp32:
+        adapters = sum(t.lora_rounding_fp32 for t in terms)
+    else:
+        adapters = sum(t.lora_rounding for t in terms)
     return packed + lora_copies * adapters
 
 
@@ -452,12 +450,40 @@ def estimate(
         cublas_handles: cuBLAS handles with a workspace (default: 1 for inference, 2 for
             fine-tuning: the forward thread's and the autograd engine's).
     """
+    _check_units(spec, config)
+    terms = _terms(spec, config, group_size, dtype_bytes)
+    return _estimate(
+        spec, config, terms, mode=mode, inference=inference, finetune=finetune,
+        reserve_bytes=reserve_bytes, dtype_bytes=dtype_bytes, merged_adapters=merged_adapters,
+        compute_capability=compute_capability, quantized_backward=quantized_backward,
+        cublas_handles=cublas_handles,
+    )  # fmt: skip
+
+
+def _check_units(spec: ModelSpec, config: Config) -> None:
     if len(config) != spec.n_units:
         from edgeqra.errors import ConfigError
 
         raise ConfigError(f"config has {len(config)} units but the model has {spec.n_units}")
+
+
+def _estimate(
+    spec: ModelSpec,
+    config: Config,
+    terms: Sequence[_UnitTerms],
+    *,
+    mode: BudgetMode,
+    inference: InferenceWorkload | None,
+    finetune: FinetuneWorkload | None,
+    reserve_bytes: int,
+    dtype_bytes: int,
+    merged_adapters: bool,
+    compute_capability: tuple[int, int] | None,
+    quantized_backward: QuantizedBackward | str,
+    cublas_handles: int | None,
+) -> Breakdown:
+    """:func:`estimate` from the units' terms (computed once when both modes are wanted)."""
     backward = QuantizedBackward(quantized_backward)
-    terms = _terms(spec, config, group_size, dtype_bytes)
     weights = [t.weights for t in terms]
     lora = [t.lora for t in terms]
     components: dict[str, int] = {
@@ -480,7 +506,7 @@ def estimate(
         components["logits"] = inference.batch * spec.vocab_size * (dtype_bytes + 8)
         components["dequant_buffers"] = 0  # the dequantizing kernel's W is in `activations`
         handles = 1 if cublas_handles is None else cublas_handles
-        rounding = _rounding_bytes(spec, config, terms, 1, lora_bytes_per_param)
+        rounding = _rounding_bytes(terms, 1 if lora_bytes_per_param else 0, lora_fp32=False)
         per_unit = tuple(w + p * lora_bytes_per_param for w, p in zip(weights, lora, strict=True))
     elif mode is BudgetMode.FINETUNE:
         if finetune is None:
@@ -495,7 +521,7 @@ def estimate(
         )
         components["logits"] = 0  # the loss's buffers are one moment of `activations`
         handles = 2 if cublas_handles is None else cublas_handles
-        rounding = _rounding_bytes(spec, config, terms, 4, 4)
+        rounding = _rounding_bytes(terms, 4, lora_fp32=True)
         per_unit = tuple(w + p * 16 for w, p in zip(weights, lora, strict=True))
     else:
         raise ValueError(f"estimate() takes INFERENCE or FINETUNE, not {mode}")
@@ -517,18 +543,42 @@ def estimate_for_profile(
 ) -> Breakdown:
     """Estimate with the profile's workloads and reserve; BOTH returns the larger mode."""
     mode = mode or profile.mode
+    _check_units(spec, config)
+    dtype_bytes = 2  # estimate's default: fp16/bf16 compute
+    terms = _terms(spec, config, group_size, dtype_bytes)
     kwargs = dict(
         inference=profile.inference,
         finetune=profile.finetune,
         reserve_bytes=profile.reserve_bytes,
-        group_size=group_size,
+        dtype_bytes=dtype_bytes,
         merged_adapters=merged_adapters,
         compute_capability=profile.compute_capability_tuple,
+        quantized_backward=QuantizedBackward.RECOMPUTE,
+        cublas_handles=None,
     )
     if mode is BudgetMode.BOTH:
         both: Sequence[Breakdown] = [
-            estimate(spec, config, mode=m, **kwargs)  # type: ignore[arg-type]
+            _estimate(spec, config, terms, mode=m, **kwargs)  # type: ignore[arg-type]
             for m in (BudgetMode.INFERENCE, BudgetMode.FINETUNE)
         ]
         return max(both, key=lambda b: b.total)
-    return estimate(spec, config, mode=mode, **kwargs)  # type: ignore[arg-type]
+    return _estimate(spec, config, terms, mode=mode, **kwargs)  # type: ignore[arg-type]
+
+
+def config_bytes(
+    spec: ModelSpec, profile: DeviceProfile, *, group_size: int = 64, cache_size: int = 2**17
+) -> Callable[[Config], int]:
+    """``config -> estimate_for_profile(...).total``, memoised per config.
+
+    A search's repair and fill walks ask for the same configs again and again (a benchmark
+    search on SmolLM2's 30 units: 528k requests, 98k distinct configs; 90 us each made the
+    memory model most of a search's CPU time, bench/RESULTS.md, issue 20). The estimate is a
+    pure function of the config for a fixed spec, profile and group size, so caching it
+    changes no result.
+    """
+
+    @functools.lru_cache(maxsize=cache_size)
+    def total(config: Config) -> int:
+        return estimate_for_profile(spec, config, profile, group_size=group_size).total
+
+    return total

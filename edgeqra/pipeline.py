@@ -31,7 +31,7 @@ from edgeqra.device import resolve_device
 from edgeqra.errors import BudgetError, ConfigError
 from edgeqra.evaluate import Evaluator
 from edgeqra.jobs import EvalJob, SearchJob
-from edgeqra.memory import ModelSpec, estimate, estimate_for_profile
+from edgeqra.memory import ModelSpec, config_bytes, estimate, estimate_for_profile
 from edgeqra.models import LoadedModel, cache_dir, load_model, resolve_model
 from edgeqra.plan import budget_for_bits
 from edgeqra.profiles import BudgetMode, DeviceProfile, FinetuneWorkload, load_profile
@@ -358,9 +358,7 @@ def run_search_job(
     budget = prepared.budget_bytes
     group = job.eval.group_size
 
-    def memory(config: Config) -> int:
-        return estimate_for_profile(spec, config, profile, group_size=group).total
-
+    memory = config_bytes(spec, profile, group_size=group)
     importance: tuple[float, ...] | None = None
     if settings.sensitivity and prepared.bank is not None:
         sens = measure_sensitivity(

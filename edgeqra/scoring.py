@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 
 _FALLBACK_MAX_LENGTH = 2048  # lm-eval's HFLM default when neither model nor tokenizer says
 _TOKENIZER_NO_LIMIT = 10**9  # HF sets model_max_length to ~1e30 when a tokenizer has no limit
+_SCORE_CHUNK = 2**26  # fp32 elements of one (targets, vocab) slice: 256 MiB
 
 
 @dataclass(frozen=True)
@@ -152,6 +153,26 @@ def _request(ctx: list[int], cont: list[int], max_length: int) -> _Request:
     return _Request(tuple(whole[:-1]), tuple(whole[len(whole) - n :]) if n else ())
 
 
+def _target_logprobs(
+    logits: torch.Tensor, rows: torch.Tensor, cols: torch.Tensor, targets: torch.Tensor
+) -> torch.Tensor:
+    """log p(targets[t]) at logits[rows[t], cols[t]] in fp32, shape (T,).
+
+    The fp32 (T, vocab) slice is the scorer's largest tensor, and ``logsumexp`` makes as much
+    again: PIQA's longest batch of 256 pairs has 22.6k targets, 4.2 GiB each with SmolLM2's 49k
+    vocabulary, which put eight benchmark searches sharing one H200 out of memory (issue 20).
+    Row chunks of at most ``_SCORE_CHUNK`` elements bound it; every row's value is computed
+    the same way.
+    """
+    step = max(1, _SCORE_CHUNK // logits.shape[-1])
+    out = []
+    for at in range(0, len(targets), step):
+        r, c, t = rows[at : at + step], cols[at : at + step], targets[at : at + step]
+        picked = logits[r, c].float()  # (chunk, vocab)
+        out.append(picked.gather(-1, t[:, None]).squeeze(-1) - picked.logsumexp(-1))
+    return torch.cat(out)
+
+
 def _score_requests(
     model: nn.Module, requests: Sequence[_Request], pad: int, batch_size: int
 ) -> list[float]:
@@ -184,8 +205,7 @@ def _score_requests(
         row_t = torch.tensor(row_of, dtype=torch.long, device=device)  # (T,)
         col_t = torch.tensor(col_of, dtype=torch.long, device=device)  # (T,)
         target_t = torch.tensor(targets, dtype=torch.long, device=device)  # (T,)
-        picked = logits[row_t, col_t].float()  # (T, vocab)
-        logp = picked.gather(-1, target_t[:, None]).squeeze(-1) - picked.logsumexp(-1)  # (T,)
+        logp = _target_logprobs(logits, row_t, col_t, target_t)  # (T,)
         sums = torch.zeros(len(rows), dtype=logp.dtype, device=device)  # (batch,)
         sums.index_add_(0, row_t, logp)
         for i, value in zip(idx, sums.tolist(), strict=True):

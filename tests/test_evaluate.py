@@ -122,6 +122,16 @@ def test_model_without_logits_to_keep_gives_same_logliks(tokenizer) -> None:
         assert x == pytest.approx(y, abs=ATOL)
 
 
+def test_scoring_in_row_chunks_gives_the_same_logliks(tokenizer, monkeypatch) -> None:
+    """The (targets, vocab) slice is scored in bounded chunks: one row each changes nothing."""
+    model = _model(tokenizer)
+    whole = mc_logliks(model, tokenizer, ITEMS, batch_size=5)
+    monkeypatch.setattr(scoring, "_SCORE_CHUNK", 1)  # one target row per chunk
+    chunked = mc_logliks(model, tokenizer, ITEMS, batch_size=5)
+    for c, w in zip(chunked, whole, strict=True):
+        assert c == pytest.approx(w, abs=1e-6)
+
+
 def test_bfloat16_model_is_scored_in_float32(tokenizer) -> None:
     model = _model(tokenizer)
     ref = mc_logliks(model, tokenizer, ITEMS)

@@ -130,6 +130,21 @@ def test_unit_count_mismatch_is_a_config_error(spec):
         _est(spec, Config.uniform(spec.n_units + 1, 4, 8), BudgetMode.INFERENCE)
 
 
+def test_config_bytes_is_the_profile_estimate_memoised(spec):
+    from edgeqra.memory import config_bytes, estimate_for_profile
+    from edgeqra.profiles import load_profile
+
+    profile = load_profile("jetson-orin-nano-8gb")
+    meter = config_bytes(spec, profile, group_size=32)
+    configs = [Config.uniform(spec.n_units, b, r) for b in (2, 3, 4, 8, 16) for r in (0, 8)]
+    for config in configs * 2:
+        assert meter(config) == estimate_for_profile(spec, config, profile, group_size=32).total
+    info = meter.cache_info()
+    assert (info.misses, info.hits) == (len(configs), len(configs))
+    with pytest.raises(Exception, match="units"):
+        meter(Config.uniform(spec.n_units + 1, 4, 8))
+
+
 # ---------------------------------------------------------------- issue 15: the new terms
 
 from edgeqra.memory import (  # noqa: E402
