@@ -133,6 +133,10 @@ def _prebuild_banks(ev: EvalJob, seeds: set[int]) -> None:
         del prepared
         took = time.perf_counter() - start
         print(f"{time.strftime('%H:%M:%S')} seed {seed}: bank and sensitivity ready ({took:.0f} s)")
+    import torch
+
+    if torch.cuda.is_available():  # what this process cached would be missing from the workers'
+        torch.cuda.empty_cache()
 
 
 def _spearman(a: list[float], b: list[float]) -> float:
@@ -342,7 +346,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
                     work.append(((method, bits, seed), job.to_json(), str(folder)))
     _prebuild_banks(ev, {k[2] for k, _, o in work if not (Path(o) / "summary.json").is_file()})
     spawn = multiprocessing.get_context("spawn")  # the parent held a CUDA context
-    share = 1.0 if args.jobs == 1 else 0.95 / args.jobs
+    share = 1.0 if args.jobs == 1 else 0.9 / args.jobs
     failed = []
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
         folders = {json.dumps(k): o for k, _, o in work}
