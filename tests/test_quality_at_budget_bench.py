@@ -6,9 +6,16 @@ of both calls. Its summary counted only the last process's steps (issue 20, H200
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
 
 from edgeqra.result import Result
 from edgeqra.search.journal import Journal
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def _result(config: str, fidelity: int, score: float) -> Result:
@@ -30,3 +37,30 @@ def test_journal_steps_count_both_calls_and_skip_failures_and_baselines(tmp_path
     lines = (tmp_path / "journal.jsonl").read_text().splitlines()
     assert len(lines) == 5 and "error" in json.loads(lines[3])
     assert Journal(tmp_path / "journal.jsonl").search_steps() == 4 + 16 + 16
+
+
+@pytest.mark.slow
+def test_benchmark_prebuilds_each_seeds_bank_and_survives_a_failing_search(tmp_path):
+    """Two workers, two seeds on the tiny model (~5 min on 2 cores): the parent builds seed 1's
+    bank before the workers start (eight workers built the same banks at once on the H200), and
+    a search that fails is reported while the others finish; the run then exits non-zero."""
+    out = tmp_path / "qab"
+    broken = out / "arc_easy" / "b3.5" / "random" / "s1"
+    broken.mkdir(parents=True)
+    (broken / "job.json").write_text("{not json")  # this search cannot resume
+    cmd = [
+        sys.executable, str(REPO / "bench" / "quality_at_budget.py"), "--tiny", "--device", "cpu",
+        "--tasks", "arc_easy", "--budget-bits", "3.5", "--seeds", "0", "1", "--steps", "4",
+        "--search-steps", "4", "--rungs", "1", "--evals", "6", "--n-eval", "20", "--n-train",
+        "32", "--calib-samples", "8", "--jobs", "2", "--methods", "joint", "random",
+        "--out", str(out),
+    ]  # fmt: skip
+    run = subprocess.run(cmd, capture_output=True, text=True, timeout=1500, check=False)  # noqa: S603
+    log = run.stdout + run.stderr
+    assert run.returncode == 1, log[-3000:]
+    assert "seed 1: bank and sensitivity ready" in run.stdout
+    assert "search ('random', 3.5, 1) failed" in run.stdout
+    assert "1 searches failed" in log
+    rows = json.loads((out / "rows.json").read_text())
+    done = {(r["method"], r["seed"]) for r in rows if r["evaluations"] > 1}
+    assert done == {("joint", 0), ("joint", 1), ("random", 0)}
