@@ -111,6 +111,17 @@ def _run(item: tuple[str, dict, str, float]) -> tuple[str, dict, float]:
     return key, summary, time.perf_counter() - start
 
 
+def _prepare(job: EvalJob):
+    """The evaluator with its bank, and stage 1's sensitivity (both cached on disk)."""
+    with contextlib.redirect_stdout(sys.stderr):
+        prepared = prepare(job)
+        sens = measure_sensitivity(
+            prepared.loaded, prepared.bank, prepared.calibration,
+            cache_dir=cache_dir() / "sensitivity",
+        )  # fmt: skip
+    return prepared, sens
+
+
 def _prebuild_banks(ev: EvalJob, seeds: set[int]) -> None:
     """Each search seed's GPTQ bank and sensitivity, built here once before the workers start.
 
@@ -122,13 +133,9 @@ def _prebuild_banks(ev: EvalJob, seeds: set[int]) -> None:
     """
     for seed in sorted(seeds):
         start = time.perf_counter()
-        job = dataclasses.replace(ev, tune=dataclasses.replace(ev.tune, seed=seed))
-        with contextlib.redirect_stdout(sys.stderr):
-            prepared = prepare(job)
-            measure_sensitivity(
-                prepared.loaded, prepared.bank, prepared.calibration,
-                cache_dir=cache_dir() / "sensitivity",
-            )  # fmt: skip
+        prepared, _ = _prepare(
+            dataclasses.replace(ev, tune=dataclasses.replace(ev.tune, seed=seed))
+        )
         prepared.evaluator.close()
         del prepared
         took = time.perf_counter() - start
@@ -214,12 +221,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
         device=args.device,
         profile=args.profile,
     )
-    with contextlib.redirect_stdout(sys.stderr):
-        prepared = prepare(ev)  # the bank, once for every search of this task
-        sens = measure_sensitivity(
-            prepared.loaded, prepared.bank, prepared.calibration,
-            cache_dir=cache_dir() / "sensitivity",
-        )  # fmt: skip
+    prepared, sens = _prepare(ev)  # references and greedy; the searches' banks: _prebuild_banks
     importance = sens.importance()
     profile = load_profile(args.profile)
     spec, space, n = prepared.spec, prepared.space, prepared.space.n_units

@@ -56,6 +56,12 @@ save_state() {
   [ -f "$QAB/rows.json" ] && cp "$QAB/rows.json" "$OUT/rows.json"
   echo "state: $(du -h "$OUT/qab-state.tar.gz" | cut -f1) in \$OUT/qab-state.tar.gz"
 }
+# A bare machine (the warm one was given back between calls) has no kit: say so, and return
+# no state, so that an old tarball cannot be copied over a newer one.
+if ! python3 -c "import edgeqra, gptqmodel" 2>/dev/null; then
+  echo "no kit on this machine (a fresh one?): run the kit's three calls first; no state written" >&2
+  exit 3
+fi
 trap save_state EXIT
 
 case "$STEP" in
