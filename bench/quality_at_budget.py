@@ -128,8 +128,9 @@ def _prebuild_banks(ev: EvalJob, seeds: set[int]) -> None:
     The bank and the calibration rows follow the tuning seed, and a worker builds what the
     disk cache lacks: on a fresh machine the eight workers of a call built the same three banks
     side by side and the GPU sat mostly idle for minutes (PIQA on the H200, 2026-12-03: a
-    search's first evaluation came 4-6 minutes into a call). The bank cache has no lock, so
-    building once, sequentially, is also the safe way.
+    search's first evaluation came 4-6 minutes into a call). The bank now has a lock (one
+    builder, the others wait), and building here first keeps the workers' start-up short and
+    its time in the log.
     """
     for seed in sorted(seeds):
         start = time.perf_counter()

@@ -43,6 +43,7 @@ from enum import Enum
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -273,18 +274,42 @@ def build_bank(
     model_dir = Path(model_dir)
     root = Path(cache_root or cache_dir() / "banks") / bank_key(model_dir, calibration, spec)
     bank = Bank(root, units, spec)
-    todo = [b for b in spec.bits if not bank.done(b)]
-    if not todo:
+    if bank.complete:
         log.info("bank cache hit: %s", root)
         return bank
     root.mkdir(parents=True, exist_ok=True)
+    # Searches sharing a machine (and a cache) may ask for one bank at once: unlocked, each
+    # built it and wrote the same files (issue 20: eight benchmark workers on one H200). One
+    # builds; the others wait here and find it done.
+    with FileLock(root.parent / f"{root.name}.lock"):
+        todo = [b for b in spec.bits if not bank.done(b)]
+        if not todo:
+            log.info("bank built by another process: %s", root)
+            return bank
+        _build_missing(bank, model_dir, calibration, todo, keep_checkpoints, progress, device,
+                       on_bits_done)  # fmt: skip
+    return bank
+
+
+def _build_missing(
+    bank: Bank,
+    model_dir: Path,
+    calibration: torch.Tensor,
+    todo: list[int],
+    keep_checkpoints: bool,
+    progress: bool,
+    device: str,
+    on_bits_done: Callable[[int, float], None] | None,
+) -> None:
+    """Write ``bank.json`` and build the bit-widths in ``todo`` (the caller holds the lock)."""
+    root, spec = bank.root, bank.spec
     (root / "bank.json").write_text(
         json.dumps(
             {
                 "model_dir": str(model_dir),
                 "spec": asdict(spec),
                 "calibration_shape": list(calibration.shape),
-                "units": len(units),
+                "units": len(bank.units),
             },
             indent=2,
         )
@@ -308,7 +333,6 @@ def build_bank(
             bank, model_dir, calibration, todo, bar,
             keep_checkpoints=keep_checkpoints, device=device, on_bits_done=on_bits_done,
         )  # fmt: skip
-    return bank
 
 
 def _write_unit(

@@ -241,6 +241,42 @@ def test_shared_build_is_one_pass_then_a_cache_hit(built, shared, monkeypatch):
     assert passes == [[3]] and runs == [] and resumed.complete
 
 
+def test_a_second_builder_waits_for_the_first_and_reuses_its_bank(
+    built, shared, tmp_path, monkeypatch
+):
+    """Two searches asking for one bank: the second blocks on the bank's lock and, once the
+    first has written it, builds nothing (issue 20: eight workers built the same banks)."""
+    import shutil
+    import threading
+
+    from filelock import FileLock
+
+    root, _, units, _, _ = built
+    bank, _ = shared
+    cache = tmp_path / "cache"
+    target = cache / bank.root.name
+    passes = _count_shared_passes(monkeypatch)
+    result = {}
+    holder = FileLock(cache / f"{bank.root.name}.lock")
+    cache.mkdir()
+    with holder:  # "the first process", building
+        waiter = threading.Thread(
+            target=lambda: result.setdefault(
+                "bank",
+                build_bank(
+                    root / "model", units, _calibration(), SHARED, cache_root=cache, progress=False
+                ),  # fmt: skip
+            )
+        )
+        waiter.start()
+        waiter.join(timeout=2.0)
+        assert waiter.is_alive()  # blocked on the lock, nothing built
+        shutil.copytree(bank.root, target, dirs_exist_ok=True)  # the first one's bank lands
+    waiter.join(timeout=60)
+    assert not waiter.is_alive()
+    assert passes == [] and result["bank"].complete and result["bank"].root == target
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_shared_first_layer_qkv_pack_exactly_as_gptqmodel(built, shared, bits):
     """Layer 0's q/k/v see unquantized inputs in both builds: GPTQModel's packed tensors, bit
