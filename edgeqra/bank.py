@@ -281,7 +281,7 @@ def build_bank(
     # Searches sharing a machine (and a cache) may ask for one bank at once: unlocked, each
     # built it and wrote the same files (issue 20: eight benchmark workers on one H200). One
     # builds; the others wait here and find it done.
-    with FileLock(root.parent / f"{root.name}.lock"):
+    with FileLock(root / ".lock"):
         todo = [b for b in spec.bits if not bank.done(b)]
         if not todo:
             log.info("bank built by another process: %s", root)

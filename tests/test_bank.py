@@ -257,8 +257,8 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_bank(
     target = cache / bank.root.name
     passes = _count_shared_passes(monkeypatch)
     result = {}
-    holder = FileLock(cache / f"{bank.root.name}.lock")
-    cache.mkdir()
+    target.mkdir(parents=True)
+    holder = FileLock(target / ".lock")
     with holder:  # "the first process", building
         waiter = threading.Thread(
             target=lambda: result.setdefault(
@@ -271,7 +271,9 @@ def test_a_second_builder_waits_for_the_first_and_reuses_its_bank(
         waiter.start()
         waiter.join(timeout=2.0)
         assert waiter.is_alive()  # blocked on the lock, nothing built
-        shutil.copytree(bank.root, target, dirs_exist_ok=True)  # the first one's bank lands
+        shutil.copytree(  # the first one's bank lands
+            bank.root, target, dirs_exist_ok=True, ignore=shutil.ignore_patterns(".lock")
+        )
     waiter.join(timeout=60)
     assert not waiter.is_alive()
     assert passes == [] and result["bank"].complete and result["bank"].root == target
