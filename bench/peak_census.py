@@ -109,6 +109,42 @@ def _groups(items: list[tuple[int, str, tuple[int, ...], str]], top: int) -> lis
     ]
 
 
+def static_census(model: torch.nn.Module) -> dict[str, float]:
+    """MiB the model holds before the step, by kind: parameters and buffers by (name, dtype),
+    and tensors modules keep as plain attributes (kernel caches, a second qzeros copy), each
+    storage counted once.
+
+    On the H200 the build of Qwen2.5-1.5B at 8 bits left 61 MiB beyond its weights and adapters
+    where the memory model's kernel-cache term says 43 and Llama-3.2-1B's left 1 against 32
+    (bench/RESULTS.md, issue 15); on CUDA, ``allocated_before_mib`` minus this total is what
+    no module tensor holds.
+    """
+    seen: set[int] = set()
+    groups: collections.Counter[str] = collections.Counter()
+
+    def add(kind: str, t: object) -> None:
+        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
+            return
+        storage = t.untyped_storage()
+        if storage.data_ptr() in seen or storage.nbytes() == 0:
+            return
+        seen.add(storage.data_ptr())
+        groups[f"{kind} {str(t.dtype).removeprefix('torch.')}"] += storage.nbytes()
+
+    for name, p in model.named_parameters():
+        add("parameter " + ("lora" if ".lora_" in name else name.rsplit(".", 1)[-1]), p)
+    for name, b in model.named_buffers():
+        add("buffer " + name.rsplit(".", 1)[-1], b)
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_parameters") or attr.startswith("_buffers"):
+                continue
+            items = value.values() if isinstance(value, dict) else value
+            for t in items if isinstance(value, dict | list | tuple) else (value,):
+                add(f"attribute {type(module).__name__}.{attr}", t)
+    return {k: n / MiB for k, n in groups.most_common()}
+
+
 def _model(args: argparse.Namespace, config: Config, trainable: bool):
     """``edgeqra.measure.build_model``: the model ``memory_truth.py`` measures, on any device."""
     from transformers import AutoConfig
@@ -219,6 +255,7 @@ def main(argv: list[str] | None = None) -> None:
         torch.cuda.reset_peak_memory_stats()
     before = torch.cuda.memory_allocated() if cuda else 0
     ignore = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    held = static_census(model)
     mode = LiveTensors(args.device, ignore)
     start = time.perf_counter()
     with mode:
@@ -232,11 +269,13 @@ def main(argv: list[str] | None = None) -> None:
         "predicted_step_mib": sum(predicted[k] for k in step_terms) / MiB,
         "census_peak_mib": mode.peak / MiB, "census_peak_op": mode.peak_at,
         "census_peak_set": _groups(mode.peak_set, args.top),
+        "static_mib": held, "static_total_mib": sum(held.values()),
     }  # fmt: skip
     if cuda:
         peak = mode.allocator_peak or {}
         high = torch.cuda.max_memory_allocated()
         report["allocated_before_mib"] = before / MiB
+        report["before_held_by_no_module_tensor_mib"] = before / MiB - sum(held.values())
         report["allocator_peak"] = {
             "op": peak.get("op"),
             "max_allocated_mib": high / MiB,

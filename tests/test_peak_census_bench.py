@@ -43,3 +43,19 @@ def test_inference_census_peak_is_the_mlp_moment_within_the_model(tmp_path):
     assert {"silu", "mul"} <= mlp
     predicted, census = report["predicted_step_mib"], report["census_peak_mib"]
     assert 0.7 * predicted <= census <= predicted
+
+
+def test_static_census_counts_parameters_buffers_and_attribute_caches_once():
+    import torch
+    from conftest import tiny_model
+
+    model = tiny_model("llama")
+    params = sum(p.numel() * p.element_size() for p in model.parameters())  # tied: once
+    layer = model.model.layers[0].mlp
+    layer.down_proj.cache = torch.zeros(1024, dtype=torch.int16)  # a kernel's plain attribute
+    layer.down_proj.pair = (torch.zeros(256), layer.down_proj.weight)  # the weight: not twice
+    held = peak_census.static_census(model)
+    assert held["attribute Linear.cache int16"] == 2048 / peak_census.MiB
+    assert held["attribute Linear.pair float32"] == 1024 / peak_census.MiB
+    weights = sum(v for k, v in held.items() if k.startswith("parameter "))
+    assert weights == pytest.approx(params / peak_census.MiB)
