@@ -461,6 +461,7 @@ def estimate(
 
 
 def _check_units(spec: ModelSpec, config: Config) -> None:
+    """A config must give every unit of the model one choice."""
     if len(config) != spec.n_units:
         from edgeqra.errors import ConfigError
 
