@@ -139,8 +139,9 @@ def static_census(model: torch.nn.Module) -> dict[str, float]:
         for attr, value in vars(module).items():
             if attr.startswith("_parameters") or attr.startswith("_buffers"):
                 continue
-            items = value.values() if isinstance(value, dict) else value
-            for t in items if isinstance(value, dict | list | tuple) else (value,):
+            if isinstance(value, dict):
+                value = list(value.values())
+            for t in value if isinstance(value, list | tuple) else (value,):
                 add(f"attribute {type(module).__name__}.{attr}", t)
     return {k: n / MiB for k, n in groups.most_common()}
 

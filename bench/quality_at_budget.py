@@ -85,7 +85,7 @@ def _search_jobs(base: SearchJob, bits: float) -> dict[str, SearchJob]:
     }
 
 
-def _run(item: tuple[str, dict, str, float]) -> tuple[str, dict, float]:
+def _run(item: tuple[dict, str, float]) -> tuple[dict, float]:
     """One search (in a worker process: the bank and sensitivity come from the disk cache).
 
     ``share`` is this worker's fraction of the GPU's memory: QAB_JOBS searches share one GPU,
@@ -93,7 +93,7 @@ def _run(item: tuple[str, dict, str, float]) -> tuple[str, dict, float]:
     (PIQA on the H200, 2026-12-03: two workers held 44 GiB each, a third ran out). At the cap
     PyTorch frees its cached blocks and retries before it fails.
     """
-    key, job_json, out, share = item
+    job_json, out, share = item
     job = SearchJob.from_json(job_json)
     if share < 1.0 and job.eval.device != "cpu":
         import torch
@@ -103,12 +103,12 @@ def _run(item: tuple[str, dict, str, float]) -> tuple[str, dict, float]:
     run_dir = Path(out)
     summary_file = run_dir / "summary.json"
     if summary_file.is_file():  # finished in an earlier call
-        return key, json.loads(summary_file.read_text()), 0.0
+        return json.loads(summary_file.read_text()), 0.0
     start = time.perf_counter()
     with contextlib.redirect_stdout(sys.stderr):
         open_run_dir(run_dir, job, resume=(run_dir / "job.json").exists())
         summary = run_search_job(job, run_dir, progress=False)
-    return key, summary, time.perf_counter() - start
+    return summary, time.perf_counter() - start
 
 
 def _prepare(job: EvalJob):
@@ -210,7 +210,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
     """Every method for one task: references and greedy in this process, searches in workers.
 
     Returns the (method, bits, seed) keys of the searches that failed (their journals keep
-    what they measured: the next call resumes them).
+    what they measured: the next call resumes them); none for the fidelity check.
     """
     ev = EvalJob(
         model=args.model,
@@ -243,7 +243,7 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
                 + " | ".join(f"{v:.2f}" for k, v in r.items() if k != "steps")
                 + " |"
             )
-        return
+        return []
 
     def row(method, bits, seed, config, score, evals, seconds, epochs, budget):
         rows.append(
@@ -352,19 +352,19 @@ def _one_task(task: str, args: argparse.Namespace, rows: list[dict[str, object]]
     share = 1.0 if args.jobs == 1 else 0.9 / args.jobs
     failed = []
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=spawn) as pool:
-        folders = {json.dumps(k): o for k, _, o in work}
-        futures = {pool.submit(_run, (json.dumps(k), j, o, share)): k for k, j, o in work}
+        futures = {pool.submit(_run, (j, o, share)): (k, o) for k, j, o in work}
         for future in as_completed(futures):
+            key, folder = futures[future]
             try:
-                key, summary, seconds = future.result()
+                summary, seconds = future.result()
             except Exception as err:  # noqa: BLE001 (one search failing must not stop the rest)
-                failed.append(futures[future])
-                print(f"search {futures[future]} failed: {type(err).__name__}: {err}", flush=True)
+                failed.append(key)
+                print(f"search {key} failed: {type(err).__name__}: {err}", flush=True)
                 continue
-            method, bits, seed = json.loads(key)
+            method, bits, seed = key
             chosen = summary["chosen"]
             # From the journal: summaries before 578dd02 counted only a resumed search's last call.
-            steps = Journal(Path(folders[key]) / "journal.jsonl").search_steps()
+            steps = Journal(Path(folder) / "journal.jsonl").search_steps()
             epochs = steps * args.batch_size / n_train
             row(
                 method, bits, seed, Config.parse(chosen["config"]), chosen["final"]["score"],
@@ -421,7 +421,7 @@ def main() -> None:
     start = time.perf_counter()
     failed = []
     for task in args.tasks:
-        failed += [(task, *key) for key in _one_task(task, args, rows) or ()]
+        failed += [(task, *key) for key in _one_task(task, args, rows)]
     if args.fidelity_check:
         return
     if failed:
