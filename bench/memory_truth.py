@@ -22,7 +22,8 @@ fine-tuning runs edgeqra's recompute backward (``--quantized-backward saved``: G
 own path, for comparison). ``bench/memory_replay.py`` replays a JSON through the memory model.
 
 ``--time-limit`` (default 530 s) stops starting configs so that the table still prints
-inside a 10-minute call; the ones left are listed, to rerun with ``--configs``.
+inside a 10-minute call; the ones left are listed, and ``--resume`` with the same ``--out``
+measures only them (and any config whose phase failed), keeping the rest of the file.
 
 CPU (no GPU): ``--dry-run`` prints the predictions and checks the weight term against the
 tensors of each built checkpoint (always, from shapes) and, for architectures up to
@@ -63,6 +64,11 @@ def grid(n_units: int, n_mixed: int, seed: int, arch: str) -> dict[str, object]:
         pairs = [(rng.choice(DEFAULT_BITS), rng.choice(DEFAULT_RANKS)) for _ in range(n_units)]
         configs[f"m{i}"] = Config.from_pairs(pairs)
     return configs
+
+
+def _grid_labels(n_mixed: int) -> list[str]:
+    """Every label of the grid, in its order."""
+    return [*UNIFORM, *(f"m{i}" for i in range(n_mixed))]
 
 
 def _parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -119,6 +125,12 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--child", help=argparse.SUPPRESS)  # internal: `arch/label/phase` to measure
     p.add_argument("--out", type=Path, help="JSON results")
     p.add_argument("--work-dir", type=Path, help="where random checkpoints go (default: temp)")
+    p.add_argument(
+        "--resume",
+        action="store_true",
+        help="keep the configs --out already holds with every phase measured and measure only "
+        "the rest (a grid longer than one call, over several calls)",
+    )
     p.add_argument("--dry-run", action="store_true", help="CPU: predictions and byte checks only")
     p.add_argument(
         "--build-max-params",
@@ -389,6 +401,8 @@ def measure(args: argparse.Namespace) -> dict:
         "isolation": args.isolation,
         "fresh_process_per_phase": args.isolation == "phase",
         "quantized_backward": args.quantized_backward,
+        "n_mixed": args.n_mixed,
+        "seed": args.seed,
         "results": {},
         "skipped": [],
     }
@@ -409,8 +423,12 @@ def measure(args: argparse.Namespace) -> dict:
         configs = grid(ModelSpec.from_config(hf).n_units, args.n_mixed, args.seed, arch)
         wanted = list(configs) if args.configs == "all" else args.configs.split(",")
         jobs += [(arch, hf, label, configs[label]) for label in wanted]
+    if args.resume:
+        jobs = _resume(args.out, payload, jobs)
     lock = threading.Lock()
-    longest = [0.0]  # the slowest config so far: do not start one that would overrun the limit
+    # The slowest config so far (a resumed file's too): do not start one that would overrun.
+    kept = [r.get("seconds", 0.0) for rs in payload["results"].values() for r in rs]
+    longest = [max(kept, default=0.0)]
     free_slots = [k % max(args.gpus, 1) for k in range(max(args.jobs, 1))]  # slot -> GPU
 
     def run(job) -> None:
@@ -451,13 +469,52 @@ def measure(args: argparse.Namespace) -> dict:
     workers = max(args.jobs, 1) if args.isolation == "phase" else 1
     with ThreadPoolExecutor(max_workers=workers) as pool:
         list(pool.map(run, jobs))
-    order = {(a, lab): i for i, (a, _, lab, _) in enumerate(jobs)}
-    for arch, records in payload["results"].items():
-        records.sort(key=lambda r: order[(arch, r["label"])])
+    order = {label: i for i, label in enumerate(_grid_labels(args.n_mixed))}
+    for records in payload["results"].values():
+        records.sort(key=lambda r: order.get(r["label"], len(order)))
     payload.setdefault("environment", {})
     payload["seconds"] = round(time.perf_counter() - start, 1)
     _write(args.out, payload)
     return payload
+
+
+# What a resumed grid must share with the file it extends: the same rows, measured alike.
+_RESUME_KEYS = ("profile", "kernels_allowed", "group_size", "isolation", "quantized_backward",
+                "n_mixed", "seed")  # fmt: skip
+
+
+def _complete(record: dict) -> bool:
+    return bool(record.get("phases")) and all("measured" in ph for ph in record["phases"])
+
+
+def _resume(path: Path | None, payload: dict, jobs: list) -> list:
+    """Fill ``payload`` with the finished configs of ``path``; return the jobs still to run.
+
+    A config with a failed or missing phase is measured again. A file measured with other
+    settings is refused (one message, exit 2) rather than mixed into this grid.
+    """
+    if path is None or not path.exists():
+        return jobs
+    old = json.loads(path.read_text())
+    differ = [k for k in _RESUME_KEYS if k in old and old[k] != payload[k]]
+    if differ:
+        print(f"--resume: {path} was measured with other settings ({', '.join(differ)}): "
+              "use another --out, or the same settings", file=sys.stderr)  # fmt: skip
+        sys.exit(2)
+    for key in ("environment", "cuda_context_bytes"):
+        if key in old:
+            payload[key] = old[key]
+    done = set()
+    for arch, records in old.get("results", {}).items():
+        for rec in records:
+            if _complete(rec):
+                payload["results"].setdefault(arch, []).append(rec)
+                done.add((arch, rec["label"]))
+    payload["command"] = f"{old.get('command', '')}; resumed: {payload['command']}".lstrip("; ")
+    left = [job for job in jobs if (job[0], job[2]) not in done]
+    print(f"resumed from {path}: configs kept {len(jobs) - len(left)}, to measure {len(left)}",
+          flush=True)  # fmt: skip
+    return left
 
 
 def _table(payload: dict) -> None:

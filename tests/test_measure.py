@@ -182,6 +182,49 @@ def test_memory_truth_runs_each_phase_in_a_fresh_process(tmp_path, monkeypatch):
     assert record["phases"][0]["process"]["cuda_context_bytes"] == 7
 
 
+def test_memory_truth_resume_measures_only_what_the_file_lacks(tmp_path, monkeypatch, capsys):
+    """--resume keeps complete configs, measures the failed and missing ones, refuses a mismatch."""
+    import subprocess
+
+    import edgeqra.gptq
+
+    bench = _bench("memory_truth")
+    out = tmp_path / "truth.json"
+    argv = ["--arch", "smollm2-135m", "--configs", "u4,u3,u2", "--out", str(out),
+            "--work-dir", str(tmp_path / "work")]  # fmt: skip
+    ran = []
+
+    def fake_run(cmd, env, **kw):
+        arch_label_phase = cmd[cmd.index("--child") + 1]
+        ran.append(arch_label_phase)
+        phase = arch_label_phase.split("/")[2]
+        record = {"phases": [{"mode": phase, "measured": {"peak_allocated": len(ran)}}],
+                  "kernels": {}}  # fmt: skip
+        Path(cmd[cmd.index("--out") + 1]).write_text(json.dumps(record))
+        return subprocess.CompletedProcess(cmd, 0, "", "")
+
+    monkeypatch.setattr(subprocess, "run", fake_run)
+    monkeypatch.setattr(edgeqra.gptq, "write_random_checkpoint", lambda *a, **k: None)
+    first = bench.measure(bench._parse_args([*argv, "--configs", "u4,u3"]))
+    first["results"]["smollm2-135m"][1]["phases"][2] = {"mode": "ft+ckpt", "error": "OOM"}
+    out.write_text(json.dumps(first))
+    kept = first["results"]["smollm2-135m"][0]
+    ran.clear()
+
+    again = bench.measure(bench._parse_args([*argv, "--resume"]))
+    assert sorted({r.rsplit("/", 1)[0] for r in ran}) == ["smollm2-135m/u2", "smollm2-135m/u3"]
+    rows = again["results"]["smollm2-135m"]
+    assert [r["label"] for r in rows] == ["u4", "u3", "u2"]  # the grid's order
+    assert rows[0] == kept and all(bench._complete(r) for r in rows)
+    assert "configs kept 1, to measure 2" in capsys.readouterr().out
+    assert json.loads(out.read_text())["results"] == again["results"]
+
+    with pytest.raises(SystemExit) as exit_:
+        bench.measure(bench._parse_args([*argv, "--resume", "--group-size", "128"]))
+    assert exit_.value.code == 2
+    assert "other settings (group_size)" in capsys.readouterr().err
+
+
 def test_memory_replay_of_the_h200_measurements_never_under_predicts_much(capsys):
     """bench/memory_replay.py on the stored H200 rows (issue 15): the figures RESULTS.md quotes.
 

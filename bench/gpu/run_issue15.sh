@@ -9,6 +9,14 @@
 #   bash bench/gpu/run_issue15.sh throughput        # Llama-3.1-8B shapes, 4-bit, no ckpt: new vs old vs FP16
 #   bash bench/gpu/run_issue15.sh cap               # plan --measure --cap: one overruns, one fits
 #   bash bench/gpu/run_issue15.sh gputests          # pytest -m gpu of the issue-15 tests
+#   bash bench/gpu/run_issue15.sh queue             # everything issue 15 still lacks, resumable:
+#                                                   # call again until it prints "all done"
+#
+# `queue` runs the census, the cap, the four truth grids left and the GPU tests in that
+# order, each into /tmp/i15 (restored from .kit/i15-state.tar.gz when carried, else from the
+# committed bench/gpu/i15-state.tar.gz), skips what a previous call finished, resumes a cut
+# grid (memory_truth.py --resume), starts nothing it cannot finish in the time left, and
+# ends every call by writing $OUT/i15-state.tar.gz plus the JSONs and logs so far to $OUT.
 #
 # Each step stops starting work ~60 s before BUDGET (default 570 s of the 600 s call). Every
 # step writes its whole output to $OUT/<step>.log first and only then shows a filtered tail
@@ -20,15 +28,17 @@ REPO=$(pwd)
 OUT=${OUT:-/tmp/edgeqra-out}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 GPTQMODEL_CPU_WORKERS=${GPTQMODEL_CPU_WORKERS:-4}
+# Where the kit installs (unpack.sh's /tmp/site); `queue` keeps its state in I15_DIR.
+SITE=${EDGEQRA_SITE:-/tmp/site}
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - start) )); }
 # The full log to $1, then the last $2 lines without GPTQModel's banners on the terminal.
 keep() { tee "$1" | grep -v -E '^(INFO|WARN|W[0-9]{4})' | tail -n "$2"; }
 
 install() {
-  if [ -f /tmp/site/.kit-installed ] || [ -f /tmp/site/.edgeqra-installed ]; then return 0; fi
+  if [ -f "$SITE/.kit-installed" ] || [ -f "$SITE/.edgeqra-installed" ]; then return 0; fi
   if [ -f .kit/MANIFEST ]; then
     bash .kit/unpack.sh || return 1
-    [ -f /tmp/site/.kit-installed ] || { echo "kit: bring the next part (this call only stored it)"; return 2; }
+    [ -f "$SITE/.kit-installed" ] || { echo "kit: bring the next part (this call only stored it)"; return 2; }
   elif ls .whl/*.whl >/dev/null 2>&1; then
     bash bench/gpu/run_memory_truth.sh --install-only || return 1
   else
@@ -36,7 +46,7 @@ install() {
   fi
 }
 install || exit $?
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+export PYTHONPATH=$SITE${PYTHONPATH:+:$PYTHONPATH}
 step=${1:-install}; shift || true
 # Run from /tmp so that the repo's edgeqra/ does not shadow the installed package (profiles).
 cd /tmp
@@ -48,8 +58,10 @@ case "$step" in
   truth)
     profile=$1; archs=$2; shift 2
     tag="${profile}_${archs//,/_}"
-    python3 "$REPO/bench/memory_truth.py" --profile "$profile" --arch "$archs" \
-      --time-limit "$(( $(left) - 60 ))" --out "$OUT/memory_truth_${tag}.json" "$@" 2>&1 \
+    # --time-limit stops starting configs; the timeout ends the ones in flight before the call
+    # does (the JSON already holds every finished config; --resume measures the rest).
+    timeout "$(( $(left) - 15 ))" python3 "$REPO/bench/memory_truth.py" --profile "$profile" \
+      --arch "$archs" --time-limit "$(( $(left) - 60 ))" --out "$OUT/memory_truth_${tag}.json" "$@" 2>&1 \
       | keep "$OUT/memory_truth_${tag}.log" 80
     # The same rows through the memory model offline: worst under/over per phase.
     python3 "$REPO/bench/memory_replay.py" "$OUT/memory_truth_${tag}.json" 2>/dev/null | tail -n 3 \
@@ -87,7 +99,76 @@ case "$step" in
       "$REPO/tests/test_qlinear.py" \
       2>&1 | keep "$OUT/gputests.log" 30
     ;;
+  census)
+    # What holds the two under-predicted peaks on the GPU (bench/peak_census.py; RESULTS.md,
+    # "Where the two shortfalls sit"): SmolLM2 fine-tuning FP16 and 4-bit, Qwen2.5-1.5B 8-bit
+    # inference. One JSON each; a finished one is not run again.
+    A=$REPO/examples/architectures
+    run_census() {  # name, then peak_census arguments
+      local name=$1; shift
+      [ -f "$OUT/$name.json" ] && return 0
+      timeout "$(( $(left) - 10 ))" python3 "$REPO/bench/peak_census.py" --device cuda \
+        --out "$OUT/$name.json.tmp" "$@" > "$OUT/$name.log" 2>&1 \
+        && mv "$OUT/$name.json.tmp" "$OUT/$name.json"
+      echo "$name: $([ -f "$OUT/$name.json" ] && echo done || echo "not done, see $name.log")"
+    }
+    run_census census_smollm2_fp16 --arch "$A/smollm2-135m"
+    run_census census_smollm2_u4 --arch "$A/smollm2-135m" --config 4/8x30
+    run_census census_qwen_u8 --arch "$A/qwen2.5-1.5b" --phase inference --config 8/8x28
+    ;;
+  queue)
+    Q=${I15_DIR:-/tmp/i15}
+    mkdir -p "$Q"
+    state=$REPO/.kit/i15-state.tar.gz
+    [ -f "$state" ] || state=$REPO/bench/gpu/i15-state.tar.gz
+    if [ -f "$state" ] && [ ! -f "$Q/.restored" ]; then
+      tar -xzf "$state" -C "$Q" && echo "state restored from $state"
+    fi
+    touch "$Q/.restored"
+    save() {
+      tar -czf "$OUT/i15-state.tar.gz" -C "$Q" --exclude=.restored --exclude='*.tmp' . 2>/dev/null
+      cp "$Q"/*.json "$Q"/*.log "$OUT"/ 2>/dev/null
+      echo "state: $(du -h "$OUT/i15-state.tar.gz" | cut -f1) in \$OUT/i15-state.tar.gz"
+    }
+    trap save EXIT
+    sub() { OUT=$Q BUDGET=$(left) bash "$REPO/bench/gpu/run_issue15.sh" "$@"; }
+    # The truth grid of one (profile, archs) is complete when every config has all phases.
+    complete() {
+      python3 - "$Q/memory_truth_$1.json" <<'PY'
+import json, sys
+from pathlib import Path
+p = Path(sys.argv[1])
+d = json.loads(p.read_text()) if p.exists() else {}
+ok = d and not d.get("skipped") and all(
+    all("measured" in ph for ph in r["phases"]) for rs in d["results"].values() for r in rs)
+sys.exit(0 if ok else 1)
+PY
+    }
+    pending=0
+    task() {  # name, seconds it needs, then the step: run it only if it can finish
+      local name=$1 need=$2; shift 2
+      if [ -f "$Q/$name.done" ]; then return 0; fi
+      if [ "$(left)" -lt "$need" ]; then pending=1; echo "$name: left for the next call"; return 0; fi
+      echo "== $name ($(date +%T), $(left) s left)"
+      sub "$@"
+      case "$name" in
+        truth_*) complete "${name#truth_}" && touch "$Q/$name.done" ;;
+        census) [ -f "$Q/census_qwen_u8.json" ] && touch "$Q/$name.done" ;;
+        cap) grep -q "^exit 124 " "$Q/cap.log" || touch "$Q/$name.done" ;;  # 124: timed out
+        *) touch "$Q/$name.done" ;;
+      esac
+      [ -f "$Q/$name.done" ] || pending=1
+    }
+    task census 200 census
+    task cap 330 cap
+    task truth_rtx-4090-24gb_llama-3.1-8b 180 truth rtx-4090-24gb llama-3.1-8b --jobs 3 --resume
+    task truth_rtx-4090-24gb_qwen2.5-7b 180 truth rtx-4090-24gb qwen2.5-7b --jobs 3 --resume
+    task truth_jetson-orin-nano-8gb_small 120 truth jetson-orin-nano-8gb small --jobs 8 --resume
+    task truth_jetson-orin-nano-8gb_large 180 truth jetson-orin-nano-8gb large --jobs 6 --resume
+    task gputests 270 gputests
+    if [ "$pending" -eq 0 ]; then echo "all done"; else echo "call queue again (it resumes)"; fi
+    ;;
   *)
-    echo "unknown step $step: install, truth, throughput, cap, gputests"; exit 2
+    echo "unknown step $step: install, truth, throughput, cap, gputests, census, queue"; exit 2
     ;;
 esac
