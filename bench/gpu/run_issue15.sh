@@ -159,12 +159,15 @@ PY
       esac
       [ -f "$Q/$name.done" ] || pending=1
     }
+    # Jobs per grid: the 8B-class checkpoints of jobs in flight share 64 GiB of disk and
+    # 128 GiB of host memory (a u8 one is ~8.5 GB), the 4090 grids' FP16 fine-tuning ~37 GiB
+    # of the GPU each.
     task census 200 census
     task cap 330 cap
     task truth_rtx-4090-24gb_llama-3.1-8b 180 truth rtx-4090-24gb llama-3.1-8b --jobs 3 --resume
     task truth_rtx-4090-24gb_qwen2.5-7b 180 truth rtx-4090-24gb qwen2.5-7b --jobs 3 --resume
     task truth_jetson-orin-nano-8gb_small 120 truth jetson-orin-nano-8gb small --jobs 8 --resume
-    task truth_jetson-orin-nano-8gb_large 180 truth jetson-orin-nano-8gb large --jobs 6 --resume
+    task truth_jetson-orin-nano-8gb_large 180 truth jetson-orin-nano-8gb large --jobs 4 --resume
     task gputests 270 gputests
     if [ "$pending" -eq 0 ]; then echo "all done"; else echo "call queue again (it resumes)"; fi
     ;;
