@@ -94,7 +94,7 @@ def test_queue_resumes_what_a_call_left_and_skips_what_it_finished(machine):
     first = _queue(machine, budget=570)
     assert first.returncode == 0, first.stderr
     calls = _calls(machine)
-    assert sum(c.startswith("census") for c in calls) == 3
+    assert sum(c.startswith("census") for c in calls) == 4
     assert sum(c.startswith("edgeqra.cli") for c in calls) == 2  # the overrun and the fit
     assert sum(c.startswith("memory_truth") for c in calls) == 4
     assert all("--resume" in c for c in calls if c.startswith("memory_truth"))
