@@ -415,6 +415,11 @@ class QuantizedBackward(str, Enum):
     SAVED = "saved"  # GPTQModel's own autograd path: every layer's dense W saved
 
 
+# The defaults of `estimate`, which `estimate_for_profile` (the profiles' path) shares.
+_DTYPE_BYTES = 2  # fp16/bf16 compute
+_BACKWARD = QuantizedBackward.RECOMPUTE  # edgeqra's fine-tuning path (edgeqra.qlinear)
+
+
 def estimate(
     spec: ModelSpec,
     config: Config,
@@ -424,10 +429,10 @@ def estimate(
     finetune: FinetuneWorkload | None = None,
     reserve_bytes: int = 0,
     group_size: int = 64,
-    dtype_bytes: int = 2,
+    dtype_bytes: int = _DTYPE_BYTES,
     merged_adapters: bool = False,
     compute_capability: tuple[int, int] | None = None,
-    quantized_backward: QuantizedBackward | str = QuantizedBackward.RECOMPUTE,
+    quantized_backward: QuantizedBackward | str = _BACKWARD,
     cublas_handles: int | None = None,
 ) -> Breakdown:
     """Predict peak memory of ``config`` on ``spec`` for one mode.
@@ -545,16 +550,15 @@ def estimate_for_profile(
     """Estimate with the profile's workloads and reserve; BOTH returns the larger mode."""
     mode = mode or profile.mode
     _check_units(spec, config)
-    dtype_bytes = 2  # estimate's default: fp16/bf16 compute
-    terms = _terms(spec, config, group_size, dtype_bytes)
+    terms = _terms(spec, config, group_size, _DTYPE_BYTES)
     kwargs = dict(
         inference=profile.inference,
         finetune=profile.finetune,
         reserve_bytes=profile.reserve_bytes,
-        dtype_bytes=dtype_bytes,
+        dtype_bytes=_DTYPE_BYTES,
         merged_adapters=merged_adapters,
         compute_capability=profile.compute_capability_tuple,
-        quantized_backward=QuantizedBackward.RECOMPUTE,
+        quantized_backward=_BACKWARD,
         cublas_handles=None,
     )
     if mode is BudgetMode.BOTH:
