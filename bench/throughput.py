@@ -10,14 +10,16 @@ Same architecture, batch and adapters (rank 8 on every layer) for every config:
 
 Issue 15: the quantized configs fine-tune through edgeqra's recompute backward
 (``edgeqra.qlinear``, no dense weight kept for backward); ``u4-saved`` is the same 4-bit
-model on GPTQModel's own autograd path (every dense weight saved), for the comparison; each
-fine-tuning row also reports its peak allocated memory over the timed steps.
+model on GPTQModel's own autograd path (every dense weight saved), for the comparison, and
+``u4-moddq`` the recompute path rebuilding W in backward with the module's own dequant (the
+forward's call) instead of GPTQModel's Triton dequant kernel; each fine-tuning row also
+reports its peak allocated memory over the timed steps.
 
 Random weights of the architecture's shapes (``edgeqra.gptq.write_random_checkpoint``):
 speed does not depend on the values. GPU:
 
     python bench/throughput.py --arch llama-3.2-1b --out $OUT/throughput.json
-    python bench/throughput.py --arch llama-3.1-8b --configs fp16,u4,u4-saved \
+    python bench/throughput.py --arch llama-3.1-8b --configs fp16,u4,u4-moddq,u4-saved \
         --phases finetune --kernels triton,torch --out $OUT/throughput_8b.json
 
 Each (config, phase) is measured in a fresh Python process (this script re-run with
@@ -83,7 +85,7 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--kernels", default="marlin,triton,torch", help="GPTQModel kernels allowed")
     p.add_argument(
         "--configs",
-        default="fp16,u4,u4-saved,mixed",
+        default="fp16,u4,u4-moddq,u4-saved,mixed",
         help=f"comma list of {sorted(CONFIGS)}",
     )
     p.add_argument("--phases", default="finetune,generate", help="finetune and/or generate")
@@ -108,12 +110,15 @@ def _parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-CONFIGS = {  # key: (label, quantized backward)
-    "fp16": ("FP16 LoRA", "recompute"),
-    "u4": ("GPTQ 4-bit", "recompute"),
-    "u4-saved": ("GPTQ 4-bit, GPTQModel backward", "saved"),
-    "mixed": ("mixed 3.5-bit", "recompute"),
+CONFIGS = {  # key: (label, quantized backward, the recompute backward's dequant kernel)
+    "fp16": ("FP16 LoRA", "recompute", None),
+    "u4": ("GPTQ 4-bit", "recompute", "triton"),
+    "u4-moddq": ("GPTQ 4-bit, recompute with the forward's dequant", "recompute", "module"),
+    "u4-saved": ("GPTQ 4-bit, GPTQModel backward", "saved", "triton"),
+    "mixed": ("mixed 3.5-bit", "recompute", "triton"),
 }
+# Fine-tuning variants of the u4 model: their generation is u4's (no backward runs there).
+_FINETUNE_ONLY = frozenset({"u4-saved", "u4-moddq"})
 
 
 def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[str, object, str]]:
@@ -127,6 +132,7 @@ def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[str, o
         "fp16": lambda: Config.uniform(n_units, 16, rank),
         "u4": lambda: Config.uniform(n_units, 4, rank),
         "u4-saved": lambda: Config.uniform(n_units, 4, rank),
+        "u4-moddq": lambda: Config.uniform(n_units, 4, rank),
         "mixed": lambda: Config.from_pairs([(3 if i % 2 else 4, rank) for i in range(n_units)]),
     }
     return {k: (CONFIGS[k][0], make[k](), CONFIGS[k][1]) for k in keys}
@@ -238,7 +244,7 @@ def _measure_one(args, key: str, phase: str, spec, work_root: Path, device: str)
         _hf_config(args.arch),
         config,
         trainable=trainable,
-        work_dir=work_root / config.short().replace("/", "_"),  # u4 and u4-saved share it
+        work_dir=work_root / config.short().replace("/", "_"),  # the u4 variants share it
         device=device,
         dtype=dtype,
         group_size=args.group_size,
@@ -246,6 +252,11 @@ def _measure_one(args, key: str, phase: str, spec, work_root: Path, device: str)
         seed=args.seed,
         quantized_backward=backward,
     )
+    if trainable and backward == "recompute" and CONFIGS[key][2] not in (None, "triton"):
+        from edgeqra.qlinear import enable_recompute_backward
+
+        enable_recompute_backward(model, dequant=CONFIGS[key][2])  # only changes the kernel
+    row["recompute_dequant"] = CONFIGS[key][2] if backward == "recompute" else None  # fp16: None
     if on_cuda:
         row["allocated_after_build_bytes"] = torch.cuda.memory_allocated()
     speed = (finetune_speed if trainable else generation_speed)(model, args, device)
@@ -257,13 +268,13 @@ def _measure_one(args, key: str, phase: str, spec, work_root: Path, device: str)
 
 
 def _jobs(args, keys: list[str]) -> list[tuple[str, str]]:
-    """(config key, phase) pairs to measure, in order; generation skips the ``saved`` backward."""
+    """(config key, phase) pairs to measure, in order; generation skips the u4 variants."""
     phases = [p for p in ("finetune", "generate") if p in args.phases.split(",")]
     return [
         (key, phase)
         for key in keys
         for phase in phases
-        if phase == "finetune" or CONFIGS[key][1] != "saved"
+        if phase == "finetune" or key not in _FINETUNE_ONLY
     ]
 
 

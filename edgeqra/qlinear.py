@@ -11,9 +11,12 @@ the module anyway (QLoRA, Dettmers et al. 2023, §3: "dequantize in the backward
 :class:`_RecomputeBackward` does exactly that: its forward runs the module's own GPTQModel
 kernel forward (whatever class GPTQModel picked for those bits) with autograd off, and saves
 no tensor at all — not even the input, since the frozen weight's gradient is never computed;
-its backward dequantizes W again (GPTQModel's Triton dequant kernel where it runs, else the
-module's own ``dequantize_weight``), computes ``grad_input`` and drops W, so at most one
-layer's dense weight is alive at a time.
+its backward dequantizes W again, computes ``grad_input`` and drops W, so at most one layer's
+dense weight is alive at a time. Which kernel rebuilds W is ``dequant``: ``triton`` (the
+default: GPTQModel's Triton dequant kernel where it runs, else the module's own) or
+``module`` (the module's own ``dequantize_weight``, the call its training forward makes).
+They differ in speed only; ``bench/throughput.py`` measures both (configs ``u4`` and
+``u4-moddq``) next to GPTQModel's saved path, which dequantizes once per step.
 
 :func:`enable_recompute_backward` installs it per *instance* (an instance ``forward``
 attribute): GPTQModel's classes and kernel tables are untouched, ``isinstance`` checks (PEFT's
@@ -33,6 +36,7 @@ from torch import nn
 from edgeqra.gptq import import_gptqmodel
 
 __all__ = [
+    "DEQUANTS",
     "disable_recompute_backward",
     "enable_recompute_backward",
     "is_recompute_backward",
@@ -42,6 +46,8 @@ __all__ = [
 log = logging.getLogger(__name__)
 
 _FLAG = "_edgeqra_recompute_backward"
+_DEQUANT = "_edgeqra_recompute_dequant"
+DEQUANTS = ("triton", "module")
 
 
 def quant_linears(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
@@ -59,16 +65,16 @@ def _num_itr(module: nn.Module, d_in: int) -> int:
     return max(1, module.g_idx.shape[0] // d_in)
 
 
-def _dense_weight(module: nn.Module, d_in: int) -> torch.Tensor:
+def _dense_weight(module: nn.Module, d_in: int, dequant: str = "triton") -> torch.Tensor:
     """The layer's dequantized weight (d_in, d_out), rebuilt from its packed tensors.
 
-    GPTQModel's Triton dequant kernel where the module could use it at inference (CUDA,
-    bits 2/3/4/8; GPTQModel only disables it in training mode, which does not matter for a
-    dequantization), else the module's own ``dequantize_weight`` — the call its training
-    forward makes, so values are the forward's.
+    ``triton``: GPTQModel's Triton dequant kernel where the module could use it at inference
+    (CUDA, bits 2/3/4/8; GPTQModel only disables it in training mode, which does not matter
+    for a dequantization), else the module's own ``dequantize_weight``. ``module``: always
+    the latter — the call the module's training forward makes, so values are the forward's.
     """
     can_triton = getattr(module, "_can_use_triton_dequant", None)
-    if can_triton is not None and module.qweight.is_cuda:
+    if dequant == "triton" and can_triton is not None and module.qweight.is_cuda:
         training = module.training
         module.training = False  # the attribute only: GPTQModel's train() hooks are not run
         try:
@@ -96,7 +102,8 @@ class _RecomputeBackward(torch.autograd.Function):
         if not ctx.needs_input_grad[0]:
             return None, None, None
         module = ctx.module
-        weight = _dense_weight(module, ctx.d_in)  # (d_in, d_out), freed on return
+        dequant = getattr(module, _DEQUANT, "triton")
+        weight = _dense_weight(module, ctx.d_in, dequant)  # (d_in, d_out), freed on return
         if weight.device != grad_out.device or weight.dtype != grad_out.dtype:
             weight = weight.to(device=grad_out.device, dtype=grad_out.dtype)
         shape = grad_out.shape[:-1] + (ctx.d_in,)
@@ -119,17 +126,21 @@ def _recompute_forward(self: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return _RecomputeBackward.apply(x, self, kernel_forward)
 
 
-def enable_recompute_backward(model: nn.Module) -> int:
+def enable_recompute_backward(model: nn.Module, *, dequant: str = "triton") -> int:
     """Give every QuantLinear of ``model`` the recompute backward; returns how many.
 
-    Idempotent; PEFT's GPTQ LoRA wrappers may be attached before or after (they call the
-    wrapped module, whose instance ``forward`` this sets).
+    ``dequant`` picks the kernel that rebuilds W in backward (module docstring). Idempotent
+    (a second call only sets ``dequant``); PEFT's GPTQ LoRA wrappers may be attached before or
+    after (they call the wrapped module, whose instance ``forward`` this sets).
     """
+    if dequant not in DEQUANTS:
+        raise ValueError(f"`dequant`={dequant!r} must be one of {DEQUANTS}")
     n = 0
     for _, module in quant_linears(model):
         if not getattr(module, _FLAG, False):
             module.forward = types.MethodType(_recompute_forward, module)
             setattr(module, _FLAG, True)
+        setattr(module, _DEQUANT, dequant)
         n += 1
     log.debug("recompute backward on %d QuantLinear modules", n)
     return n
@@ -142,6 +153,7 @@ def disable_recompute_backward(model: nn.Module) -> int:
         if getattr(module, _FLAG, False):
             del module.forward
             delattr(module, _FLAG)
+            delattr(module, _DEQUANT)
             n += 1
     return n
 

@@ -32,6 +32,7 @@ case "$1" in
     echo '{"results": {"a": [{"label": "u4", "phases": [{"measured": {}}]}]}, "skipped": '"$skipped"'}' > "$out"
     ;;
   *memory_replay.py) echo "replay" ;;
+  *throughput.py) echo "throughput $*" >> "$log" ;;
   *peak_census.py)
     echo "census $*" >> "$log"
     out=$(echo "$@" | sed -E 's/.*--out ([^ ]+).*/\\1/'); echo '{}' > "$out" ;;
@@ -85,7 +86,7 @@ def test_queue_starts_nothing_it_cannot_finish(machine):
     done = _queue(machine, budget=100)
     assert done.returncode == 0, done.stderr
     assert _calls(machine) == []
-    assert done.stdout.count("left for the next call") == 7
+    assert done.stdout.count("left for the next call") == 8
     assert "call queue again" in done.stdout
     assert (machine / "out" / "i15-state.tar.gz").exists()
 
@@ -97,12 +98,13 @@ def test_queue_resumes_what_a_call_left_and_skips_what_it_finished(machine):
     assert sum(c.startswith("census") for c in calls) == 4
     assert sum(c.startswith("edgeqra.cli") for c in calls) == 2  # the overrun and the fit
     assert sum(c.startswith("memory_truth") for c in calls) == 4
+    assert sum(c.startswith("throughput") for c in calls) == 1
     assert all("--resume" in c for c in calls if c.startswith("memory_truth"))
     assert "call queue again" in first.stdout  # every grid came back cut
     state = machine / "out" / "i15-state.tar.gz"
     with tarfile.open(state) as tar:
         names = set(tar.getnames())
-    assert {"./census.done", "./cap.done", "./gputests.done"} <= names
+    assert {"./census.done", "./cap.done", "./gputests.done", "./throughput.done"} <= names
     assert not any(n.startswith("./truth_") for n in names)
 
     # The next call on a fresh machine: its state comes back from the carried tarball.

@@ -178,6 +178,57 @@ def test_per_instance_and_reversible_and_peft_still_wraps(checkpoint):
     assert torch.equal(on, off)
 
 
+def test_dequant_choice_picks_the_kernel_that_rebuilds_w():
+    """``triton`` asks the module whether Triton could dequantize (as at inference) and uses
+    it; ``module`` always calls the module's own ``dequantize_weight`` (the forward's call)."""
+    from types import SimpleNamespace
+
+    from edgeqra.qlinear import _dense_weight
+
+    calls, weight = [], torch.ones(8, 4)
+
+    class Quant:  # GPTQModel's TorchLinear surface that _dense_weight reads
+        training = True
+        qweight = SimpleNamespace(is_cuda=True)
+        g_idx = torch.zeros(16)  # twice d_in: num_itr 2
+
+        def _can_use_triton_dequant(self):
+            return not self.training  # GPTQModel: off in training mode
+
+        def _dequantize_weight_triton(self):
+            calls.append("triton")
+            return weight
+
+        def dequantize_weight(self, num_itr=1):
+            calls.append(("module", num_itr))
+            return weight
+
+    q = Quant()
+    assert _dense_weight(q, 8) is weight and calls == ["triton"]
+    assert q.training  # the attribute is put back
+    assert _dense_weight(q, 8, "module") is weight and calls[-1] == ("module", 2)
+    q.qweight = SimpleNamespace(is_cuda=False)  # a CPU layer has no Triton
+    _dense_weight(q, 8, "triton")
+    assert calls[-1] == ("module", 2)
+
+
+def test_dequant_choice_is_set_per_call_and_checked(checkpoint):
+    model = _model(checkpoint, torch.float32)
+    with pytest.raises(ValueError, match="`dequant`='cuda' must be one of"):
+        enable_recompute_backward(model, dequant="cuda")
+    assert not any(is_recompute_backward(q) for _, q in quant_linears(model))  # nothing set
+    enable_recompute_backward(model)
+    _, grads_triton, gx_triton = _step(model, _ids())
+    enable_recompute_backward(model, dequant="module")  # a second call changes the choice
+    assert {q._edgeqra_recompute_dequant for _, q in quant_linears(model)} == {"module"}
+    _, grads_module, gx_module = _step(model, _ids())
+    for name, grad in grads_triton.items():  # on CPU both run the module's own dequant
+        torch.testing.assert_close(grads_module[name], grad, rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(gx_module, gx_triton, rtol=1e-5, atol=1e-7)
+    disable_recompute_backward(model)
+    assert not any(hasattr(q, "_edgeqra_recompute_dequant") for _, q in quant_linears(model))
+
+
 def test_trainable_bias_falls_back_to_the_kernel_graph(checkpoint):
     model = _model(checkpoint, torch.float32)
     enable_recompute_backward(model)
@@ -209,3 +260,11 @@ def test_recompute_on_cuda_kernels_matches_and_saves_no_weight(checkpoint):
         scale = grad.abs().max().item()
         assert (grads_new[name] - grad).abs().max().item() <= 2e-2 * scale, name
     assert (gx_new - gx_old).abs().max().item() <= 2e-2 * gx_old.abs().max().item()
+    # The forward's own dequant in backward (bench/throughput.py's u4-moddq): the same checks.
+    enable_recompute_backward(model, dequant="module")
+    saved_mod, grads_mod, gx_mod = _step(model, ids)
+    assert _dense_weights(model, saved_mod) == []
+    for name, grad in grads_old.items():
+        scale = grad.abs().max().item()
+        assert (grads_mod[name] - grad).abs().max().item() <= 2e-2 * scale, name
+    assert (gx_mod - gx_old).abs().max().item() <= 2e-2 * gx_old.abs().max().item()

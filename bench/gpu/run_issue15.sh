@@ -6,17 +6,18 @@
 #
 #   bash bench/gpu/run_issue15.sh install
 #   bash bench/gpu/run_issue15.sh truth PROFILE ARCHS [memory_truth args]   # e.g. truth rtx-4090-24gb small --jobs 6
-#   bash bench/gpu/run_issue15.sh throughput        # Llama-3.1-8B shapes, 4-bit, no ckpt: new vs old vs FP16
+#   bash bench/gpu/run_issue15.sh throughput        # Llama-3.1-8B shapes, 4-bit, no ckpt: new (2 dequants) vs old vs FP16
 #   bash bench/gpu/run_issue15.sh cap               # plan --measure --cap: one overruns, one fits
 #   bash bench/gpu/run_issue15.sh gputests          # pytest -m gpu of the issue-15 tests
 #   bash bench/gpu/run_issue15.sh queue             # everything issue 15 still lacks, resumable:
 #                                                   # call again until it prints "all done"
 #
-# `queue` runs the census, the cap, the four truth grids left and the GPU tests in that
-# order, each into /tmp/i15 (restored from .kit/i15-state.tar.gz when carried, else from the
-# committed bench/gpu/i15-state.tar.gz), skips what a previous call finished, resumes a cut
-# grid (memory_truth.py --resume), starts nothing it cannot finish in the time left, and
-# ends every call by writing $OUT/i15-state.tar.gz plus the JSONs and logs so far to $OUT.
+# `queue` runs the census, the cap, the four truth grids left, the GPU tests and the
+# throughput in that order, each into /tmp/i15 (restored from .kit/i15-state.tar.gz when
+# carried, else from the committed bench/gpu/i15-state.tar.gz), skips what a previous call
+# finished, resumes a cut grid (memory_truth.py --resume), starts nothing it cannot finish in
+# the time left, and ends every call by writing $OUT/i15-state.tar.gz plus the JSONs and logs
+# so far to $OUT.
 #
 # Each step stops starting work ~60 s before BUDGET (default 570 s of the 600 s call). Every
 # step writes its whole output to $OUT/<step>.log first and only then shows a filtered tail
@@ -71,7 +72,7 @@ case "$step" in
     # One fresh process per config (throughput.py's default since issue 15's H200 run, where
     # the FP16 model outlived its build and sat in both 4-bit peaks); --time-limit skips what
     # would not finish.
-    python3 "$REPO/bench/throughput.py" --arch llama-3.1-8b --configs fp16,u4,u4-saved \
+    python3 "$REPO/bench/throughput.py" --arch llama-3.1-8b --configs fp16,u4,u4-moddq,u4-saved \
       --phases finetune --kernels triton,torch --micro-batch 2 --seq-len 1024 --steps 6 \
       --time-limit "$(( $(left) - 20 ))" --out "$OUT/throughput_llama-3.1-8b.json" "$@" 2>&1 \
       | keep "$OUT/throughput_llama-3.1-8b.log" 30
@@ -171,6 +172,9 @@ PY
     task truth_jetson-orin-nano-8gb_small 120 truth jetson-orin-nano-8gb small --jobs 8 --resume
     task truth_jetson-orin-nano-8gb_large 180 truth jetson-orin-nano-8gb large --jobs 4 --resume
     task gputests 270 gputests
+    # The recompute backward's two dequant kernels side by side with FP16 and the saved path
+    # (8B shapes, 4 fresh processes; 191 s for three of them on 2026-12-02).
+    task throughput 300 throughput
     if [ "$pending" -eq 0 ]; then echo "all done"; else echo "call queue again (it resumes)"; fi
     ;;
   *)
