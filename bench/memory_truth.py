@@ -487,6 +487,13 @@ def _complete(record: dict) -> bool:
     return bool(record.get("phases")) and all("measured" in ph for ph in record["phases"])
 
 
+def grid_complete(payload: dict) -> bool:
+    """Whether a grid's JSON holds every config it asked for, each with every phase measured
+    (``run_issue15.sh queue`` asks this before it calls a grid done)."""
+    records = [r for rs in payload.get("results", {}).values() for r in rs]
+    return bool(records) and not payload.get("skipped") and all(map(_complete, records))
+
+
 def _resume(path: Path | None, payload: dict, jobs: list) -> list:
     """Fill ``payload`` with the finished configs of ``path``; return the jobs still to run.
 

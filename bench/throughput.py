@@ -114,7 +114,7 @@ CONFIGS = {  # key: (label, quantized backward, the recompute backward's dequant
     "fp16": ("FP16 LoRA", "recompute", None),
     "u4": ("GPTQ 4-bit", "recompute", "triton"),
     "u4-moddq": ("GPTQ 4-bit, recompute with the forward's dequant", "recompute", "module"),
-    "u4-saved": ("GPTQ 4-bit, GPTQModel backward", "saved", "triton"),
+    "u4-saved": ("GPTQ 4-bit, GPTQModel backward", "saved", None),
     "mixed": ("mixed 3.5-bit", "recompute", "triton"),
 }
 # Fine-tuning variants of the u4 model: their generation is u4's (no backward runs there).
@@ -128,11 +128,11 @@ def _configs(n_units: int, rank: int, keys: list[str]) -> dict[str, tuple[str, o
     bad = [k for k in keys if k not in CONFIGS]
     if bad:
         sys.exit(f"unknown --configs {bad}; use some of {sorted(CONFIGS)}")
+    u4 = lambda: Config.uniform(n_units, 4, rank)  # noqa: E731 - the u4 variants' one model
     make = {
         "fp16": lambda: Config.uniform(n_units, 16, rank),
-        "u4": lambda: Config.uniform(n_units, 4, rank),
-        "u4-saved": lambda: Config.uniform(n_units, 4, rank),
-        "u4-moddq": lambda: Config.uniform(n_units, 4, rank),
+        "u4": u4,
+        **dict.fromkeys(_FINETUNE_ONLY, u4),
         "mixed": lambda: Config.from_pairs([(3 if i % 2 else 4, rank) for i in range(n_units)]),
     }
     return {k: (CONFIGS[k][0], make[k](), CONFIGS[k][1]) for k in keys}
@@ -252,11 +252,12 @@ def _measure_one(args, key: str, phase: str, spec, work_root: Path, device: str)
         seed=args.seed,
         quantized_backward=backward,
     )
-    if trainable and backward == "recompute" and CONFIGS[key][2] not in (None, "triton"):
+    dequant = CONFIGS[key][2]  # None where no recompute backward runs (FP16, saved)
+    if trainable and dequant not in (None, "triton"):  # build_model installed "triton"
         from edgeqra.qlinear import enable_recompute_backward
 
-        enable_recompute_backward(model, dequant=CONFIGS[key][2])  # only changes the kernel
-    row["recompute_dequant"] = CONFIGS[key][2] if backward == "recompute" else None  # fp16: None
+        enable_recompute_backward(model, dequant=dequant)  # only changes the kernel
+    row["recompute_dequant"] = dequant
     if on_cuda:
         row["allocated_after_build_bytes"] = torch.cuda.memory_allocated()
     speed = (finetune_speed if trainable else generation_speed)(model, args, device)

@@ -256,15 +256,17 @@ def test_recompute_on_cuda_kernels_matches_and_saves_no_weight(checkpoint):
     enable_recompute_backward(model)
     saved_new, grads_new, gx_new = _step(model, ids)
     assert _dense_weights(model, saved_new) == []
-    for name, grad in grads_old.items():
-        scale = grad.abs().max().item()
-        assert (grads_new[name] - grad).abs().max().item() <= 2e-2 * scale, name
-    assert (gx_new - gx_old).abs().max().item() <= 2e-2 * gx_old.abs().max().item()
+    _assert_within_2pct(grads_new, gx_new, grads_old, gx_old)
     # The forward's own dequant in backward (bench/throughput.py's u4-moddq): the same checks.
     enable_recompute_backward(model, dequant="module")
     saved_mod, grads_mod, gx_mod = _step(model, ids)
     assert _dense_weights(model, saved_mod) == []
-    for name, grad in grads_old.items():
-        scale = grad.abs().max().item()
-        assert (grads_mod[name] - grad).abs().max().item() <= 2e-2 * scale, name
-    assert (gx_mod - gx_old).abs().max().item() <= 2e-2 * gx_old.abs().max().item()
+    _assert_within_2pct(grads_mod, gx_mod, grads_old, gx_old)
+
+
+def _assert_within_2pct(grads: dict, gx: torch.Tensor, grads_ref: dict, gx_ref: torch.Tensor):
+    """Every LoRA grad and the input grad within 2 % of the reference's largest entry (bf16)."""
+    for name, ref in grads_ref.items():
+        scale = ref.abs().max().item()
+        assert (grads[name] - ref).abs().max().item() <= 2e-2 * scale, name
+    assert (gx - gx_ref).abs().max().item() <= 2e-2 * gx_ref.abs().max().item()

@@ -138,14 +138,12 @@ case "$step" in
     sub() { OUT=$Q BUDGET=$(left) bash "$REPO/bench/gpu/run_issue15.sh" "$@"; }
     # The truth grid of one (profile, archs) is complete when every config has all phases.
     complete() {
-      python3 - "$Q/memory_truth_$1.json" <<'PY'
+      [ -f "$Q/memory_truth_$1.json" ] && python3 - "$REPO/bench" "$Q/memory_truth_$1.json" <<'PY'
 import json, sys
-from pathlib import Path
-p = Path(sys.argv[1])
-d = json.loads(p.read_text()) if p.exists() else {}
-ok = d and not d.get("skipped") and all(
-    all("measured" in ph for ph in r["phases"]) for rs in d["results"].values() for r in rs)
-sys.exit(0 if ok else 1)
+sys.path.insert(0, sys.argv[1])
+from memory_truth import grid_complete
+with open(sys.argv[2]) as f:
+    sys.exit(0 if grid_complete(json.load(f)) else 1)
 PY
     }
     pending=0
