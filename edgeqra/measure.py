@@ -25,6 +25,7 @@ from __future__ import annotations
 import gc
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -501,6 +502,7 @@ def capped_run(
         first_line = str(ph["error"]).splitlines()[0][:160]
         if not ph.get("oom"):
             raise RuntimeError(f"{name} of {config.short()} failed, not for memory: {first_line}")
+        first_line = _oom_summary(str(ph["error"]))
         predicted = ph.get("predicted_total")
         overrun = (
             f"{name} of {config.short()} needs more than profile `{profile.name}`'s budget of "
@@ -511,6 +513,18 @@ def capped_run(
         )
         break
     return CapResult(config.short(), profile.budget_bytes, outside, cap, record, overrun)
+
+
+def _oom_summary(error: str) -> str:
+    """torch's out-of-memory message, cut to what the user needs: where and how much.
+
+    The full message runs on for a paragraph about this big GPU's free memory and the
+    allocator's settings, which say nothing about the emulated device (the H200 cap run of
+    2026-12-04 printed it cut mid-word).
+    """
+    where = "while building the model" if error.startswith("build:") else "in the run"
+    asked = re.search(r"Tried to allocate ([\d.]+ [KMGT]?i?B)", error)
+    return f"out of memory {where}" + (f" (tried to allocate {asked.group(1)})" if asked else "")
 
 
 def dry_run(

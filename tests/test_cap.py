@@ -127,7 +127,18 @@ def test_capped_run_sets_and_lifts_the_cap_and_names_the_overrun(monkeypatch, ov
         assert "\n" not in line
         assert "finetune (gradient checkpointing) of 4/8x30" in line
         assert "rtx-4090-24gb" in line and "23.50 GiB" in line and "predicted 30.00 GiB" in line
-        assert "Tried to allocate 2.00 GiB" in line
+        assert line.endswith(": out of memory in the run (tried to allocate 2.00 GiB)")
+
+
+def test_an_oom_while_building_is_named_so_and_cut_to_its_size():
+    # the H200 cap run's error (2026-12-04), as measure_config records a build failure
+    error = (
+        "build: OutOfMemoryError: CUDA out of memory. Tried to allocate 112.00 MiB. GPU 0 has "
+        "a total capacity of 139.80 GiB of which 128.29 GiB is free. Including non-P"
+    )
+    summary = measure._oom_summary(error)
+    assert summary == "out of memory while building the model (tried to allocate 112.00 MiB)"
+    assert measure._oom_summary("OutOfMemoryError") == "out of memory in the run"
 
 
 def test_capped_run_raises_on_a_failure_that_is_not_memory(monkeypatch):
