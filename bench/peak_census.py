@@ -31,6 +31,7 @@ import json
 import sys
 import time
 import weakref
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -42,6 +43,7 @@ from edgeqra.profiles import BudgetMode, FinetuneWorkload, InferenceWorkload
 from edgeqra.space import Config
 
 MiB = 2**20
+REPO = Path(__file__).resolve().parents[1]
 
 
 class LiveTensors(TorchDispatchMode):
@@ -92,8 +94,87 @@ class LiveTensors(TorchDispatchMode):
                     "allocated_after_op": torch.cuda.memory_allocated(),
                     "live_tensors": self.bytes,
                     "live_set": list(self.live.values()),
+                    "live_keys": set(self.live),
                 }
         return out
+
+
+def _caller(frames: list[dict]) -> str:
+    """Where an allocation came from: the innermost Python frame outside torch's own code
+    (a PEFT layer, a GPTQModel kernel, edgeqra), or the innermost frame when all are torch's."""
+
+    def fmt(f: dict) -> str:
+        name = f["filename"].rsplit("site-packages/", 1)[-1]
+        name = name.removeprefix(str(REPO) + "/")
+        return f"{name}:{f['line']} {f['name']}"
+
+    outside = [f for f in frames if "/torch/" not in f["filename"]]
+    chosen = outside[0] if outside else (frames[0] if frames else None)
+    return fmt(chosen) if chosen else "(no Python frame)"
+
+
+def _by_caller(blocks: list[tuple[int, list[dict]]], top: int) -> list[dict]:
+    """(bytes, alloc frames) grouped by :func:`_caller`, largest first."""
+    groups: dict[str, list[int]] = collections.defaultdict(lambda: [0, 0])
+    for n, frames in blocks:
+        groups[_caller(frames)][0] += n
+        groups[_caller(frames)][1] += 1
+    rows = sorted(groups.items(), key=lambda kv: -kv[1][0])[:top]
+    return [{"where": k, "count": c, "mib": n / MiB} for k, (n, c) in rows]
+
+
+def unowned_blocks(segments: list[dict], owned: set[int], top: int) -> dict:
+    """Allocated blocks of a memory snapshot that no known storage starts at, by caller.
+
+    ``owned``: data pointers of the storages accounted for (the model's parameters, buffers
+    and tensor attributes). What is left after a build is what the memory model would have
+    to call a kernel cache or a leftover (issue 15: Qwen2.5-1.5B at 8 bits, 61 MiB).
+    """
+    blocks = [
+        (b["size"], b.get("frames", []))
+        for seg in segments
+        for b in seg["blocks"]
+        if b["state"] == "active_allocated" and b["address"] not in owned
+    ]
+    return {"mib": sum(n for n, _ in blocks) / MiB, "by_caller": _by_caller(blocks, top)}
+
+
+def trace_peak(start: dict[int, int], entries: list[dict], owned: set[int], top: int) -> dict:
+    """Replay the allocator's trace of the measured step; at its highest point, the blocks
+    that neither existed at the start nor hold a storage the census saw, by caller.
+
+    ``start``: address → size of the blocks allocated when the step began; ``entries``: the
+    step's trace (alloc / free_completed, as ``torch.cuda.memory._snapshot`` records them);
+    ``owned``: the census's live storages at the allocator peak. This names what the census
+    cannot: bytes the allocator hands out below the dispatcher (workspaces, caches).
+    """
+    live = dict(start)
+    frames: dict[int, list[dict]] = {}
+    total = high = sum(live.values())
+    at = -1
+    for i, e in enumerate(entries):
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            total += e["size"]
+        elif e["action"] == "free_completed" and e["addr"] in live:
+            total -= live.pop(e["addr"])
+        if total > high:
+            high, at = total, i
+    live = dict(start)
+    for e in entries[: at + 1]:  # the live set at the highest point
+        if e["action"] == "alloc":
+            live[e["addr"]] = e["size"]
+            frames[e["addr"]] = e.get("frames", [])
+        elif e["action"] == "free_completed":
+            live.pop(e["addr"], None)
+            frames.pop(e["addr"], None)
+    extra = [(n, frames.get(a, [])) for a, n in live.items() if a not in start and a not in owned]
+    return {
+        "peak_mib": high / MiB,
+        "above_start_mib": (high - sum(start.values())) / MiB,
+        "unowned_mib": sum(n for n, _ in extra) / MiB,
+        "unowned_by_caller": _by_caller(extra, top),
+    }
 
 
 def _groups(items: list[tuple[int, str, tuple[int, ...], str]], top: int) -> list[dict]:
@@ -109,6 +190,27 @@ def _groups(items: list[tuple[int, str, tuple[int, ...], str]], top: int) -> lis
     ]
 
 
+def module_tensors(model: torch.nn.Module) -> Iterator[tuple[str, torch.Tensor]]:
+    """(kind, tensor) for every parameter, buffer and tensor a module keeps as a plain
+    attribute (kernel caches, a second qzeros copy), meta tensors left out."""
+    items: list[tuple[str, object]] = []
+    for name, p in model.named_parameters():
+        items.append(("parameter " + ("lora" if ".lora_" in name else name.rsplit(".", 1)[-1]), p))
+    for name, b in model.named_buffers():
+        items.append(("buffer " + name.rsplit(".", 1)[-1], b))
+    for module in model.modules():
+        for attr, value in vars(module).items():
+            if attr.startswith("_parameters") or attr.startswith("_buffers"):
+                continue
+            if isinstance(value, dict):
+                value = list(value.values())
+            for t in value if isinstance(value, list | tuple) else (value,):
+                items.append((f"attribute {type(module).__name__}.{attr}", t))
+    for kind, t in items:
+        if isinstance(t, torch.Tensor) and t.device.type != "meta":
+            yield kind, t
+
+
 def static_census(model: torch.nn.Module) -> dict[str, float]:
     """MiB the model holds before the step, by kind: parameters and buffers by (name, dtype),
     and tensors modules keep as plain attributes (kernel caches, a second qzeros copy), each
@@ -121,28 +223,12 @@ def static_census(model: torch.nn.Module) -> dict[str, float]:
     """
     seen: set[int] = set()
     groups: collections.Counter[str] = collections.Counter()
-
-    def add(kind: str, t: object) -> None:
-        if not isinstance(t, torch.Tensor) or t.device.type == "meta":
-            return
+    for kind, t in module_tensors(model):
         storage = t.untyped_storage()
         if storage.data_ptr() in seen or storage.nbytes() == 0:
-            return
+            continue
         seen.add(storage.data_ptr())
         groups[f"{kind} {str(t.dtype).removeprefix('torch.')}"] += storage.nbytes()
-
-    for name, p in model.named_parameters():
-        add("parameter " + ("lora" if ".lora_" in name else name.rsplit(".", 1)[-1]), p)
-    for name, b in model.named_buffers():
-        add("buffer " + name.rsplit(".", 1)[-1], b)
-    for module in model.modules():
-        for attr, value in vars(module).items():
-            if attr.startswith("_parameters") or attr.startswith("_buffers"):
-                continue
-            if isinstance(value, dict):
-                value = list(value.values())
-            for t in value if isinstance(value, list | tuple) else (value,):
-                add(f"attribute {type(module).__name__}.{attr}", t)
     return {k: n / MiB for k, n in groups.most_common()}
 
 
@@ -237,6 +323,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument(
         "--work", default="peak-census-work", help="folder for the random GPTQ checkpoint"
     )
+    p.add_argument(
+        "--snapshot", action="store_true",
+        help="CUDA: record the allocator's history and name, by allocating Python frame, the "
+        "blocks no module tensor holds before the step and no census tensor holds at its peak",
+    )  # fmt: skip
+    p.add_argument("--snapshot-entries", type=int, default=3_000_000)
     p.add_argument("--out", type=Path, default=None, help="JSON of the census")
     args = p.parse_args(argv)
 
@@ -244,9 +336,16 @@ def main(argv: list[str] | None = None) -> None:
 
     n_layers = args.layers or AutoConfig.from_pretrained(args.arch).num_hidden_layers
     config = Config.parse(args.config) if args.config else Config.uniform(n_layers, 16, 8)
+    cuda = args.device.startswith("cuda")
+    if args.snapshot:
+        if not cuda:
+            sys.exit(
+                "peak_census: --snapshot reads the CUDA allocator's history; use --device cuda"
+            )
+        # From before the build, so the blocks the build leaves carry their allocation stack.
+        torch.cuda.memory._record_memory_history(max_entries=args.snapshot_entries, stacks="python")
     hf_config, model = _model(args, config, trainable=args.phase == "finetune")
     spec = ModelSpec.from_config(hf_config)
-    cuda = args.device.startswith("cuda")
     run = _finetune if args.phase == "finetune" else _inference
     warm_up, measured, workload, predicted, step_terms = run(args, model, hf_config, spec, config)
     warm_up()
@@ -257,6 +356,10 @@ def main(argv: list[str] | None = None) -> None:
     before = torch.cuda.memory_allocated() if cuda else 0
     ignore = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
     held = static_census(model)
+    if args.snapshot:
+        before_snap = torch.cuda.memory._snapshot()
+        dev = torch.cuda.current_device()
+        n_before = len(before_snap["device_traces"][dev])
     mode = LiveTensors(args.device, ignore)
     start = time.perf_counter()
     with mode:
@@ -284,6 +387,27 @@ def main(argv: list[str] | None = None) -> None:
             "live_tensors_mib": peak.get("live_tensors", 0) / MiB,
             "held_by_no_tensor_mib": (high - before - peak.get("live_tensors", 0)) / MiB,
             "live_set": _groups(peak.get("live_set", []), args.top),
+        }
+    if args.snapshot:
+        after = torch.cuda.memory._snapshot()["device_traces"][dev]
+        torch.cuda.memory._record_memory_history(enabled=None)
+        owned = {t.untyped_storage().data_ptr() for _, t in module_tensors(model)}
+        start_blocks = {
+            b["address"]: b["size"]
+            for seg in before_snap["segments"]
+            for b in seg["blocks"]
+            if b["state"] == "active_allocated"
+        }
+        complete = len(after) < args.snapshot_entries  # the ring buffer did not wrap
+        report["snapshot"] = {
+            "trace_complete": complete,
+            "before_step_unowned": unowned_blocks(before_snap["segments"], owned, args.top),
+            "step": trace_peak(
+                start_blocks,
+                after[n_before:] if complete else [],
+                (mode.allocator_peak or {}).get("live_keys", set()),
+                args.top,
+            ),
         }
     text = json.dumps(report, indent=2)
     if args.out:

@@ -87,7 +87,7 @@ def test_queue_starts_nothing_it_cannot_finish(machine):
     done = _queue(machine, budget=100)
     assert done.returncode == 0, done.stderr
     assert _calls(machine) == []
-    assert done.stdout.count("left for the next call") == 8
+    assert done.stdout.count("left for the next call") == 9
     assert "call queue again" in done.stdout
     assert (machine / "out" / "i15-state.tar.gz").exists()
 
@@ -96,7 +96,8 @@ def test_queue_resumes_what_a_call_left_and_skips_what_it_finished(machine):
     first = _queue(machine, budget=570)
     assert first.returncode == 0, first.stderr
     calls = _calls(machine)
-    assert sum(c.startswith("census") for c in calls) == 4
+    assert sum(c.startswith("census") for c in calls) == 7
+    assert sum("--snapshot" in c for c in calls) == 3  # the allocator-history runs
     assert sum(c.startswith("edgeqra.cli") for c in calls) == 2  # the overrun and the fit
     assert sum(c.startswith("memory_truth") for c in calls) == 4
     assert sum(c.startswith("throughput") for c in calls) == 1
@@ -105,7 +106,13 @@ def test_queue_resumes_what_a_call_left_and_skips_what_it_finished(machine):
     state = machine / "out" / "i15-state.tar.gz"
     with tarfile.open(state) as tar:
         names = set(tar.getnames())
-    assert {"./census.done", "./cap.done", "./gputests.done", "./throughput.done"} <= names
+    assert {
+        "./census.done",
+        "./snapshot.done",
+        "./cap.done",
+        "./gputests.done",
+        "./throughput.done",
+    } <= names
     assert not any(n.startswith("./truth_") for n in names)
 
     # The next call on a fresh machine: its state comes back from the carried tarball.

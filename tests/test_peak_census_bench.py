@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
 peak_census = pytest.importorskip("peak_census")
@@ -59,3 +60,59 @@ def test_static_census_counts_parameters_buffers_and_attribute_caches_once():
     assert held["attribute Linear.pair float32"] == 1024 / peak_census.MiB
     weights = sum(v for k, v in held.items() if k.startswith("parameter "))
     assert weights == pytest.approx(params / peak_census.MiB)
+
+
+def _frame(path: str, line: int, name: str) -> dict:
+    return {"filename": path, "line": line, "name": name}
+
+
+PEFT = _frame("/x/site-packages/peft/tuners/lora/layer.py", 700, "forward")
+TORCH = _frame("/x/site-packages/torch/nn/modules/linear.py", 125, "forward")
+
+
+def test_trace_peak_names_the_blocks_no_census_tensor_holds_at_the_highest_point():
+    # The step starts with one block (a weight); 'a' is a census tensor, 'b' is allocated below
+    # the dispatcher by a PEFT forward; 'c' comes after the peak and must not count.
+    start = {0x100: 1000}
+    entries = [
+        {"action": "alloc", "addr": 0xA, "size": 300, "frames": [TORCH]},
+        {"action": "alloc", "addr": 0xB, "size": 200, "frames": [TORCH, PEFT]},
+        {"action": "free_requested", "addr": 0xA, "size": 300},  # not yet reusable
+        {"action": "free_completed", "addr": 0xA, "size": 300},
+        {"action": "alloc", "addr": 0xC, "size": 250, "frames": [TORCH]},
+    ]
+    out = peak_census.trace_peak(start, entries, owned={0xA}, top=5)
+    assert out["peak_mib"] * peak_census.MiB == 1500  # 1000 + 300 + 200, before the free
+    assert out["above_start_mib"] * peak_census.MiB == 500
+    assert out["unowned_mib"] * peak_census.MiB == 200  # only 'b'
+    (group,) = out["unowned_by_caller"]
+    assert group["where"] == "peft/tuners/lora/layer.py:700 forward" and group["count"] == 1
+
+
+def test_unowned_blocks_leave_out_module_storages_and_free_blocks():
+    segments = [
+        {
+            "blocks": [
+                {"address": 1, "size": 4096, "state": "active_allocated", "frames": [PEFT]},
+                {"address": 2, "size": 1024, "state": "active_allocated", "frames": [TORCH]},
+                {"address": 3, "size": 9999, "state": "inactive", "frames": []},
+            ]
+        }
+    ]
+    out = peak_census.unowned_blocks(segments, owned={1}, top=5)
+    assert out["mib"] * peak_census.MiB == 1024
+    # every frame is torch's: the innermost one names it
+    assert out["by_caller"][0]["where"] == "torch/nn/modules/linear.py:125 forward"
+
+
+def test_snapshot_needs_cuda(capsys):
+    with pytest.raises(SystemExit) as why:
+        peak_census.main(["--arch", str(ARCH), "--layers", "2", "--snapshot"])
+    assert "--device cuda" in str(why.value)
+
+
+def test_module_tensors_sees_attributes_a_kernel_keeps():
+    model = torch.nn.Linear(4, 4)
+    model.cache = torch.zeros(8)  # a plain attribute, as GPTQModel's decoded zeros are
+    kinds = {kind for kind, _ in peak_census.module_tensors(model)}
+    assert {"parameter weight", "parameter bias", "attribute Linear.cache"} <= kinds

@@ -9,10 +9,11 @@
 #   bash bench/gpu/run_issue15.sh throughput        # Llama-3.1-8B shapes, 4-bit, no ckpt: new (2 dequants) vs old vs FP16
 #   bash bench/gpu/run_issue15.sh cap               # plan --measure --cap: one overruns, one fits
 #   bash bench/gpu/run_issue15.sh gputests          # pytest -m gpu of the issue-15 tests
+#   bash bench/gpu/run_issue15.sh census|snapshot   # bench/peak_census.py runs (snapshot: allocator history)
 #   bash bench/gpu/run_issue15.sh queue             # everything issue 15 still lacks, resumable:
 #                                                   # call again until it prints "all done"
 #
-# `queue` runs the census, the cap, the four truth grids left, the GPU tests and the
+# `queue` runs the census, the snapshots, the cap, the four truth grids left, the GPU tests and the
 # throughput in that order, each into /tmp/i15 (restored from .kit/i15-state.tar.gz when
 # carried, else from the committed bench/gpu/i15-state.tar.gz), skips what a previous call
 # finished, resumes a cut grid (memory_truth.py --resume), starts nothing it cannot finish in
@@ -100,10 +101,15 @@ case "$step" in
       "$REPO/tests/test_qlinear.py" \
       2>&1 | keep "$OUT/gputests.log" 30
     ;;
-  census)
-    # What holds the two under-predicted peaks on the GPU (bench/peak_census.py; RESULTS.md,
-    # "Where the two shortfalls sit"): SmolLM2 fine-tuning FP16 and 4-bit, Qwen2.5-1.5B 8-bit
-    # inference. One JSON each; a finished one is not run again.
+  census|snapshot)
+    # What holds the under-predicted peaks on the GPU (bench/peak_census.py; RESULTS.md,
+    # "Where the two shortfalls sit"). `census`: SmolLM2 fine-tuning FP16 and 4-bit, Qwen2.5-1.5B
+    # 8-bit inference, SmolLM2 with one adapter (done 2026-12-04: the live tensors equal the
+    # CPU's, and the allocator holds 45 MiB more with 30 adapted layers, 8 with one).
+    # `snapshot`: the same script with the allocator's history recorded, which names by
+    # allocating Python frame what no tensor holds: SmolLM2's step, and the build leftovers of
+    # Qwen2.5-1.5B at 8 bits (61 MiB) and Qwen2.5-7B in FP16 (44 MiB). One JSON each; a
+    # finished one is not run again.
     A=$REPO/examples/architectures
     run_census() {  # name, then peak_census arguments
       local name=$1; shift
@@ -113,12 +119,18 @@ case "$step" in
         && mv "$OUT/$name.json.tmp" "$OUT/$name.json"
       echo "$name: $([ -f "$OUT/$name.json" ] && echo done || echo "not done, see $name.log")"
     }
-    run_census census_smollm2_fp16 --arch "$A/smollm2-135m"
-    run_census census_smollm2_u4 --arch "$A/smollm2-135m" --config 4/8x30
-    run_census census_qwen_u8 --arch "$A/qwen2.5-1.5b" --phase inference --config 8/8x28
-    # SmolLM2's shortfall grows with the layers that carry adapters (the H200 rows: about
-    # 1.5 MiB per adapted layer at 2 x 1024 tokens, fitted over its 11 configs): one adapter.
-    run_census census_smollm2_one_adapter --arch "$A/smollm2-135m" --config 16/8,16/0x29
+    if [ "$step" = census ]; then
+      run_census census_smollm2_fp16 --arch "$A/smollm2-135m"
+      run_census census_smollm2_u4 --arch "$A/smollm2-135m" --config 4/8x30
+      run_census census_qwen_u8 --arch "$A/qwen2.5-1.5b" --phase inference --config 8/8x28
+      run_census census_smollm2_one_adapter --arch "$A/smollm2-135m" --config 16/8,16/0x29
+    else
+      run_census snapshot_smollm2_fp16 --snapshot --arch "$A/smollm2-135m"
+      run_census snapshot_qwen_u8 --snapshot --arch "$A/qwen2.5-1.5b" --phase inference \
+        --config 8/8x28
+      run_census snapshot_qwen7b_fp16 --snapshot --arch "$A/qwen2.5-7b" --phase inference \
+        --config 16/8x28
+    fi
     ;;
   queue)
     Q=${I15_DIR:-/tmp/i15}
@@ -164,6 +176,7 @@ PY
     # 128 GiB of host memory (a u8 one is ~8.5 GB), the 4090 grids' FP16 fine-tuning ~37 GiB
     # of the GPU each.
     task census 240 census
+    task snapshot 300 snapshot
     task cap 330 cap
     task truth_rtx-4090-24gb_llama-3.1-8b 180 truth rtx-4090-24gb llama-3.1-8b --jobs 3 --resume
     task truth_rtx-4090-24gb_qwen2.5-7b 180 truth rtx-4090-24gb qwen2.5-7b --jobs 3 --resume
@@ -176,6 +189,6 @@ PY
     if [ "$pending" -eq 0 ]; then echo "all done"; else echo "call queue again (it resumes)"; fi
     ;;
   *)
-    echo "unknown step $step: install, truth, throughput, cap, gputests, census, queue"; exit 2
+    echo "unknown step $step: install, truth, throughput, cap, gputests, census, snapshot, queue"; exit 2
     ;;
 esac
