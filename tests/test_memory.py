@@ -348,3 +348,17 @@ def test_units_before_the_first_adapter_save_nothing():
     a_late = estimate(spec, late, mode=BudgetMode.FINETUNE, finetune=work)
     a_early = estimate(spec, early, mode=BudgetMode.FINETUNE, finetune=work)
     assert a_late.components["activations"] < a_early.components["activations"]
+
+
+def test_allocator_step_follows_adapted_layers_and_tokens_without_checkpointing(spec):
+    # 768 B per token and adapted layer (the H200's SmolLM2 shortfall, issue 15), 0 with
+    # checkpointing and in inference.
+    one = Config.from_pairs([(16, 3), (16, 0), (4, 0)])
+    two = Config.from_pairs([(16, 3), (4, 8), (4, 0)])
+    tokens = FT.micro_batch * FT.seq_len
+    assert _est(spec, one, BudgetMode.FINETUNE).components["allocator_step"] == 768 * tokens
+    assert _est(spec, two, BudgetMode.FINETUNE).components["allocator_step"] == 2 * 768 * tokens
+    ckpt = FinetuneWorkload(micro_batch=2, seq_len=64, gradient_checkpointing=True)
+    with_ckpt = estimate(spec, two, mode=BudgetMode.FINETUNE, finetune=ckpt)
+    assert with_ckpt.components["allocator_step"] == 0
+    assert _est(spec, two, BudgetMode.INFERENCE).components["allocator_step"] == 0
