@@ -28,6 +28,7 @@ import collections
 import gc
 import hashlib
 import json
+import os
 import sys
 import time
 import weakref
@@ -337,6 +338,11 @@ def main(argv: list[str] | None = None) -> None:
     n_layers = args.layers or AutoConfig.from_pretrained(args.arch).num_hidden_layers
     config = Config.parse(args.config) if args.config else Config.uniform(n_layers, 16, 8)
     cuda = args.device.startswith("cuda")
+    if cuda:
+        # GPTQModel sets PYTORCH_ALLOC_CONF (expandable segments) when imported before CUDA
+        # starts, as memory_truth.py runs; the census of 2026-12-04 ran without it, and
+        # without expandable segments a large block keeps an unsplit tail of up to 1 MiB.
+        import gptqmodel  # noqa: F401
     if args.snapshot:
         if not cuda:
             sys.exit(
@@ -368,6 +374,7 @@ def main(argv: list[str] | None = None) -> None:
 
     report = {
         "arch": args.arch, "config": config.short(), "device": args.device,
+        "alloc_conf": os.environ.get("PYTORCH_ALLOC_CONF"),
         "phase": args.phase, "workload": workload, "seconds": seconds, "ops": mode.ops,
         "predicted_mib": {k: predicted[k] / MiB for k in (*step_terms, "cublas_workspace")},
         "predicted_step_mib": sum(predicted[k] for k in step_terms) / MiB,
