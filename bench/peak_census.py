@@ -340,8 +340,9 @@ def main(argv: list[str] | None = None) -> None:
     cuda = args.device.startswith("cuda")
     if cuda:
         # GPTQModel sets PYTORCH_ALLOC_CONF (expandable segments) when imported before CUDA
-        # starts, as memory_truth.py runs; the census of 2026-12-04 ran without it, and
-        # without expandable segments a large block keeps an unsplit tail of up to 1 MiB.
+        # starts, as memory_truth.py runs. The census logs of 2026-12-04 lack its "Auto
+        # setting" line that memory_truth's show, and without expandable segments a large
+        # block keeps an unsplit tail of up to 1 MiB: the JSON now records the setting.
         import gptqmodel  # noqa: F401
     if args.snapshot:
         if not cuda:
