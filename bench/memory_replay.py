@@ -23,7 +23,8 @@ For quantized fine-tuning rows it also prints the prediction for edgeqra's recom
 ``bench/gpu/README.md`` says to fold them in): the most the process held outside PyTorch's
 allocator (CUDA context, libraries: process peak − peak reserved) plus the most allocator
 slack (peak reserved − peak allocated) among the measured phases whose process peak fits
-that profile's budget, rounded up to 64 MiB. Phases marked as carrying an earlier phase's
+that profile's budget — those at the profile's own workloads when any were measured —,
+rounded up to 64 MiB. Phases marked as carrying an earlier phase's
 reserved memory (``ft+ckpt`` before ``fresh_process_per_phase``) are left out.
 
     python bench/memory_replay.py --reserve bench/measurements/*.json
@@ -132,8 +133,27 @@ def summary(rows: list[dict]) -> dict[str, dict]:
     return out
 
 
+def _matches(workload: dict, profile: dict) -> bool:
+    """Whether a measured phase ran at the profile's own workload (inference or fine-tuning)."""
+    if "context" in workload:
+        inf = profile.get("inference", {})
+        return (workload["batch"], workload["context"]) == (inf.get("batch"), inf.get("context"))
+    ft = profile.get("finetune", {})
+    return (workload["micro_batch"], workload["seq_len"]) == (
+        ft.get("micro_batch"),
+        ft.get("seq_len"),
+    )
+
+
 def reserves(payloads: list[dict]) -> dict[str, dict[str, int]]:
-    """Per profile: measured outside-allocator bytes, slack, and the reserve (MiB) they give."""
+    """Per profile: measured outside-allocator bytes, slack, and the reserve (MiB) they give.
+
+    The slack is taken from the phases measured at the profile's own workloads when there are
+    any that fit its budget (``matched``), else from every phase that fits: allocator slack
+    grows with the step's activations, and a 12 GiB card fine-tuning 1 × 512 tokens should not
+    inherit the slack of a 2 × 1024 step (2026-12-04: 2,184 MiB, Qwen2.5-7B at the 4090's
+    workloads).
+    """
     import tomllib
 
     phases = []
@@ -145,19 +165,22 @@ def reserves(payloads: list[dict]) -> dict[str, dict[str, int]]:
                     m = ph.get("measured")
                     carried = ph["workload"].get("gradient_checkpointing") and not fresh
                     if m and not carried:
-                        phases.append(m)
-    outside = max(m["process_peak"] - m["peak_reserved"] for m in phases)
+                        phases.append((ph["workload"], m))
+    outside = max(m["process_peak"] - m["peak_reserved"] for _, m in phases)
     out: dict[str, dict[str, int]] = {}
     for path in sorted((REPO / "profiles").glob("*.toml")):
         data = tomllib.loads(path.read_text())
         budget = (data["memory_gib"] - data["os_reserved_gib"]) * GiB
-        fit = [m for m in phases if m["process_peak"] <= budget]
-        slack = max((m["peak_reserved"] - m["peak_allocated"] for m in fit), default=0)
+        fit = [(w, m) for w, m in phases if m["process_peak"] <= budget]
+        own = [(w, m) for w, m in fit if _matches(w, data)]
+        chosen = own or fit
+        slack = max((m["peak_reserved"] - m["peak_allocated"] for _, m in chosen), default=0)
         mib = -(-(outside + slack) // (64 << 20)) * 64
         out[path.stem] = {
             "outside_mib": outside >> 20,
             "slack_mib": slack >> 20,
             "reserve_mib": mib,
+            "matched": int(bool(own)),
         }
     return out
 
@@ -171,8 +194,9 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.reserve:
         for name, r in reserves([json.loads(f.read_text()) for f in args.files]).items():
+            source = "its own workloads" if r["matched"] else "any workload"
             print(f"{name}: outside {r['outside_mib']} MiB + slack {r['slack_mib']} MiB "
-                  f"-> runtime_reserve_mib = {r['reserve_mib']}")  # fmt: skip
+                  f"({source}) -> runtime_reserve_mib = {r['reserve_mib']}")  # fmt: skip
         return 0
     rows: list[dict] = []
     for path in args.files:
